@@ -1,0 +1,167 @@
+"""The library API: `ocula.load(...)` returns a `Model` that chats, generates, tokenizes and scores."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterator
+
+import torch
+
+from ocula.chat import ChatTemplate
+from ocula.engine.generate import Chunk, Engine, Result, Timings
+from ocula.engine.prompt import Prompt
+from ocula.engine.sampling import SamplingParams
+from ocula.errors import RequestError, UnsupportedError
+from ocula.gguf import GGUFFile
+from ocula.models.text import build_text_model
+from ocula.models.weights import load_gguf_weights
+from ocula.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(
+    model: str | os.PathLike,
+    mmproj: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+) -> "Model":
+    """Load a GGUF text model (and optionally its mmproj vision projector)."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx)
+
+
+class Model:
+    def __init__(self, path, mmproj=None, *, dtype=torch.float32, device=None, n_ctx=None):
+        t0 = time.perf_counter()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        self.gguf = GGUFFile(path)
+        self.text = build_text_model(self.gguf)
+        load_gguf_weights(self.text, self.gguf, dtype=dtype, device=self.device,
+                          aliases=self.text.weight_aliases())
+        self.text.eval()
+        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+        self.template = ChatTemplate(
+            self.gguf.get("tokenizer.chat_template"), self.tokenizer.bos_token, self.tokenizer.eos_token
+        )
+        self.vision = None
+        if mmproj is not None:
+            from ocula.models.vision import load_vision
+
+            self.vision = load_vision(mmproj, self, dtype=dtype, device=self.device)
+        self.engine = Engine(self.text, self.tokenizer, n_ctx=n_ctx)
+        self.load_ms = (time.perf_counter() - t0) * 1000
+
+    # ------------------------------------------------------------ info
+
+    @property
+    def architecture(self) -> str:
+        return self.gguf.architecture
+
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.n_ctx
+
+    @property
+    def supports_images(self) -> bool:
+        return self.vision is not None
+
+    def __repr__(self) -> str:
+        return f"ocula.Model({self.gguf.path.name!r}, arch={self.architecture!r}, vision={self.supports_images})"
+
+    # ------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special=skip_special)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    # ------------------------------------------------------------ prompts
+
+    def build_prompt(self, messages: list[dict], timings: Timings | None = None, **template_kwargs) -> Prompt:
+        """Render the chat template and turn the conversation into decoder input (images encoded)."""
+        text = self.apply_chat_template(messages, **template_kwargs)
+        if self.vision is not None:
+            return self.vision.build_prompt(text, messages, timings)
+        from ocula.chat import image_parts
+
+        if image_parts(messages):
+            raise RequestError(
+                f"{self.gguf.path.name} is a text-only model: images need a vision projector (load it with mmproj=...)"
+            )
+        return self._text_prompt(text, add_special=False)
+
+    def _text_prompt(self, text: str, add_special: bool = True) -> Prompt:
+        # Templates write BOS themselves; avoid a second one.
+        ids = self.tokenizer.encode(text, add_special=add_special)
+        return Prompt.from_tokens(ids, self.text.cfg.is_mrope)
+
+    def prompt_token_ids(self, messages: list[dict]) -> list[int]:
+        return self.build_prompt(messages).token_ids
+
+    def _as_prompt(self, source) -> Prompt:
+        if isinstance(source, Prompt):
+            return source
+        if isinstance(source, str):
+            return self._text_prompt(source)
+        if isinstance(source, (list, tuple)) and all(isinstance(t, int) for t in source):
+            bad = [t for t in source if not 0 <= t < self.text.cfg.n_vocab]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.text.cfg.n_vocab - 1})")
+            return Prompt.from_tokens(list(source), self.text.cfg.is_mrope)
+        if isinstance(source, (list, tuple)):
+            return self.build_prompt(list(source))
+        raise RequestError("expected chat messages, a list of token ids or a prompt string")
+
+    # ------------------------------------------------------------ running
+
+    def logits(self, messages_or_token_ids) -> torch.Tensor:
+        """float32 logits [vocab] at the last position of a conversation or token-id list."""
+        return self.engine.prompt_logits(self._as_prompt(messages_or_token_ids)).float().cpu()
+
+    def chat(self, messages: list[dict], *, stream: bool = False, **sampling: Any) -> Result | Iterator[Chunk]:
+        timings = Timings()
+        prompt = self.build_prompt(messages, timings)
+        return self._run(prompt, stream, timings, sampling)
+
+    def generate(self, prompt: str | list[int], *, stream: bool = False, **sampling: Any) -> Result | Iterator[Chunk]:
+        """Complete a raw prompt (no chat template). A string gets BOS as the GGUF says."""
+        return self._run(self._as_prompt(prompt), stream, Timings(), sampling)
+
+    def _run(self, prompt: Prompt, stream: bool, timings: Timings, sampling: dict):
+        params = sampling_params(sampling)
+        if stream:
+            return self.engine.stream(prompt, params, timings)
+        return self.engine.run(prompt, params, timings)
+
+
+def sampling_params(options: dict) -> SamplingParams:
+    """Build SamplingParams from keyword options; unknown names are an error, not silently dropped."""
+    options = dict(options)
+    if "max_completion_tokens" in options:
+        options["max_tokens"] = options.pop("max_completion_tokens")
+    if "temp" in options:
+        options["temperature"] = options.pop("temp")
+    allowed = set(SamplingParams.__dataclass_fields__)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise RequestError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    options = {k: v for k, v in options.items() if v is not None}
+    return SamplingParams(**options)

@@ -1,0 +1,116 @@
+"""Chat templates: the GGUF's `tokenizer.chat_template` rendered with Jinja2 the way transformers does.
+
+Messages are OpenAI style. Content may be a string or a list of parts (`text`, `image_url`,
+`image`); text-only lists are joined into one string so that string-only templates work, and lists
+with images are passed through as HF-style parts (`{"type": "image"}`) for the template to place.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ocula.errors import RequestError
+
+# Used when a GGUF carries no template: ChatML, which llama.cpp also falls back to.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class TemplateError(RequestError):
+    pass
+
+
+def _raise_exception(message: str):
+    raise TemplateError(f"chat template refused the conversation: {message}")
+
+
+def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False, separators=None):
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, separators=separators)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class ChatTemplate:
+    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
+        self.source = source or CHATML_TEMPLATE
+        self.is_fallback = source is None
+        self.bos_token, self.eos_token = bos_token, eos_token
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        try:
+            self._template = env.from_string(self.source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"the chat template does not parse: {e}") from None
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        msgs = normalize_messages(messages)
+        context = dict(bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
+        context.update(kwargs)
+        try:
+            return self._template.render(messages=msgs, **context)
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"the chat template failed on these messages: {e}") from None
+
+
+def is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Validate OpenAI-style messages and put their content in the shape templates expect."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise RequestError(f"messages[{i}] must be an object with a 'role'")
+        if m["role"] not in ROLES:
+            raise RequestError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if isinstance(part, str):
+                    part = {"type": "text", "text": part}
+                if not isinstance(part, dict) or part.get("type") not in ("text", *IMAGE_PART_TYPES):
+                    raise RequestError(
+                        f"messages[{i}].content[{j}] must be a part of type 'text', 'image_url' or 'image'"
+                    )
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise RequestError(f"messages[{i}].content[{j}].text must be a string")
+                parts.append({"type": "image"} if is_image_part(part) else {"type": "text", "text": part["text"]})
+            if not any(p["type"] == "image" for p in parts):
+                content = "".join(p["text"] for p in parts)
+            else:
+                content = parts
+        elif not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string or a list of parts")
+        msg = dict(m)
+        msg["content"] = content
+        out.append(msg)
+    return out
+
+
+def image_parts(messages: list[dict]) -> list[dict]:
+    """Every image part of the conversation, in order."""
+    return [p for m in messages if isinstance(m.get("content"), list) for p in m["content"] if is_image_part(p)]

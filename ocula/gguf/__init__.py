@@ -1,0 +1,3 @@
+from ocula.gguf.reader import GGUFFile, GGUFTensor
+
+__all__ = ["GGUFFile", "GGUFTensor"]

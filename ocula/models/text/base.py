@@ -1,0 +1,254 @@
+"""Text decoder config from GGUF metadata, and the pre-norm decoder shared by Llama and Qwen families.
+
+A model file registers its architecture with `@register("arch", ...)`; `build_text_model` looks it
+up by `general.architecture`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ocula.errors import GGUFError, UnsupportedError
+from ocula.gguf import GGUFFile
+from ocula.models.layers import (
+    KVCache, RMSNorm, RopeConfig, Rotary, apply_rope, attend, attention_mask,
+)
+from ocula.quant.linear import QEmbedding, QLinear
+
+
+@dataclass
+class TextConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    norm_eps: float
+    rope: RopeConfig
+    context_length: int
+    attn_bias: bool = False  # biases on q/k/v (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)
+    tied_output: bool = False  # no output.weight: logits use token_embd
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()  # per layer: uses the sliding window
+    rope_local: RopeConfig | None = None  # RoPE of sliding-window layers when it differs
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(n_embd))
+    n_deepstack: int = 0  # Qwen3-VL: vision features added after the first n layers
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_mrope(self) -> bool:
+        return bool(self.rope.sections)
+
+
+def read_text_config(f: GGUFFile, rope_style: str) -> TextConfig:
+    """The llama.cpp `{arch}.*` keys every decoder has."""
+    arch = f.architecture
+
+    def key(name: str, default=None, required=False):
+        full = f"{arch}.{name}"
+        if full in f.metadata:
+            return f.metadata[full]
+        if required:
+            raise GGUFError(f"{f.path}: required metadata key {full!r} is missing")
+        return default
+
+    n_embd = int(key("embedding_length", required=True))
+    n_head = int(_scalar(key("attention.head_count", required=True), "attention.head_count", f))
+    n_head_kv = int(_scalar(key("attention.head_count_kv", n_head), "attention.head_count_kv", f))
+    head_dim = int(key("attention.key_length", n_embd // n_head))
+    emb = f.tensor("token_embd.weight")
+    n_vocab = int(key("vocab_size", emb.shape[0]))
+    rope_type = key("rope.scaling.type", "none")
+    linear_factor = 1.0
+    if rope_type == "linear":
+        linear_factor = float(key("rope.scaling.factor", 1.0))
+    elif rope_type not in ("none", None):
+        raise UnsupportedError(f"{f.path}: RoPE scaling type {rope_type!r} is not supported (none, linear)")
+    sections = key("rope.dimension_sections")
+    rope = RopeConfig(
+        n_rot=int(key("rope.dimension_count", head_dim)),
+        base=float(key("rope.freq_base", 10000.0)),
+        style=rope_style,
+        linear_factor=linear_factor,
+        sections=tuple(int(s) for s in sections) if sections else None,
+    )
+    return TextConfig(
+        arch=arch,
+        n_vocab=n_vocab,
+        n_embd=n_embd,
+        n_layer=int(key("block_count", required=True)),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ff=int(_scalar(key("feed_forward_length", required=True), "feed_forward_length", f)),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope=rope,
+        context_length=int(key("context_length", 4096)),
+        attn_bias="blk.0.attn_q.bias" in f.tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
+        tied_output="output.weight" not in f.tensors,
+        sliding_window=key("attention.sliding_window"),
+        attn_softcap=key("attn_logit_softcapping"),
+        final_softcap=key("final_logit_softcapping"),
+    )
+
+
+def _scalar(value, name: str, f: GGUFFile):
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise UnsupportedError(f"{f.path}: per-layer {name} values {sorted(set(value))} are not supported")
+        return value[0]
+    return value
+
+
+@dataclass
+class StepInput:
+    """What one forward call needs besides the hidden states."""
+
+    positions: torch.Tensor  # [T] or [3, T] (M-RoPE)
+    cache: KVCache
+    groups: torch.Tensor | None = None  # [T] image id per token (bidirectional attention), 0 = text
+    deepstack: list[torch.Tensor] | None = None  # per early layer: [T, n_embd] added after that layer
+
+
+def self_attention(blk: nn.Module, x: torch.Tensor, cfg: TextConfig, rope: tuple[torch.Tensor, torch.Tensor],
+                   cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention over `blk.attn_{q,k,v,output}` (+ optional `attn_{q,k}_norm`) with the KV cache."""
+    B, T, _ = x.shape
+    q = blk.attn_q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+    k = blk.attn_k(x).view(B, T, cfg.n_head_kv, cfg.head_dim).transpose(1, 2)
+    v = blk.attn_v(x).view(B, T, cfg.n_head_kv, cfg.head_dim).transpose(1, 2)
+    if cfg.qk_norm:
+        q, k = blk.attn_q_norm(q), blk.attn_k_norm(k)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin, cfg.rope.style), apply_rope(k, cos, sin, cfg.rope.style)
+    k, v = cache.update(layer, k, v)
+    scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+    out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, scale, cfg.attn_softcap)
+    return blk.attn_output(out.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)); x + swiglu(norm(x)). Names follow GGUF `blk.N.*`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, hd = cfg.n_embd, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.attn_q = QLinear(d, cfg.n_head * hd, bias=cfg.attn_bias)
+        self.attn_k = QLinear(d, cfg.n_head_kv * hd, bias=cfg.attn_bias)
+        self.attn_v = QLinear(d, cfg.n_head_kv * hd, bias=cfg.attn_bias)
+        self.attn_output = QLinear(cfg.n_head * hd, d)
+        if cfg.qk_norm:
+            self.attn_q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.attn_k_norm = RMSNorm(hd, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+        self.ffn_gate = QLinear(d, cfg.n_ff)
+        self.ffn_up = QLinear(d, cfg.n_ff)
+        self.ffn_down = QLinear(cfg.n_ff, d)
+
+    def forward(self, x, cfg, rope, cache, layer, mask):
+        x = x + self_attention(self, self.attn_norm(x), cfg, rope, cache, layer, mask)
+        h = self.ffn_norm(x)
+        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+
+
+class TextModel(nn.Module):
+    """token_embd → blocks → output_norm → output. Subclasses change the block or the embedding."""
+
+    block_class: type[nn.Module] = DecoderBlock
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embd = QEmbedding(cfg.n_vocab, cfg.n_embd)
+        self.blk = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.n_layer))
+        self.output_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.output = QLinear(cfg.n_embd, cfg.n_vocab)
+        self.rotary = Rotary(cfg.rope)
+
+    # GGUF names to read for module tensors that are stored under another name
+    def weight_aliases(self) -> dict[str, str]:
+        return {"output.weight": "token_embd.weight"} if self.cfg.tied_output else {}
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.output_norm.weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [..., T] → input embeddings [..., T, n_embd] (scaled as the family does)."""
+        x = self.token_embd(ids, self.compute_dtype)
+        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+
+    def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {"global": self.rotary(positions)}
+
+    def forward(self, x: torch.Tensor, step: StepInput) -> torch.Tensor:
+        """x: input embeddings [1, T, n_embd] → final-normed hidden states [1, T, n_embd]."""
+        cfg, cache = self.cfg, step.cache
+        T = x.shape[1]
+        ropes = self.rope_tables(step.positions.to(x.device))
+        full = attention_mask(cache.length, T, None, step.groups, x.device)
+        window = (attention_mask(cache.length, T, cfg.sliding_window, step.groups, x.device)
+                  if any(cfg.sliding_layers) else None)
+        for i, blk in enumerate(self.blk):
+            sliding = bool(cfg.sliding_layers) and cfg.sliding_layers[i]
+            rope = ropes.get("local", ropes["global"]) if sliding else ropes["global"]
+            x = blk(x, cfg, rope, cache, i, window if sliding else full)
+            if step.deepstack is not None and i < len(step.deepstack):
+                x = x + step.deepstack[i].to(x.dtype)
+        cache.advance(T)
+        return self.output_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., n_embd] → float32 logits [..., n_vocab]."""
+        out = self.output(hidden).float()
+        if self.cfg.final_softcap:
+            out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+        return out
+
+    def new_cache(self, max_tokens: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        device = self.output_norm.weight.device
+        return KVCache(self.cfg.n_layer, self.cfg.n_head_kv, self.cfg.head_dim,
+                       dtype or self.compute_dtype, device, max_tokens)
+
+
+# ---------------------------------------------------------------- registry
+
+TEXT_ARCHS: dict[str, Callable[[GGUFFile], TextModel]] = {}
+
+
+def register(*archs: str):
+    def deco(builder: Callable[[GGUFFile], TextModel]):
+        for a in archs:
+            TEXT_ARCHS[a] = builder
+        return builder
+
+    return deco
+
+
+def build_text_model(f: GGUFFile) -> TextModel:
+    from ocula.models import text  # noqa: F401  (imports every family so they register)
+
+    arch = f.architecture
+    if arch == "clip":
+        raise UnsupportedError(
+            f"{f.path} is an mmproj (vision projector) file, not a text model: pass it as mmproj=..."
+        )
+    if arch not in TEXT_ARCHS:
+        raise UnsupportedError(
+            f"{f.path}: architecture {arch!r} is not supported; supported: {', '.join(sorted(TEXT_ARCHS))}"
+        )
+    return TEXT_ARCHS[arch](f)
