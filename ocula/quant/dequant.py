@@ -60,13 +60,13 @@ def nibbles(x: Tensor, dim: int = -2) -> Tensor:
 
 
 @lru_cache(maxsize=None)
-def _table(values: tuple[float, ...], device: torch.device) -> Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+def _table(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
-def lookup(values: tuple[float, ...], idx: Tensor) -> Tensor:
-    """``values[idx]`` as float32, with ``values`` cached as a tensor per device."""
-    return _table(values, idx.device)[idx.long()]
+def lookup(values: tuple[float, ...], idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``values[idx]`` as ``dtype``, with ``values`` cached as a tensor per (device, dtype)."""
+    return _table(values, idx.device, dtype)[idx.long()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,8 +247,10 @@ def _nvfp4(b: Tensor) -> Tensor:
     return (d * q).reshape(n, 64)
 
 
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # also IQ4_XS
+
+
 def _iq4_nl(b: Tensor) -> Tensor:
-    from ocula.quant.dequant_iq import IQ4_VALUES  # noqa: PLC0415 - shared table
     n = b.shape[0]
     d = f16_field(b[:, :2])
     return d * lookup(IQ4_VALUES, nibbles(b[:, 2:]).reshape(n, 32))
