@@ -14,6 +14,7 @@ from ocula.engine.sampling import SamplingParams
 from ocula.errors import RequestError, UnsupportedError
 from ocula.gguf import GGUFFile
 from ocula.models.text import build_text_model
+from ocula.models.vision.base import ImageOptions
 from ocula.models.weights import load_gguf_weights
 from ocula.tokenizer import Tokenizer
 
@@ -59,9 +60,11 @@ class Model:
         )
         self.vision = None
         if mmproj is not None:
-            from ocula.models.vision import load_vision
+            from ocula.engine.multimodal import VisionRuntime
+            from ocula.models.vision import build_vision_model
 
-            self.vision = load_vision(mmproj, self, dtype=dtype, device=self.device)
+            vision = build_vision_model(mmproj, self.text.cfg.n_embd, dtype=dtype, device=self.device)
+            self.vision = VisionRuntime(vision, self.tokenizer, self.text.cfg)
         self.engine = Engine(self.text, self.tokenizer, n_ctx=n_ctx)
         self.load_ms = (time.perf_counter() - t0) * 1000
 
@@ -95,11 +98,14 @@ class Model:
 
     # ------------------------------------------------------------ prompts
 
-    def build_prompt(self, messages: list[dict], timings: Timings | None = None, **template_kwargs) -> Prompt:
+    def build_prompt(self, messages: list[dict], timings: Timings | None = None,
+                     image_min_tokens: int | None = None, image_max_tokens: int | None = None,
+                     media_policy=None, max_images: int | None = None, **template_kwargs) -> Prompt:
         """Render the chat template and turn the conversation into decoder input (images encoded)."""
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
-            return self.vision.build_prompt(text, messages, timings)
+            options = ImageOptions(image_min_tokens, image_max_tokens)
+            return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images)
         from ocula.chat import image_parts
 
         if image_parts(messages):
@@ -113,8 +119,20 @@ class Model:
         ids = self.tokenizer.encode(text, add_special=add_special)
         return Prompt.from_tokens(ids, self.text.cfg.is_mrope)
 
-    def prompt_token_ids(self, messages: list[dict]) -> list[int]:
-        return self.build_prompt(messages).token_ids
+    def prompt_token_ids(self, messages: list[dict], **image_options) -> list[int]:
+        """Prompt ids with each image's placeholder expanded as the HF processor does."""
+        return self.build_prompt(messages, **image_options).token_ids
+
+    def encode_image(self, image, *, deepstack: bool = False, image_min_tokens: int | None = None,
+                     image_max_tokens: int | None = None):
+        """Projector output [n_tokens, n_embd] that replaces the image's placeholder tokens.
+
+        With deepstack=True returns (features, [per-layer deepstack features]) (Qwen3-VL; [] otherwise).
+        """
+        if self.vision is None:
+            raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
+        _, enc = self.vision.encode(image, ImageOptions(image_min_tokens, image_max_tokens))
+        return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
 
     def _as_prompt(self, source) -> Prompt:
         if isinstance(source, Prompt):
@@ -132,13 +150,19 @@ class Model:
 
     # ------------------------------------------------------------ running
 
-    def logits(self, messages_or_token_ids) -> torch.Tensor:
+    def logits(self, messages_or_token_ids, **image_options) -> torch.Tensor:
         """float32 logits [vocab] at the last position of a conversation or token-id list."""
-        return self.engine.prompt_logits(self._as_prompt(messages_or_token_ids)).float().cpu()
+        source = messages_or_token_ids
+        if isinstance(source, (list, tuple)) and source and isinstance(source[0], dict):
+            prompt = self.build_prompt(list(source), **image_options)
+        else:
+            prompt = self._as_prompt(source)
+        return self.engine.prompt_logits(prompt).float().cpu()
 
-    def chat(self, messages: list[dict], *, stream: bool = False, **sampling: Any) -> Result | Iterator[Chunk]:
+    def chat(self, messages: list[dict], *, stream: bool = False, image_min_tokens: int | None = None,
+             image_max_tokens: int | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
         timings = Timings()
-        prompt = self.build_prompt(messages, timings)
+        prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens)
         return self._run(prompt, stream, timings, sampling)
 
     def generate(self, prompt: str | list[int], *, stream: bool = False, **sampling: Any) -> Result | Iterator[Chunk]:

@@ -1,8 +1,10 @@
 """Chat templates: the GGUF's `tokenizer.chat_template` rendered with Jinja2 the way transformers does.
 
 Messages are OpenAI style. Content may be a string or a list of parts (`text`, `image_url`,
-`image`); text-only lists are joined into one string so that string-only templates work, and lists
-with images are passed through as HF-style parts (`{"type": "image"}`) for the template to place.
+`image`). Templates differ in what they accept, so content is reshaped to suit the template:
+- typed templates (they read `['type']`) get lists of HF-style parts (`{"type": "image"}`,
+  `{"type": "text", ...}`); plain strings are wrapped unless the template also checks `is string`;
+- string-only templates get the text parts joined into one string.
 """
 from __future__ import annotations
 
@@ -58,8 +60,17 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"the chat template does not parse: {e}") from None
 
+    @property
+    def typed_content(self) -> bool:
+        src = self.source
+        return "['type']" in src or '["type"]' in src or ".type" in src or "'type'" in src
+
+    @property
+    def accepts_strings(self) -> bool:
+        return not self.typed_content or "is string" in self.source
+
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        msgs = normalize_messages(messages)
+        msgs = shape_content(normalize_messages(messages), self.typed_content, self.accepts_strings)
         context = dict(bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
         context.update(kwargs)
         try:
@@ -99,15 +110,24 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
                 if part["type"] == "text" and not isinstance(part.get("text"), str):
                     raise RequestError(f"messages[{i}].content[{j}].text must be a string")
                 parts.append({"type": "image"} if is_image_part(part) else {"type": "text", "text": part["text"]})
-            if not any(p["type"] == "image" for p in parts):
-                content = "".join(p["text"] for p in parts)
-            else:
-                content = parts
+            content = parts
         elif not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or a list of parts")
         msg = dict(m)
         msg["content"] = content
         out.append(msg)
+    return out
+
+
+def shape_content(messages: list[dict], typed: bool, accepts_strings: bool) -> list[dict]:
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list) and (not typed or (accepts_strings and all(p["type"] == "text" for p in content))):
+            content = "".join(p["text"] for p in content if p["type"] == "text")
+        elif isinstance(content, str) and not accepts_strings:
+            content = [{"type": "text", "text": content}] if content else []
+        out.append({**m, "content": content})
     return out
 
 

