@@ -124,19 +124,26 @@ class StepInput:
 
 
 def self_attention(blk: nn.Module, x: torch.Tensor, cfg: TextConfig, rope: tuple[torch.Tensor, torch.Tensor],
-                   cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention over `blk.attn_{q,k,v,output}` (+ optional `attn_{q,k}_norm`) with the KV cache."""
+                   caches: list[KVCache], layer: int, masks: list[torch.Tensor | None]) -> torch.Tensor:
+    """Attention over `blk.attn_{q,k,v,output}` (+ optional `attn_{q,k}_norm`) with KV caches.
+
+    x is [B, T, d]: row b belongs to the sequence of `caches[b]` (batched decode runs the projections
+    for all sequences at once; attention itself is per sequence, over that sequence's cache).
+    """
     B, T, _ = x.shape
     q = blk.attn_q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
     k = blk.attn_k(x).view(B, T, cfg.n_head_kv, cfg.head_dim).transpose(1, 2)
     v = blk.attn_v(x).view(B, T, cfg.n_head_kv, cfg.head_dim).transpose(1, 2)
     if cfg.qk_norm:
         q, k = blk.attn_q_norm(q), blk.attn_k_norm(k)
-    cos, sin = rope
+    cos, sin = rope  # [T, half] or, batched, [B, 1, T, half]
     q, k = apply_rope(q, cos, sin, cfg.rope.style), apply_rope(k, cos, sin, cfg.rope.style)
-    k, v = cache.update(layer, k, v)
     scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
-    out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, scale, cfg.attn_softcap)
+    outs = []
+    for b, cache in enumerate(caches):
+        kb, vb = cache.update(layer, k[b : b + 1], v[b : b + 1])
+        outs.append(attend(q[b : b + 1], kb.to(q.dtype), vb.to(q.dtype), masks[b], scale, cfg.attn_softcap))
+    out = outs[0] if B == 1 else torch.cat(outs)
     return blk.attn_output(out.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
@@ -159,8 +166,8 @@ class DecoderBlock(nn.Module):
         self.ffn_up = QLinear(d, cfg.n_ff)
         self.ffn_down = QLinear(cfg.n_ff, d)
 
-    def forward(self, x, cfg, rope, cache, layer, mask):
-        x = x + self_attention(self, self.attn_norm(x), cfg, rope, cache, layer, mask)
+    def forward(self, x, cfg, rope, caches, layer, masks):
+        x = x + self_attention(self, self.attn_norm(x), cfg, rope, caches, layer, masks)
         h = self.ffn_norm(x)
         return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
 
@@ -195,21 +202,33 @@ class TextModel(nn.Module):
     def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {"global": self.rotary(positions)}
 
-    def forward(self, x: torch.Tensor, step: StepInput) -> torch.Tensor:
-        """x: input embeddings [1, T, n_embd] → final-normed hidden states [1, T, n_embd]."""
-        cfg, cache = self.cfg, step.cache
+    def forward(self, x: torch.Tensor, step: StepInput | list[StepInput]) -> torch.Tensor:
+        """Input embeddings → final-normed hidden states, both [B, T, n_embd].
+
+        One StepInput for one sequence (B = 1); a list of B StepInputs for a batch of sequences with
+        their own caches (decode: T = 1), whose projections and MLPs then run as one batched GEMM.
+        """
+        cfg = self.cfg
+        steps = step if isinstance(step, list) else [step]
         T = x.shape[1]
-        ropes = self.rope_tables(step.positions.to(x.device))
-        full = attention_mask(cache.length, T, None, step.groups, x.device)
-        window = (attention_mask(cache.length, T, cfg.sliding_window, step.groups, x.device)
+        caches = [s.cache for s in steps]
+        if len(steps) == 1:
+            ropes = self.rope_tables(steps[0].positions.to(x.device))
+        else:  # per-sequence positions → cos/sin of shape [B, 1, T, half]
+            tables = [self.rope_tables(s.positions.to(x.device)) for s in steps]
+            ropes = {k: tuple(torch.stack([t[k][i] for t in tables])[:, None] for i in (0, 1)) for k in tables[0]}
+        full = [attention_mask(c.length, T, None, s.groups, x.device) for c, s in zip(caches, steps)]
+        window = ([attention_mask(c.length, T, cfg.sliding_window, s.groups, x.device) for c, s in zip(caches, steps)]
                   if any(cfg.sliding_layers) else None)
         for i, blk in enumerate(self.blk):
             sliding = bool(cfg.sliding_layers) and cfg.sliding_layers[i]
             rope = ropes.get("local", ropes["global"]) if sliding else ropes["global"]
-            x = blk(x, cfg, rope, cache, i, window if sliding else full)
-            if step.deepstack is not None and i < len(step.deepstack):
-                x = x + step.deepstack[i].to(x.dtype)
-        cache.advance(T)
+            x = blk(x, cfg, rope, caches, i, window if sliding else full)
+            for b, s in enumerate(steps):
+                if s.deepstack is not None and i < len(s.deepstack):
+                    x[b] += s.deepstack[i].to(x.dtype)
+        for c in caches:
+            c.advance(T)
         return self.output_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from torch import nn
 from torch.nn import functional as F
 
 from ocula.gguf import GGUFFile
@@ -26,8 +25,8 @@ class Gemma3Block(DecoderBlock):
         self.post_attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.post_ffw_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
-    def forward(self, x, cfg, rope, cache, layer, mask):
-        h = self_attention(self, self.attn_norm(x), cfg, rope, cache, layer, mask)
+    def forward(self, x, cfg, rope, caches, layer, masks):
+        h = self_attention(self, self.attn_norm(x), cfg, rope, caches, layer, masks)
         x = x + self.post_attention_norm(h)
         h = self.ffn_norm(x)
         h = self.ffn_down(F.gelu(self.ffn_gate(h), approximate="tanh") * self.ffn_up(h))
