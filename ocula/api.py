@@ -56,7 +56,8 @@ class Model:
         self.text.eval()
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.template = ChatTemplate(
-            self.gguf.get("tokenizer.chat_template"), self.tokenizer.bos_token, self.tokenizer.eos_token
+            self.gguf.get("tokenizer.chat_template"), self.tokenizer.bos_token, self.tokenizer.eos_token,
+            self.architecture,
         )
         self.vision = None
         if mmproj is not None:
@@ -66,6 +67,7 @@ class Model:
             vision = build_vision_model(mmproj, self.text.cfg.n_embd, dtype=dtype, device=self.device)
             self.vision = VisionRuntime(vision, self.tokenizer, self.text.cfg)
         self.engine = Engine(self.text, self.tokenizer, n_ctx=n_ctx)
+        release_free_memory()
         self.load_ms = (time.perf_counter() - t0) * 1000
 
     # ------------------------------------------------------------ info
@@ -160,20 +162,47 @@ class Model:
         return self.engine.prompt_logits(prompt).float().cpu()
 
     def chat(self, messages: list[dict], *, stream: bool = False, image_min_tokens: int | None = None,
-             image_max_tokens: int | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
+             image_max_tokens: int | None = None, response_format: dict | None = None,
+             **sampling: Any) -> Result | Iterator[Chunk]:
+        """Answer a conversation. `response_format` is OpenAI's: {"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"schema": {...}}} constrains the answer to that JSON."""
+        constraint = self.response_constraint(response_format)
         timings = Timings()
         prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens)
-        return self._run(prompt, stream, timings, sampling)
+        return self._run(prompt, stream, timings, sampling, constraint)
 
-    def generate(self, prompt: str | list[int], *, stream: bool = False, **sampling: Any) -> Result | Iterator[Chunk]:
+    def generate(self, prompt: str | list[int], *, stream: bool = False, response_format: dict | None = None,
+                 **sampling: Any) -> Result | Iterator[Chunk]:
         """Complete a raw prompt (no chat template). A string gets BOS as the GGUF says."""
-        return self._run(self._as_prompt(prompt), stream, Timings(), sampling)
+        constraint = self.response_constraint(response_format)
+        return self._run(self._as_prompt(prompt), stream, Timings(), sampling, constraint)
 
-    def _run(self, prompt: Prompt, stream: bool, timings: Timings, sampling: dict):
+    def response_constraint(self, response_format: dict | None):
+        """A grammar Constraint for an OpenAI `response_format` (None for free text); needs llguidance."""
+        if response_format is None:
+            return None
+        from ocula.engine.structured import structured_for
+
+        return structured_for(self).constraint(response_format)
+
+    def _run(self, prompt: Prompt, stream: bool, timings: Timings, sampling: dict, constraint=None):
         params = sampling_params(sampling)
         if stream:
-            return self.engine.stream(prompt, params, timings)
-        return self.engine.run(prompt, params, timings)
+            return self.engine.stream(prompt, params, timings, constraint)
+        return self.engine.run(prompt, params, timings, constraint)
+
+
+def release_free_memory() -> None:
+    """Hand the heap freed by loading (vocabulary lists, merge tables) back to the OS."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def sampling_params(options: dict) -> SamplingParams:

