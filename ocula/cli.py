@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    for name, module in (("serve", "ocula.server.cli"), ("bench", "ocula.bench")):
+    for name, module in (("serve", "ocula.server.cli"), ("bench", "ocula.bench"), ("synth", "ocula.synth")):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ImportError:

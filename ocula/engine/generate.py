@@ -157,12 +157,16 @@ class Engine:
     # ------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def stream(self, prompt: Prompt, params: SamplingParams, timings: Timings | None = None) -> Iterator[Chunk]:
-        """Yield the answer piece by piece; the final Chunk has finish_reason and the Result."""
-        with self._lock:
-            yield from self._stream(prompt, params, timings or Timings())
+    def stream(self, prompt: Prompt, params: SamplingParams, timings: Timings | None = None,
+               constraint=None) -> Iterator[Chunk]:
+        """Yield the answer piece by piece; the final Chunk has finish_reason and the Result.
 
-    def _stream(self, prompt: Prompt, params: SamplingParams, timings: Timings) -> Iterator[Chunk]:
+        `constraint` (ocula.engine.structured.Constraint) restricts every token to what its grammar allows.
+        """
+        with self._lock:
+            yield from self._stream(prompt, params, timings or Timings(), constraint)
+
+    def _stream(self, prompt: Prompt, params: SamplingParams, timings: Timings, constraint=None) -> Iterator[Chunk]:
         tok = self.tokenizer
         sampler = Sampler(params)
         t0 = time.perf_counter()
@@ -179,6 +183,8 @@ class Engine:
         t_gen = time.perf_counter()
         position = prompt.next_position
         while len(out_ids) < budget:
+            if constraint is not None:
+                logits = constraint.mask(logits)
             token = sampler(logits, history)
             if not out_ids:
                 timings.ttft_ms = (time.perf_counter() - t0) * 1000
@@ -186,6 +192,8 @@ class Engine:
             if token in tok.eot_ids and not params.ignore_eos:
                 finish = "stop"
                 break
+            if constraint is not None:
+                constraint.accept(token)
             out_ids.append(token)
             history.append(token)
             self._cache_keys.append(token)
@@ -193,6 +201,9 @@ class Engine:
             cut = find_stop(text, params.stop, emitted)
             if cut != -1:
                 text, finish = text[:cut], "stop"
+                break
+            if constraint is not None and constraint.finished:
+                text, finish = text + decoder.flush(), "stop"
                 break
             hold = partial_stop_len(text, params.stop)
             if len(text) - hold > emitted:
@@ -213,8 +224,8 @@ class Engine:
         result = Result(text, out_ids, len(prompt), finish, timings)
         yield Chunk(text[emitted:], [], finish, result)
 
-    def run(self, prompt: Prompt, params: SamplingParams, timings: Timings | None = None) -> Result:
+    def run(self, prompt: Prompt, params: SamplingParams, timings: Timings | None = None, constraint=None) -> Result:
         last = None
-        for last in self.stream(prompt, params, timings):
+        for last in self.stream(prompt, params, timings, constraint):
             pass
         return last.result

@@ -226,7 +226,7 @@ class TextModel(nn.Module):
             x = blk(x, cfg, rope, caches, i, window if sliding else full)
             for b, s in enumerate(steps):
                 if s.deepstack is not None and i < len(s.deepstack):
-                    x[b] += s.deepstack[i].to(x.dtype)
+                    x[b] += s.deepstack[i].to(x.dtype).reshape(x.shape[1:])
         for c in caches:
             c.advance(T)
         return self.output_norm(x)

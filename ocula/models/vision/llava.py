@@ -59,6 +59,7 @@ from torch.nn import functional as F
 
 from ocula.errors import GGUFError, UnsupportedError
 from ocula.gguf import GGUFFile
+from ocula.media import to_rgb
 from ocula.models.layers import LayerNorm
 from ocula.models.vision.base import (
     ImageOptions,
@@ -74,12 +75,6 @@ from ocula.quant.linear import QLinear
 RESCALE = 1.0 / 255.0
 NEWLINE_TENSORS = ("model.image_newline", "v.image_newline")
 ATTN_CHUNK_BYTES = 256 * 1024 * 1024  # cap on one attention-score block when tiles are batched
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    from ocula.media import to_rgb
-
-    return to_rgb(image)
 
 
 # ---------------------------------------------------------------- geometry (HF image-processing rules)
@@ -302,7 +297,7 @@ class LlavaVision(VisionModel):
         return center_crop(tile, s, s)
 
     def preprocess(self, image: Image.Image, options: ImageOptions) -> ProcessedImage:
-        rgb = _to_rgb(image)
+        rgb = to_rgb(image)
         s = self.cfg.image_size
         hw = (rgb.height, rgb.width)
         if self.pinpoints is None:

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from ocula.errors import GGUFError, MediaError, RequestError
 from ocula.gguf import GGUFFile
+from ocula.media import to_rgb
 from ocula.models.layers import LayerNorm, RMSNorm
 from ocula.models.vision.base import (
     ImageOptions,
@@ -67,18 +68,6 @@ MAX_ASPECT = 200  # smart_resize refuses more extreme aspect ratios
 QWEN2_PIXELS = (56 * 56, 28 * 28 * 16384)
 QWEN3_PIXELS = (65536, 16777216)
 ATTN_SCORE_BYTES = 256 * 1024 * 1024  # cap on one attention call's score block (windows batched, long rows chunked)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    try:
-        from ocula.media import to_rgb
-    except ImportError:  # pragma: no cover - ocula.media is written in parallel; same rule as HF convert_rgb
-        if image.mode == "RGB":
-            return image
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return to_rgb(image)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -248,7 +237,7 @@ class QwenVLVision(VisionModel):
 
     def preprocess(self, image: Image.Image, options: ImageOptions) -> ProcessedImage:
         p, m, T = self.cfg.patch_size, self.merge_size, self.temporal
-        rgb = _to_rgb(image)
+        rgb = to_rgb(image)
         width, height = rgb.size
         lo, hi = self.pixel_budget(options)
         rh, rw = smart_resize(height, width, p * m, lo, hi)

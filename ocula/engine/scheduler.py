@@ -1,0 +1,671 @@
+"""Continuous batching: one thread owns the model and serves many generation requests at once.
+
+    sched = Scheduler(model)                 # an ocula.Model
+    sched.start()
+    handle = sched.submit(GenerationRequest(build_prompt=lambda t: model.build_prompt(messages, t),
+                                            params=SamplingParams(max_tokens=64, temperature=0)))
+    for event in handle:                     # Started, Delta..., then Finished (or Failed)
+        ...
+    sched.stop()
+
+How a request moves (all on the scheduler thread, one loop iteration at a time):
+
+1. `submit` puts it in a bounded FIFO (`max_queue`; full → QueueFullError, the server's 503).
+2. Admission: when no other sequence is being prefilled and fewer than `max_batch` are decoding, the oldest
+   queued request has its prompt built (chat template, images encoded through the VisionRuntime cache),
+   checked against the context, and gets a KV cache from the prefix pool: the longest common prefix with
+   a finished sequence's cache (compared by `Prompt.cache_keys()`, never splitting an image) is copied, so
+   only the rest is computed.
+3. Prefill runs one chunk (`prefill_chunk` tokens, an image is never split) per loop iteration, so the
+   decoding sequences advance between the chunks of a long prompt instead of waiting for all of it.
+4. Decode: every decoding sequence feeds its last token, all in ONE forward (`TextModel.forward` with a
+   list of StepInputs: projections and MLPs as one GEMM, attention per sequence over its own cache). Each
+   sequence then samples with its own Sampler (seeded per request), grammar constraint, stop strings and
+   budget, and emits its Delta.
+5. A finished sequence's cache goes to the prefix pool (bounded in bytes, least recently used out first);
+   a cancelled one (client gone) is dropped at the next iteration and its cache freed.
+
+Ownership: a cache in the pool is never written; a sequence always decodes into its own cache (a copy of
+the pooled prefix), so two live sequences never share one.
+
+Numerics: a sequence alone (batch of 1) runs exactly the computation `Engine` does. In a batch, the GEMMs
+see more rows, and BLAS may round the last bit differently for a different row count (MKL does: gemv for
+one row, other kernels for 2-3 and for 4+), so logits can differ by ~1e-5 from the single-sequence ones:
+greedy tokens are the same unless the top two logits are that close.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ocula.engine.generate import PREFILL_CHUNK, Result, Timings
+from ocula.engine.prompt import Prompt
+from ocula.engine.sampling import Sampler, SamplingParams, find_stop, partial_stop_len
+from ocula.errors import OculaError, RequestError
+from ocula.models.layers import KVCache
+from ocula.models.text.base import StepInput
+
+log = logging.getLogger("ocula.scheduler")
+
+
+class QueueFullError(OculaError):
+    """The scheduler's waiting queue is full (the server answers 503)."""
+
+
+class ContextOverflowError(RequestError):
+    """The prompt (plus the requested completion) does not fit in the context."""
+
+
+class SchedulerStoppedError(OculaError):
+    """The scheduler is not running."""
+
+
+class Cancelled(OculaError):
+    """The request was cancelled before it finished."""
+
+
+# ---------------------------------------------------------------- requests and events
+
+
+@dataclass
+class GenerationRequest:
+    build_prompt: Callable[[Timings], Prompt]  # runs on the scheduler thread (owns the model)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens_explicit: bool = False  # True: prompt + max_tokens > context is an error, not a cut
+    constraint: object | None = None  # ocula.engine.structured.Constraint
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    logit_bias: dict[int, float] | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class Started:
+    prompt_tokens: int
+    cached_tokens: int
+    image_tokens: int
+    images_encoded: int
+    images_cached: int
+    queue_ms: float
+
+
+@dataclass
+class Delta:
+    text: str  # may be "" (an incomplete UTF-8 character, or text held back that may start a stop string)
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Finished:
+    result: Result
+    tail: str  # text not yet sent in a Delta
+    images_encoded: int = 0
+    images_cached: int = 0
+
+
+@dataclass
+class Failed:
+    error: BaseException
+
+
+Event = Started | Delta | Finished | Failed
+
+
+class Handle:
+    """The submitter's side of a request: events arrive through `sink` (default: an internal queue that
+    iterating the handle reads), and `cancel()` asks the scheduler to drop the request."""
+
+    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None] | None = None):
+        self.request = request
+        self._cancel = threading.Event()
+        self._queue: queue.SimpleQueue | None = None
+        if sink is None:
+            self._queue = queue.SimpleQueue()
+            sink = self._queue.put
+        self._sink = sink
+        self.done = False
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, (Finished, Failed)):
+            self.done = True
+        try:
+            self._sink(event)
+        except Exception:  # noqa: BLE001 - the consumer (e.g. a closed event loop) is gone
+            self._cancel.set()
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._queue is None:
+            raise TypeError("this handle delivers its events to a sink; it cannot be iterated")
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+    def result(self) -> Result:
+        """Wait for the end; the Result, or the error raised."""
+        for event in self:
+            if isinstance(event, Finished):
+                return event.result
+            if isinstance(event, Failed):
+                raise event.error
+        raise SchedulerStoppedError("the scheduler stopped")
+
+
+# ---------------------------------------------------------------- prefix (KV) pool
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def copy_prefix(src: KVCache, n: int, new_cache: Callable[[], KVCache]) -> KVCache:
+    """A new cache holding the first n tokens of `src` (src is not touched)."""
+    dst = new_cache()
+    for layer, (k, v) in enumerate(zip(src.k, src.v)):
+        if k is not None and n:
+            dst.update(layer, k[:, :, :n], v[:, :, :n])
+    dst.advance(n)
+    return dst
+
+
+@dataclass
+class _PoolEntry:
+    keys: list
+    cache: KVCache
+    nbytes: int
+
+
+class PrefixPool:
+    """Finished sequences' KV caches, keyed by their per-token identities, bounded in bytes (LRU).
+
+    `claim(prompt)` copies the longest reusable prefix into a fresh cache (copy-on-reuse: pooled caches are
+    read-only, so any number of live sequences may start from the same entry). A new entry replaces
+    entries whose keys are a prefix of its own (a second turn supersedes the first).
+    """
+
+    def __init__(self, max_bytes: int, new_cache: Callable[[], KVCache]):
+        self.max_bytes = max_bytes
+        self.new_cache = new_cache
+        self._entries: OrderedDict[int, _PoolEntry] = OrderedDict()
+        self._next = 0
+        self.bytes = 0
+        self.hits = self.misses = self.hit_tokens = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def claim(self, prompt: Prompt) -> tuple[KVCache, int]:
+        keys = prompt.cache_keys()
+        with self._lock:
+            best_id, best_n = None, 0
+            for eid, e in self._entries.items():
+                n = _common_prefix(e.keys, keys)
+                if n > best_n:
+                    best_id, best_n = eid, n
+            n = prompt.safe_cut(min(best_n, len(prompt) - 1))
+            if best_id is None or n <= 0:
+                self.misses += 1
+                return self.new_cache(), 0
+            entry = self._entries[best_id]
+            self._entries.move_to_end(best_id)
+            self.hits += 1
+            self.hit_tokens += n
+        return copy_prefix(entry.cache, n, self.new_cache), n
+
+    def put(self, keys: list, cache: KVCache) -> None:
+        keys = keys[: cache.length]
+        if not keys or self.max_bytes <= 0:
+            return
+        size = cache.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            for eid, e in list(self._entries.items()):
+                if len(e.keys) >= len(keys) and e.keys[: len(keys)] == keys:
+                    self._entries.move_to_end(eid)  # an entry already covers this one
+                    return
+                if len(e.keys) < len(keys) and keys[: len(e.keys)] == e.keys:
+                    del self._entries[eid]
+                    self.bytes -= e.nbytes
+            self._entries[self._next] = _PoolEntry(keys, cache, size)
+            self._next += 1
+            self.bytes += size
+            while self.bytes > self.max_bytes and self._entries:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class SchedulerStats:
+    requests_admitted: int = 0
+    requests_finished: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    requests_rejected: int = 0  # queue full
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    decode_batch_tokens: int = 0  # sum of batch sizes over decode steps
+    prefill_seconds: float = 0.0
+    ttft_sum: float = 0.0  # seconds from arrival to first token
+    ttft_count: int = 0
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    recent_tps: float = 0.0  # decode tokens/s over the last few seconds
+
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+# ---------------------------------------------------------------- sequences
+
+
+class _Sequence:
+    def __init__(self, handle: Handle, prompt: Prompt, cache: KVCache, reused: int, timings: Timings,
+                 tokenizer, n_ctx: int):
+        req = handle.request
+        self.handle = handle
+        self.req = req
+        self.prompt = prompt
+        self.cache = cache
+        self.keys = prompt.cache_keys()
+        self.prefilled = reused
+        self.timings = timings
+        self.sampler = Sampler(req.params)
+        self.history = list(prompt.token_ids)
+        self.out_ids: list[int] = []
+        self.decoder = tokenizer.StreamDecoder(tokenizer)
+        self.text = ""
+        self.emitted = 0
+        self.position = prompt.next_position
+        max_new = req.params.max_tokens if req.params.max_tokens is not None else n_ctx
+        self.budget = min(max_new, n_ctx - len(prompt))
+        self.pending: int | None = None  # sampled token whose KV is not in the cache yet
+        self.t_prefill = time.perf_counter()
+        self.t_first: float | None = None
+        self.images_encoded = self.images_cached = 0
+
+
+class Scheduler:
+    def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK,
+                 prefix_cache_bytes: int = 512 * 1024 * 1024):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        self.model = model
+        self.text = model.text
+        self.tokenizer = model.tokenizer
+        self.engine = model.engine
+        self.n_ctx = model.engine.n_ctx
+        self.mrope = self.text.cfg.is_mrope
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.pool = PrefixPool(prefix_cache_bytes, self.text.new_cache)
+        self.stats = SchedulerStats()
+        self._pending: deque[Handle] = deque()
+        self._prefilling: _Sequence | None = None
+        self._active: list[_Sequence] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._tps_window: deque[tuple[float, int]] = deque()
+        self.error: BaseException | None = None  # set if the loop itself died
+
+    # ------------------------------------------------------------ control
+
+    def start(self) -> "Scheduler":
+        with self._cond:
+            if self._running:
+                return self
+            self._running = True
+        self._thread = threading.Thread(target=self._run, name="ocula-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for h in self._drain_all():
+            h._emit(Failed(SchedulerStoppedError("the server is shutting down")))
+
+    def __enter__(self) -> "Scheduler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._running and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return len(self._active) + (self._prefilling is not None)
+
+    def submit(self, request: GenerationRequest, sink: Callable[[Event], None] | None = None) -> Handle:
+        handle = Handle(request, sink)
+        with self._cond:
+            if not self.alive:
+                raise SchedulerStoppedError("the scheduler is not running")
+            if len(self._pending) >= self.max_queue:
+                self.stats.requests_rejected += 1
+                raise QueueFullError(
+                    f"the server is busy: {len(self._pending)} requests are waiting (queue size {self.max_queue}) "
+                    f"and {self.active} are running; retry later"
+                )
+            self._pending.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    # ------------------------------------------------------------ loop
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while self._running and not (self._pending or self._active or self._prefilling):
+                            self._cond.wait(0.5)
+                        if not self._running:
+                            return
+                    try:
+                        self._iteration()
+                    except Exception as e:  # noqa: BLE001 - a bug or OOM: fail what is in flight, keep serving
+                        log.exception("scheduler step failed")
+                        for seq in self._in_flight():
+                            self._fail(seq.handle, e)
+                        self._active.clear()
+                        self._prefilling = None
+        except BaseException as e:  # pragma: no cover - the thread itself dies
+            self.error = e
+            log.exception("scheduler thread died")
+            raise
+        finally:
+            self._running = False
+
+    def _in_flight(self) -> list[_Sequence]:
+        return self._active + ([self._prefilling] if self._prefilling is not None else [])
+
+    def _drain_all(self) -> list[Handle]:
+        with self._cond:
+            handles = list(self._pending)
+            self._pending.clear()
+        handles += [s.handle for s in self._in_flight()]
+        self._active, self._prefilling = [], None
+        return [h for h in handles if not h.done]
+
+    def _iteration(self) -> None:
+        self._reap_cancelled()
+        if self._prefilling is None and len(self._active) < self.max_batch:
+            handle = None
+            with self._cond:
+                if self._pending:
+                    handle = self._pending.popleft()
+            if handle is not None:
+                self._admit(handle)
+        if self._prefilling is not None:
+            self._prefill_chunk(self._prefilling)
+        if self._active:
+            self._decode_step()
+
+    def _reap_cancelled(self) -> None:
+        with self._cond:
+            gone = [h for h in self._pending if h.cancelled]
+            for h in gone:
+                self._pending.remove(h)
+        for h in gone:
+            self.stats.requests_cancelled += 1
+            h._emit(Failed(Cancelled("cancelled")))
+        if self._prefilling is not None and self._prefilling.handle.cancelled:
+            self._drop(self._prefilling)
+            self._prefilling = None
+        for seq in [s for s in self._active if s.handle.cancelled]:
+            self._active.remove(seq)
+            self._drop(seq)
+
+    def _drop(self, seq: _Sequence) -> None:
+        self.stats.requests_cancelled += 1
+        seq.cache = None  # freed: a cancelled sequence's cache does not go to the pool
+        seq.handle._emit(Failed(Cancelled("cancelled")))
+
+    def _fail(self, handle: Handle, error: BaseException) -> None:
+        self.stats.requests_failed += 1
+        handle._emit(Failed(error))
+
+    # ------------------------------------------------------------ admission and prefill
+
+    def _admit(self, handle: Handle) -> None:
+        req = handle.request
+        timings = Timings()
+        vision = getattr(self.model, "vision", None)
+        hits0, misses0 = (vision.cache.hits, vision.cache.misses) if vision is not None else (0, 0)
+        try:
+            prompt = req.build_prompt(timings)
+            if len(prompt) == 0:
+                raise RequestError("the prompt is empty")
+            if len(prompt) >= self.n_ctx:
+                raise ContextOverflowError(
+                    f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx} (at least one token "
+                    "must be left for the answer); shorten the conversation, send fewer or smaller images, "
+                    "or start the server with a larger --ctx-size"
+                )
+            mt = req.params.max_tokens
+            if req.max_tokens_explicit and mt is not None and len(prompt) + mt > self.n_ctx:
+                raise ContextOverflowError(
+                    f"the prompt has {len(prompt)} tokens and max_tokens asks for {mt} more, {len(prompt) + mt} "
+                    f"in all, but the context holds {self.n_ctx}; lower max_tokens to at most "
+                    f"{self.n_ctx - len(prompt)} or shorten the prompt"
+                )
+        except OculaError as e:
+            self._fail(handle, e)
+            return
+        except Exception as e:  # noqa: BLE001 - a bug while building: this request only
+            log.exception("building a prompt failed")
+            self._fail(handle, e)
+            return
+        cache, reused = self.pool.claim(prompt)
+        seq = _Sequence(handle, prompt, cache, reused, timings, self.tokenizer, self.n_ctx)
+        if vision is not None:
+            seq.images_cached = vision.cache.hits - hits0
+            seq.images_encoded = vision.cache.misses - misses0
+        timings.prompt_tokens, timings.cached_tokens = len(prompt), reused
+        st = self.stats
+        st.requests_admitted += 1
+        st.prompt_tokens += len(prompt)
+        st.cached_prompt_tokens += reused
+        self._prefilling = seq
+        handle._emit(Started(len(prompt), reused, timings.image_tokens, seq.images_encoded, seq.images_cached,
+                             (seq.t_prefill - req.arrival) * 1000))
+
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        prompt = seq.prompt
+        start = seq.prefilled
+        stop = prompt.safe_cut(min(start + self.prefill_chunk, len(prompt)))
+        if stop <= start:  # an image longer than one chunk goes in whole
+            stop = next(img.stop for img in prompt.images if img.start == start)
+        t0 = time.perf_counter()
+        x, deepstack = self.engine._embed(prompt, start, stop)
+        step = StepInput(prompt.positions[..., start:stop], seq.cache, prompt.groups(start, stop), deepstack)
+        hidden = self.text(x[None], step)[0, -1]
+        seq.prefilled = stop
+        self.stats.prefilled_tokens += stop - start
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        if stop < len(prompt):
+            return
+        self._prefilling = None
+        logits = self.text.logits(hidden)
+        seq.timings.prompt_ms = (time.perf_counter() - seq.t_prefill) * 1000
+        if seq.budget <= 0:
+            self._finish(seq, "length")
+            return
+        if self._after_logits(seq, logits):
+            self._active.append(seq)
+
+    # ------------------------------------------------------------ decode
+
+    def _position(self, p: int) -> torch.Tensor:
+        pos = torch.tensor([p])
+        return pos.expand(3, 1) if self.mrope else pos
+
+    def _decode_step(self) -> None:
+        seqs = list(self._active)
+        t0 = time.perf_counter()
+        x = self.text.embed(torch.tensor([[s.pending] for s in seqs]))
+        steps = [StepInput(self._position(s.position), s.cache) for s in seqs]
+        hidden = self.text(x, steps if len(steps) > 1 else steps[0])
+        logits = self.text.logits(hidden[:, -1])
+        dt = time.perf_counter() - t0
+        st = self.stats
+        st.decode_steps += 1
+        st.decode_seconds += dt
+        st.decode_batch_tokens += len(seqs)
+        self._note_tps(len(seqs))
+        for s, lg in zip(seqs, logits):
+            s.keys.append(s.pending)
+            s.position += 1
+            s.pending = None
+            try:
+                keep = self._after_logits(s, lg)
+            except Exception as e:  # noqa: BLE001 - e.g. a grammar error: this sequence only
+                if not isinstance(e, OculaError):
+                    log.exception("sampling failed")
+                self._active.remove(s)
+                self._fail(s.handle, e)
+                continue
+            if not keep:
+                self._active.remove(s)
+
+    def _note_tps(self, n: int) -> None:
+        now = time.perf_counter()
+        w = self._tps_window
+        w.append((now, n))
+        while w and now - w[0][0] > 5.0:
+            w.popleft()
+        span = now - w[0][0]
+        total = sum(k for _, k in w)
+        self.stats.recent_tps = total / span if span > 0.05 else 0.0
+
+    # ------------------------------------------------------------ one sampled token
+
+    def _after_logits(self, seq: _Sequence, logits: torch.Tensor) -> bool:
+        """Sample, record, emit. True while the sequence goes on decoding."""
+        req = seq.req
+        raw = logits
+        if req.logit_bias:
+            logits = logits.clone()
+            ids = torch.tensor(list(req.logit_bias), dtype=torch.long)
+            logits[ids] += torch.tensor(list(req.logit_bias.values()), dtype=logits.dtype)
+        if req.constraint is not None:
+            logits = req.constraint.mask(logits)
+        token = seq.sampler(logits, seq.history)
+        now = time.perf_counter()
+        if seq.t_first is None:
+            seq.t_first = now
+            seq.timings.ttft_ms = (now - seq.t_prefill) * 1000
+            ttft = now - req.arrival
+            st = self.stats
+            st.ttft_sum += ttft
+            st.ttft_count += 1
+            for i, b in enumerate(TTFT_BUCKETS):
+                if ttft <= b:
+                    st.ttft_buckets[i] += 1
+        if token in self.tokenizer.eot_ids and not req.params.ignore_eos:
+            self._finish(seq, "stop")
+            return False
+        if req.constraint is not None:
+            req.constraint.accept(token)
+        lp = None
+        if req.logprobs is not None:
+            lp = [self._logprob(raw, token, req.logprobs)]
+        seq.out_ids.append(token)
+        seq.history.append(token)
+        self.stats.generated_tokens += 1
+        seq.text += seq.decoder.add(token)
+        stops = req.params.stop
+        cut = find_stop(seq.text, stops, seq.emitted)
+        if cut != -1:
+            seq.text = seq.text[:cut]
+            seq.handle._emit(Delta("", [token], lp))
+            self._finish(seq, "stop")
+            return False
+        hold = partial_stop_len(seq.text, stops)
+        end = max(seq.emitted, len(seq.text) - hold)
+        seq.handle._emit(Delta(seq.text[seq.emitted : end], [token], lp))
+        seq.emitted = end
+        if req.constraint is not None and req.constraint.finished:
+            self._finish(seq, "stop")
+            return False
+        if len(seq.out_ids) >= seq.budget:
+            self._finish(seq, "length")
+            return False
+        seq.pending = token
+        return True
+
+    @staticmethod
+    def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        lsm = torch.log_softmax(logits.float(), -1)
+        top = []
+        if k > 0:
+            vals, ids = torch.topk(lsm, min(k, lsm.shape[-1]))
+            top = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        return TokenLogprob(int(token), float(lsm[token]), top)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        if reason == "length" or (seq.req.constraint is not None and reason == "stop"):
+            seq.text += seq.decoder.flush()
+        t = seq.timings
+        t.generated_tokens = len(seq.out_ids)
+        if seq.t_first is not None:
+            t.generation_ms = (time.perf_counter() - seq.t_first) * 1000
+        result = Result(seq.text, list(seq.out_ids), len(seq.prompt), reason, t)
+        tail = seq.text[seq.emitted :] if len(seq.text) > seq.emitted else ""
+        self.stats.requests_finished += 1
+        cache, keys = seq.cache, seq.keys
+        seq.cache = None
+        if cache is not None:
+            self.pool.put(keys, cache)
+        seq.handle._emit(Finished(result, tail, seq.images_encoded, seq.images_cached))

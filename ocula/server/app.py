@@ -1,0 +1,518 @@
+"""FastAPI application: OpenAI routes, SSE streaming, auth, errors, metrics.
+
+The event loop never runs the model: requests become `GenerationRequest`s for the scheduler thread, whose
+events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) in
+the thread pool before a request is queued, so a slow URL never stalls the scheduler; encoding happens on the
+scheduler thread, through the model's image-embedding cache.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ocula.chat import IMAGE_PART_TYPES, normalize_messages
+from ocula.engine.scheduler import (
+    Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
+)
+from ocula.errors import MediaError, OculaError
+from ocula.media import load_image
+from ocula.server import protocol as P
+from ocula.server.config import ServerConfig
+from ocula.server.errors import APIError, to_api_error
+from ocula.server.metrics import Metrics
+
+log = logging.getLogger("ocula.server")
+DISCONNECT_POLL = 0.25  # seconds between client-disconnect checks of a non-streaming request
+STREAMING = -1  # handler bookkeeping: the response is a stream, which records its own outcome
+
+
+def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    model_id = config.model_id or model.gguf.path.name
+    own_scheduler = scheduler is None
+    sched = scheduler or Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue,
+                                   prefill_chunk=config.prefill_chunk, prefix_cache_bytes=config.prefix_cache_bytes)
+    metrics = Metrics()
+    policy = config.media_policy()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sched.start()
+        try:
+            yield
+        finally:
+            if own_scheduler:
+                await run_in_threadpool(sched.stop)
+
+    app = FastAPI(title="ocula", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.scheduler, app.state.metrics, app.state.model = sched, metrics, model
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"])
+
+    # ------------------------------------------------------------ errors
+
+    def error_response(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            err = APIError(404, f"no route {request.method} {request.url.path}", code="not_found")
+        elif e.status_code == 405:
+            err = APIError(405, f"method {request.method} is not allowed on {request.url.path}",
+                           code="method_not_allowed")
+        else:
+            err = APIError(e.status_code, str(e.detail), code="http_error")
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        return error_response(to_api_error(e))
+
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict:
+        limit = config.body_limit
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(413, f"the request body has {length} bytes, more than the {limit} allowed",
+                           code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"the request body is larger than the {limit} bytes allowed",
+                               code="request_too_large")
+        if not body:
+            raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}",
+                           code="invalid_json")
+        return data
+
+    # ------------------------------------------------------------ info routes
+
+    @app.get("/health")
+    async def health():
+        ok = sched.alive
+        body = {"status": "ok" if ok else "error", "model": model_id, "active": sched.active,
+                "queue_depth": sched.queue_depth}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        check_auth(request)
+        return PlainTextResponse(metrics.render(sched, model), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict:
+        return {
+            "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
+            "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
+            "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
+            "architecture": model.architecture,
+        }
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str, request: Request):
+        check_auth(request)
+        if name != model_id:
+            raise APIError(404, f"model {name!r} is not served here; this server serves {model_id!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    # ------------------------------------------------------------ generation routes
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            check_auth(request)
+            req: P.ChatRequest = P.parse(P.ChatRequest, await read_json(request))
+            P.check_unsupported(req)
+            params, explicit = P.sampling_params(req, config.default_max_tokens)
+            bias = P.logit_bias(req, model.text.cfg.n_vocab)
+            messages = req.messages
+            try:
+                normalize_messages(messages)
+            except OculaError as e:
+                raise to_api_error(e, None) from None
+            messages = await prepare_images(messages)
+            constraint = await make_constraint(req.response_format)
+            img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
+            img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
+
+            def build(timings, messages=messages):
+                return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
+                                          max_images=config.max_images)
+
+            logprobs = None
+            if req.logprobs:
+                logprobs = req.top_logprobs or 0
+            elif req.top_logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+            greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias)
+            fmt = ChatFormat(model_id, model.tokenizer, logprobs is not None)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            resp = await run(request, greq, fmt, req.stream, include_usage, "chat", t0)
+            status = STREAMING if isinstance(resp, EventStream) else resp.status_code
+            return resp
+        except APIError as e:
+            status = e.status
+            raise
+        finally:
+            if status != STREAMING:  # a stream counts itself when it ends
+                metrics.request_done("chat", status, time.perf_counter() - t0)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            check_auth(request)
+            req: P.CompletionRequest = P.parse(P.CompletionRequest, await read_json(request))
+            P.check_unsupported(req)
+            params, explicit = P.sampling_params(req, config.default_max_tokens)
+            bias = P.logit_bias(req, model.text.cfg.n_vocab)
+            prompt = req.prompt
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+                if len(prompt) != 1:
+                    raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompt)}",
+                                   param="prompt", code="unsupported_parameter")
+                prompt = prompt[0]
+            if isinstance(prompt, list):
+                bad = [t for t in prompt if not 0 <= t < model.text.cfg.n_vocab]
+                if bad:
+                    raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
+                                        f"(0..{model.text.cfg.n_vocab - 1})", param="prompt", code="invalid_value")
+            constraint = await make_constraint(req.response_format)
+
+            def build(timings, prompt=prompt):
+                return model._as_prompt(prompt)
+
+            echo = ""
+            if req.echo:
+                echo = prompt if isinstance(prompt, str) else model.detokenize(prompt)
+            greq = GenerationRequest(build, params, explicit, constraint, req.logprobs, bias)
+            fmt = CompletionFormat(model_id, model.tokenizer, req.logprobs is not None, echo)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            resp = await run(request, greq, fmt, req.stream, include_usage, "completions", t0)
+            status = STREAMING if isinstance(resp, EventStream) else resp.status_code
+            return resp
+        except APIError as e:
+            status = e.status
+            raise
+        finally:
+            if status != STREAMING:  # a stream counts itself when it ends
+                metrics.request_done("completions", status, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------ helpers
+
+    async def prepare_images(messages: list[dict]) -> list[dict]:
+        """Fetch and decode every image part under the media policy; return messages with PIL images."""
+        found = [(i, j) for i, m in enumerate(messages) if isinstance(m, dict) and isinstance(m.get("content"), list)
+                 for j, p in enumerate(m["content"]) if isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES]
+        if not found:
+            return messages
+        if not model.supports_images:
+            i, j = found[0]
+            raise APIError(400, f"model {model_id!r} does not take images (the server was started without "
+                                "--mmproj); send text only", param=f"messages[{i}].content[{j}]",
+                           code="image_input_not_supported")
+        if len(found) > config.max_images:
+            raise APIError(400, f"{len(found)} images sent but at most {config.max_images} are allowed per request",
+                           param="messages", code="too_many_images")
+
+        def load_all():
+            out = [dict(m) for m in messages]
+            for i, j in found:
+                part = messages[i]["content"][j]
+                where = f"messages[{i}].content[{j}]"
+                try:
+                    image = load_image(_image_source(part, where), policy)
+                except MediaError as e:
+                    raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
+                content = out[i]["content"] = list(out[i]["content"])
+                content[j] = {"type": "image", "image": image}
+            return out
+
+        return await run_in_threadpool(load_all)
+
+    async def make_constraint(response_format: Any):
+        if response_format is None:
+            return None
+        try:
+            return await run_in_threadpool(model.response_constraint, response_format)
+        except OculaError as e:
+            raise to_api_error(e, "response_format") from None
+
+    async def run(request: Request, greq: GenerationRequest, fmt, stream: bool, include_usage: bool,
+                  endpoint: str, t0: float):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(event):
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            handle = sched.submit(greq, sink)
+        except (QueueFullError, SchedulerStoppedError) as e:
+            raise to_api_error(e) from None
+        handed_off = False
+        try:
+            first = await next_event(events, request, handle)
+            if first is None:
+                metrics.disconnects += 1
+                return JSONResponse(APIError(499, "client disconnected", code="cancelled").body(), status_code=499)
+            if isinstance(first, Failed):
+                raise to_api_error(first.error)
+            assert isinstance(first, Started)
+            if stream:
+                handed_off = True
+                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle)
+            deltas: list[Delta] = []
+            while True:
+                ev = await next_event(events, request, handle)
+                if ev is None:
+                    metrics.disconnects += 1
+                    return JSONResponse(APIError(499, "client disconnected", code="cancelled").body(),
+                                        status_code=499)
+                if isinstance(ev, Delta):
+                    deltas.append(ev)
+                elif isinstance(ev, Failed):
+                    raise to_api_error(ev.error)
+                elif isinstance(ev, Finished):
+                    r = ev.result
+                    metrics.tokens(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
+                    return JSONResponse(fmt.full(first, deltas, ev))
+        finally:
+            if not handed_off and not handle.done:
+                handle.cancel()
+
+    async def sse(first: Started, events: asyncio.Queue, fmt, include_usage: bool, endpoint: str,
+                  t0: float) -> AsyncIterator[str]:
+        status = 200
+        try:
+            for chunk in fmt.start():
+                yield _data(chunk)
+            while True:
+                ev = await events.get()
+                if isinstance(ev, Delta):
+                    chunk = fmt.delta(ev)
+                    if chunk is not None:
+                        yield _data(chunk)
+                elif isinstance(ev, Finished):
+                    r = ev.result
+                    metrics.tokens(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
+                    for chunk in fmt.finish(first, ev, include_usage):
+                        yield _data(chunk)
+                    break
+                elif isinstance(ev, Failed):
+                    err = to_api_error(ev.error)
+                    status = err.status
+                    yield _data(err.body())
+                    break
+            yield "data: [DONE]\n\n"
+        except BaseException:
+            status = 499
+            metrics.disconnects += 1
+            raise
+        finally:
+            metrics.request_done(endpoint, status, time.perf_counter() - t0)
+
+    return app
+
+
+async def next_event(events: asyncio.Queue, request: Request, handle):
+    """The next scheduler event, or None (and the request cancelled) when the client has gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), DISCONNECT_POLL)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                handle.cancel()
+                return None
+
+
+class EventStream(StreamingResponse):
+    """text/event-stream whose generation is cancelled however the response ends (done, error, disconnect)."""
+
+    def __init__(self, content, handle):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.handle.done:
+                self.handle.cancel()
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _image_source(part: dict, where: str):
+    if part.get("type") in ("image_url", "input_image"):
+        value = part.get("image_url")
+        if isinstance(value, dict):
+            value = value.get("url")
+        if not isinstance(value, str):
+            raise APIError(400, f"{where}.image_url must be {{\"url\": \"...\"}} with a string URL",
+                           param=f"{where}.image_url", code="invalid_type")
+        return value
+    value = part.get("image")
+    if not isinstance(value, str):
+        raise APIError(400, f"{where}.image must be a string (URL, data URI or base64)", param=f"{where}.image",
+                       code="invalid_type")
+    return value
+
+
+def _version() -> str:
+    from ocula import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------- response formats
+
+
+class ChatFormat:
+    def __init__(self, model_id: str, tokenizer, logprobs: bool):
+        self.id, self.created, self.model = P.new_id("chatcmpl"), P.now(), model_id
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+
+    def _chunk(self, delta: dict, finish=None, logprobs=None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": [choice]}
+
+    def _lp(self, items) -> dict | None:
+        if not self.logprobs:
+            return None
+        return {"content": P.chat_logprobs(self.tokenizer, items or []), "refusal": None}
+
+    def start(self) -> list[dict]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def delta(self, ev: Delta) -> dict | None:
+        if not ev.text and not (self.logprobs and ev.logprobs):
+            return None
+        return self._chunk({"content": ev.text}, None, self._lp(ev.logprobs))
+
+    def finish(self, first: Started, ev: Finished, include_usage: bool) -> list[dict]:
+        out = []
+        if ev.tail:
+            out.append(self._chunk({"content": ev.tail}))
+        out.append(self._chunk({}, ev.result.finish_reason))
+        if include_usage:
+            r = ev.result
+            out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": [],
+                        "usage": P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens)})
+        return out
+
+    def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:
+        r = ev.result
+        lp = None
+        if self.logprobs:
+            lp = self._lp([it for d in deltas for it in (d.logprobs or [])])
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "system_fingerprint": P.SYSTEM_FINGERPRINT,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text, "refusal": None},
+                         "logprobs": lp, "finish_reason": r.finish_reason}],
+            "usage": P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens),
+            "timings": _timings(first, ev),
+        }
+
+
+class CompletionFormat:
+    def __init__(self, model_id: str, tokenizer, logprobs: bool, echo: str):
+        self.id, self.created, self.model = P.new_id("cmpl"), P.now(), model_id
+        self.tokenizer, self.logprobs, self.echo = tokenizer, logprobs, echo
+        self.offset = len(echo)
+
+    def _chunk(self, text: str, finish=None, logprobs=None) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": P.SYSTEM_FINGERPRINT,
+                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
+
+    def start(self) -> list[dict]:
+        return [self._chunk(self.echo)] if self.echo else []
+
+    def delta(self, ev: Delta) -> dict | None:
+        if not ev.text and not (self.logprobs and ev.logprobs):
+            return None
+        lp = None
+        if self.logprobs:
+            lp, self.offset = P.completion_logprobs(self.tokenizer, ev.logprobs or [], self.offset)
+        return self._chunk(ev.text, None, lp)
+
+    def finish(self, first: Started, ev: Finished, include_usage: bool) -> list[dict]:
+        r = ev.result
+        out = [self._chunk(ev.tail, r.finish_reason)]
+        if include_usage:
+            c = self._chunk("")
+            c["choices"] = []
+            c["usage"] = P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
+            out.append(c)
+        return out
+
+    def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:
+        r = ev.result
+        lp = None
+        if self.logprobs:
+            lp, _ = P.completion_logprobs(self.tokenizer, [it for d in deltas for it in (d.logprobs or [])],
+                                          len(self.echo))
+        body = self._chunk(self.echo + r.text, r.finish_reason, lp)
+        body["usage"] = P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
+        body["timings"] = _timings(first, ev)
+        return body
+
+
+def _timings(first: Started, ev: Finished) -> dict:
+    t = ev.result.timings
+    return {
+        "queue_ms": round(first.queue_ms, 2), "prompt_ms": round(t.prompt_ms, 2), "ttft_ms": round(t.ttft_ms, 2),
+        "generation_ms": round(t.generation_ms, 2), "generation_tps": round(t.generation_tps, 2),
+        "cached_tokens": first.cached_tokens, "image_tokens": first.image_tokens,
+        "images_encoded": first.images_encoded, "images_cached": first.images_cached,
+    }

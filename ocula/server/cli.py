@@ -1,0 +1,108 @@
+"""`ocula serve`: the OpenAI-compatible server. Imported by `ocula.cli.build_parser` (keep it light)."""
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+from ocula.errors import OculaError
+
+
+def _size(text: str) -> int:
+    """'20M', '512K', '1G' or a plain number of bytes."""
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 20M, 512K, 1G)") from None
+
+
+def add_parser(sub, add_model_args) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat with images, completions, metrics)",
+                       description="Serve the model over an OpenAI-compatible HTTP API. Needs pip install 'ocula[server]'.")
+    add_model_args(p, sampling=False)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    g.add_argument("--port", type=int, default=8080)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
+    g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
+    g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
+                   help="largest request body (default: room for --max-images images of --max-image-bytes)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s = p.add_argument_group("scheduling")
+    s.add_argument("-np", "--parallel", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--queue-size", type=int, default=64, help="waiting requests before 503 (default 64)")
+    s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (default 512)")
+    s.add_argument("--prefix-cache", type=_size, default=_size("512M"), metavar="BYTES",
+                   help="KV prefix cache pool size (default 512M; 0 disables)")
+    s.add_argument("--image-cache", type=_size, default=None, metavar="BYTES",
+                   help="image embedding cache size (default 512M)")
+    s.add_argument("--default-max-tokens", type=int, default=None,
+                   help="answer length when a request sets no max_tokens (default: until the context is full)")
+    m = p.add_argument_group("media")
+    m.add_argument("--allowed-media-path", default=None, metavar="DIR",
+                   help="allow file:// URLs and paths inside DIR (default: no local files)")
+    m.add_argument("--allow-private-media", action="store_true",
+                   help="allow image URLs on loopback/private networks (default: refused)")
+    m.add_argument("--no-remote-media", action="store_true", help="refuse http(s) image URLs")
+    m.add_argument("--max-image-bytes", type=_size, default=_size("20M"), metavar="BYTES")
+    m.add_argument("--max-image-pixels", type=int, default=50_000_000)
+    m.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    m.add_argument("--image-min-tokens", type=int, default=None)
+    m.add_argument("--image-max-tokens", type=int, default=None)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from ocula.server.app import create_app
+    except ImportError as e:
+        raise OculaError(f"the server needs its extra packages ({e.name} is missing): pip install 'ocula[server]'") \
+            from None
+    from ocula.cli import load_model
+    from ocula.server.config import ServerConfig
+
+    if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
+        raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    model = load_model(args)
+    if args.image_cache is not None and model.vision is not None:
+        model.vision.cache.max_bytes = args.image_cache
+    config = ServerConfig(
+        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin,
+        max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
+        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens,
+        allowed_media_path=args.allowed_media_path, allow_private_media=args.allow_private_media,
+        allow_remote_media=not args.no_remote_media, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+        image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
+        max_body_bytes=args.max_request_bytes,
+    )
+    app = create_app(model, config)
+    print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
+          f" (vision: {'yes' if model.supports_images else 'no'}, context {model.n_ctx})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,47 @@
+"""Server settings (from `ocula serve` flags) and the media policy they imply."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ocula.media import MediaPolicy
+
+
+@dataclass
+class ServerConfig:
+    model_id: str | None = None  # id in /v1/models and responses (default: the GGUF file name)
+    api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer <key>"
+    cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
+    # scheduler
+    max_batch: int = 8  # sequences decoded together
+    max_queue: int = 64  # waiting requests beyond that → 503
+    prefill_chunk: int = 512
+    prefix_cache_bytes: int = 512 * 1024 * 1024
+    default_max_tokens: int | None = None  # when a request gives none; None: until the context is full
+    # media
+    allowed_media_path: str | None = None  # file:// and paths only inside this directory (default: none)
+    allow_private_media: bool = False  # URLs resolving to loopback/private addresses
+    allow_remote_media: bool = True  # http(s) URLs at all
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_images: int = 8  # per request
+    media_timeout: float = 10.0
+    image_min_tokens: int | None = None
+    image_max_tokens: int | None = None
+    max_body_bytes: int | None = None  # default: enough for max_images base64 images
+
+    def media_policy(self) -> MediaPolicy:
+        return MediaPolicy(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            url_timeout=self.media_timeout,
+            allow_urls=self.allow_remote_media,
+            allow_private_urls=self.allow_private_media,
+            allow_local_files=self.allowed_media_path is not None,
+            allowed_local_root=self.allowed_media_path,
+        )
+
+    @property
+    def body_limit(self) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return max(8 * 1024 * 1024, self.max_images * self.max_image_bytes * 4 // 3 + 1024 * 1024)
