@@ -121,7 +121,8 @@ class VisionRuntime:
         if len(pieces) - 1 != len(parts):
             raise RequestError(
                 f"the chat template placed {len(pieces) - 1} image placeholder(s) ({placeholder!r}) "
-                f"for {len(parts)} image(s)"
+                f"for {len(parts)} image(s); messages must not contain that text literally, and the "
+                "template must write one placeholder per image part"
             )
         encoded = [self.encode(p, options, policy) for p in parts]
         expanded = pieces[0]

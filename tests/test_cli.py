@@ -1,0 +1,61 @@
+"""The `ocula` command: run (text and images, --json), inspect, errors without tracebacks."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import needs_shared
+from parity import FIXTURES, manifest
+
+from ocula.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ocula", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_run_json_on_tiny_model(tiny_llama, capsys):
+    code = main(["run", "-m", str(tiny_llama), "-p", "the cat", "-n", "5", "--temp", "0", "--ignore-eos", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 5 and out["finish_reason"] == "length"
+    assert out["prompt_tokens"] > 0 and out["timings"]["generated_tokens"] == 5
+    assert set(out["timings"]) >= {"prompt_ms", "ttft_ms", "generation_tps", "image_tokens", "image_encode_ms"}
+
+
+def test_run_raw_and_seeded_sampling_is_reproducible(tiny_llama, capsys):
+    args = ["run", "-m", str(tiny_llama), "-p", "the", "-n", "6", "--temp", "1.0", "--seed", "3", "--raw", "--json"]
+    main(args)
+    a = json.loads(capsys.readouterr().out)["token_ids"]
+    main(args)
+    assert json.loads(capsys.readouterr().out)["token_ids"] == a
+
+
+def test_inspect(tiny_llama, capsys):
+    assert main(["inspect", str(tiny_llama), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "llama" and info["block_count"] == 2 and "F32" in info["tensor_types"]
+
+
+def test_errors_are_one_line_not_tracebacks(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"nope")
+    r = run_cli("run", "-m", str(bad), "-p", "x")
+    assert r.returncode == 1 and "not a GGUF file" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("run", "-m", str(tiny_llama), "-p", "x", "--image", "a.png")
+    assert r.returncode == 1 and "text-only model" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("run", "-m", str(tiny_llama), "-p", "x", "--top-p", "0")
+    assert r.returncode == 1 and "top_p" in r.stderr
+
+
+@needs_shared
+@pytest.mark.parametrize("name", sorted(n for n, m in manifest()["models"].items() if m["gguf"].get("mmproj")))
+def test_run_each_fixture_pair_with_an_image(name, capsys):
+    files = manifest()["models"][name]["gguf"]
+    code = main(["run", "-m", str(FIXTURES / files["text"]), "--mmproj", str(FIXTURES / files["mmproj"]),
+                 "--image", str(FIXTURES / "images/astronaut_224.png"), "-p", "What is this?",
+                 "-n", "4", "--temp", "0", "--ignore-eos", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["timings"]["image_tokens"] > 0 and out["timings"]["image_encode_ms"] > 0
+    assert len(out["token_ids"]) == 4
