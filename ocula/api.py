@@ -1,7 +1,9 @@
 """The library API: `ocula.load(...)` returns a `Model` that chats, generates, tokenizes and scores."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -18,6 +20,7 @@ from ocula.models.vision.base import ImageOptions
 from ocula.models.weights import load_gguf_weights
 from ocula.tokenizer import Tokenizer
 
+PROGRESS_MIN_BYTES = 512 * 1024 * 1024
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,8 +54,9 @@ class Model:
         self.dtype = dtype
         self.gguf = GGUFFile(path)
         self.text = build_text_model(self.gguf)
-        load_gguf_weights(self.text, self.gguf, dtype=dtype, device=self.device,
-                          aliases=self.text.weight_aliases())
+        with load_progress(self.gguf) as progress:
+            load_gguf_weights(self.text, self.gguf, dtype=dtype, device=self.device,
+                              aliases=self.text.weight_aliases(), progress=progress)
         self.text.eval()
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.template = ChatTemplate(
@@ -190,6 +194,18 @@ class Model:
         if stream:
             return self.engine.stream(prompt, params, timings, constraint)
         return self.engine.run(prompt, params, timings, constraint)
+
+
+@contextlib.contextmanager
+def load_progress(f: GGUFFile):
+    """A byte progress bar on stderr for big files loaded interactively; otherwise no bar."""
+    if f.file_size < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=f.file_size, unit="B", unit_scale=True, desc=f"loading {f.path.name}", leave=False) as bar:
+        yield bar.update
 
 
 def release_free_memory() -> None:

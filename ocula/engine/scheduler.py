@@ -542,7 +542,14 @@ class Scheduler:
         if seq.budget <= 0:
             self._finish(seq, "length")
             return
-        if self._after_logits(seq, logits):
+        try:
+            keep = self._after_logits(seq, logits)
+        except Exception as e:  # noqa: BLE001 - e.g. a grammar error: this sequence only
+            if not isinstance(e, OculaError):
+                log.exception("sampling failed")
+            self._fail(seq.handle, e)
+            return
+        if keep:
             self._active.append(seq)
 
     # ------------------------------------------------------------ decode

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -43,10 +45,12 @@ def load_gguf_weights(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     aliases: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Load every QLinear/QEmbedding weight and float parameter of `model` from `f`.
 
     `aliases` maps a module's tensor name to the GGUF name to read instead (tied output weights).
+    `progress(n_bytes)` is called after each tensor (for a progress bar on big files).
     Raises GGUFError naming the first missing tensor or shape mismatch.
     """
     aliases = aliases or {}
@@ -67,6 +71,8 @@ def load_gguf_weights(
             _check_shape(f, t.name, t.shape, want)
             if t.name not in cache:
                 cache[t.name] = quantized_weight(t).to(device)
+                if progress:
+                    progress(t.n_bytes)
             mod.weight = cache[t.name]
 
     # Non-persistent buffers (rotary tables, masks) are derived, not read from the file.
@@ -82,6 +88,8 @@ def load_gguf_weights(
             t = lookup(prefix + key)
             _check_shape(f, t.name, t.shape, param.shape)
             value = float_tensor(t, dtype).to(device)
+            if progress:
+                progress(t.n_bytes)
             if isinstance(param, nn.Parameter):
                 mod._parameters[key] = nn.Parameter(value, requires_grad=False)
             else:

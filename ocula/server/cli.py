@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 
 from ocula.errors import OculaError
@@ -75,6 +76,8 @@ def cmd_serve(args) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    if args.threads is None:  # leave a core to the HTTP side (event loop, image decoding)
+        args.threads = max(1, (os.cpu_count() or 2) - 1)
     model = load_model(args)
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
@@ -90,7 +93,8 @@ def cmd_serve(args) -> int:
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
-          f" (vision: {'yes' if model.supports_images else 'no'}, context {model.n_ctx})", file=sys.stderr)
+          f" (vision: {'yes' if model.supports_images else 'no'}, context {model.n_ctx}, {args.threads} compute "
+          f"thread(s), up to {args.parallel} sequences at once)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
