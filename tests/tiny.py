@@ -7,23 +7,12 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from ocula.tokenizer import bytes_to_unicode
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"
 
 # byte-level BPE vocabulary: the 256 byte symbols, a few merges, chat special tokens
-
-
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -31,7 +20,7 @@ MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
 
 
 def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
-    tokens = _bytes_to_unicode()
+    tokens = [bytes_to_unicode()[b] for b in range(256)]
     for m in MERGES:
         tokens.append(m.replace(" ", ""))
     types = [1] * len(tokens)
