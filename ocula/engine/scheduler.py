@@ -500,15 +500,15 @@ class Scheduler:
                     f"in all, but the context holds {self.n_ctx}; lower max_tokens to at most "
                     f"{self.n_ctx - len(prompt)} or shorten the prompt"
                 )
+            cache, reused = self.pool.claim(prompt)
+            seq = _Sequence(handle, prompt, cache, reused, timings, self.tokenizer, self.n_ctx)
         except OculaError as e:
             self._fail(handle, e)
             return
         except Exception as e:  # noqa: BLE001 - a bug while building: this request only
-            log.exception("building a prompt failed")
+            log.exception("admitting a request failed")
             self._fail(handle, e)
             return
-        cache, reused = self.pool.claim(prompt)
-        seq = _Sequence(handle, prompt, cache, reused, timings, self.tokenizer, self.n_ctx)
         if vision is not None:
             seq.images_cached = vision.cache.hits - hits0
             seq.images_encoded = vision.cache.misses - misses0

@@ -115,6 +115,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}",
                            code="invalid_json")
