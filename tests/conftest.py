@@ -4,12 +4,23 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+pytest.register_assert_rewrite("parity")
 
+from parity import have_models, manifest  # noqa: E402
 from tiny import FIXTURES, write_tiny_model  # noqa: E402
 
 needs_shared = pytest.mark.skipif(
     not FIXTURES.exists(), reason=f"shared fixtures not found at {FIXTURES} (they sit beside the checkout in CI)"
 )
+
+
+def needs_set_a(*models: str) -> pytest.MarkDecorator:
+    """Skip unless the fixtures (parity.FIXTURES) are set A with these models: the family tests pin numbers
+    (geometry, token counts, HF checksums) derived from set A's models and images."""
+    return pytest.mark.skipif(
+        manifest().get("set") != "A" or not have_models(*models),
+        reason=f"needs fixture set A with {', '.join(models)} (shared fixtures absent, or another set)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,78 +1,33 @@
-"""SmolVLM / Idefics3 ("idefics3" mmproj) against the HF references in ../shared (smolvlm_* cases)."""
+"""SmolVLM / Idefics3 ("idefics3" mmproj) against the HF references in the shared fixtures (smolvlm_* cases):
+image splitting, pixel shuffle, prompt layout and token budgets. Prompt ids, logits and greedy tokens through the
+public API are checked for every case in test_fixture_cases.py."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import needs_set_a
+from parity import FIXTURES, cases_of, reference, rel_err, vision_for
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "fixtures"
-MODEL_DIR = FIXTURES / "models" / "smolvlm"
-MMPROJ = MODEL_DIR / "mmproj-smolvlm-f16.gguf"
-TEXT = MODEL_DIR / "smolvlm-f16.gguf"
-CASES = ["smolvlm_astronaut", "smolvlm_chelsea", "smolvlm_tiny"]
+from ocula.media import load_image
+from ocula.models.vision.base import ImageOptions, ProcessedImage
 
-pytestmark = pytest.mark.skipif(not MMPROJ.exists(), reason=f"shared fixtures not found at {FIXTURES}")
+pytestmark = needs_set_a("smolvlm")
 
-
-def _media():
-    return pytest.importorskip("ocula.media", reason="ocula.media (load_image / to_rgb) is not available yet")
-
-
-@pytest.fixture(scope="module")
-def manifest():
-    return json.loads((FIXTURES / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def case_of(manifest):
-    return {c["id"]: c for c in manifest["cases"]}
+CASES = [c["id"] for c in cases_of("smolvlm")]
 
 
 @pytest.fixture(scope="module")
 def vision():
-    from ocula.models.vision import build_vision_model
-
-    return build_vision_model(MMPROJ, 64, dtype=torch.float32)
+    return vision_for("smolvlm")
 
 
 @pytest.fixture(scope="module")
-def model():
-    pytest.importorskip("ocula.tokenizer", reason="ocula.tokenizer is not available yet")
-    _media()
-    import ocula
-
-    return ocula.load(TEXT, mmproj=MMPROJ, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def processed(vision, case_of):
+def processed(vision):
     """case id → ProcessedImage of its (single) image with the default budget."""
-    media = _media()
-    from ocula.models.vision.base import ImageOptions
-
-    out = {}
-    for cid in CASES:
-        image = media.load_image(str(FIXTURES / case_of[cid]["images"][0]))
-        out[cid] = vision.preprocess(image, ImageOptions())
-    return out
-
-
-def _ref(cid):
-    return np.load(FIXTURES / "reference" / f"{cid}.npz")
-
-
-def _messages(case):
-    content = [{"type": "image", "image": str(FIXTURES / p)} for p in case["images"]]
-    content.append({"type": "text", "text": case["question"]})
-    msgs = [{"role": "user", "content": content}]
-    if case.get("system"):
-        msgs.insert(0, {"role": "system", "content": case["system"]})
-    return msgs
+    return {c["id"]: vision.preprocess(load_image(str(FIXTURES / c["images"][0])), ImageOptions())
+            for c in cases_of("smolvlm")}
 
 
 # ---------------------------------------------------------------- preprocessing + encoder
@@ -80,7 +35,7 @@ def _messages(case):
 
 @pytest.mark.parametrize("cid", CASES)
 def test_preprocess_matches_hf(cid, processed):
-    ref = _ref(cid)
+    ref = reference(cid)
     p = processed[cid]
     want = ref["proc_pixel_values"][0]  # [n_tiles + 1, 3, S, S]
     assert tuple(p.pixel_values.shape) == want.shape
@@ -94,17 +49,15 @@ def test_preprocess_matches_hf(cid, processed):
 
 @pytest.mark.parametrize("cid", CASES)
 def test_encoder_matches_hf(cid, vision, processed):
-    ref = _ref(cid)["image_features"]
+    ref = reference(cid)["image_features"]
     with torch.inference_mode():
         feats = vision.encode(processed[cid]).float().numpy()
     assert feats.shape == ref.shape
-    rel = np.abs(feats - ref).max() / np.abs(ref).max()
+    rel = rel_err(feats, ref)
     assert rel <= 1e-4, rel
 
 
 def test_prompt_text_layout(vision, processed):
-    from ocula.models.vision.base import ProcessedImage
-
     t = vision.tokens_per_tile
     assert t == 16  # (256 / 16)^2 / 4^2
     run = "<image>" * t
@@ -128,9 +81,6 @@ def test_pixel_shuffle_order(vision):
 
 
 def test_token_budget(vision):
-    _media()
-    from ocula.models.vision.base import ImageOptions
-
     t = vision.tokens_per_tile
     rng = np.random.default_rng(0)
     for w, h in [(451, 300), (1000, 50), (64, 64)]:
@@ -153,24 +103,3 @@ def test_token_budget(vision):
         # max_tokens wins over min_tokens
         both = vision.preprocess(img, ImageOptions(min_tokens=10 ** 6, max_tokens=default.n_tokens))
         assert both.n_tokens <= default.n_tokens
-
-
-# ---------------------------------------------------------------- end to end
-
-
-@pytest.mark.parametrize("cid", CASES)
-def test_prompt_ids_logits_greedy(cid, model, case_of):
-    case, ref = case_of[cid], _ref(cid)
-    msgs = _messages(case)
-    assert model.prompt_token_ids(msgs) == ref["input_ids"].tolist()
-
-    logits = model.logits(msgs).float().numpy()
-    want = ref["logits_last"]
-    assert logits.shape == want.shape
-    assert float(np.abs(logits - want).max()) <= 1e-3
-    assert logits.argmax() == want.argmax()
-
-    out = model.chat(msgs, max_tokens=16, temperature=0, ignore_eos=True).token_ids
-    margins = case.get("greedy_margins") or [1.0] * 16
-    n = next((i for i, m in enumerate(margins) if m < 1e-3), 16)  # compare up to the first near-tie
-    assert out[:n] == ref["greedy_tokens"].tolist()[:n]

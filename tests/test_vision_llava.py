@@ -1,7 +1,8 @@
 """LLaVA-1.5 / LLaVA-1.6 (NeXT) parity with HF transformers.
 
-- Fixture cases (llava_astronaut, llava_chelsea): CLIPImageProcessor pixels, CLIP ViT + MLP projector features,
-  prompt ids, last logits and greedy tokens against the HF reference npz.
+- Fixture cases (llava_astronaut, llava_chelsea): CLIPImageProcessor pixels and CLIP ViT + MLP projector features
+  against the HF reference npz (prompt ids, last logits and greedy tokens through the public API are checked for
+  every case in test_fixture_cases.py).
 - LLaVA-1.6 anyres has no fixture: the expected grid choices, token counts and feature checksums below were
   derived by running HF transformers 5.24 (`select_best_resolution`, `LlavaNextProcessor._get_number_of_features`,
   `LlavaNextImageProcessorPil`, `LlavaNextModel.get_image_features`) on an mmproj derived from the llava fixture
@@ -9,16 +10,16 @@
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import needs_set_a
+from parity import FIXTURES, cases_of, check_encoder, check_preprocess, open_image, vision_for
 from PIL import Image
 
-from ocula.models.vision.base import ImageOptions, ProcessedImage
+from ocula.models.vision.base import ImageOptions
 from ocula.models.vision.llava import (
     anyres_token_count,
     center_crop,
@@ -28,47 +29,21 @@ from ocula.models.vision.llava import (
     unpad_bounds,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "fixtures"
-MODEL_DIR = FIXTURES / "models" / "llava"
-MMPROJ = MODEL_DIR / "mmproj-llava-f16.gguf"
-CASES = ["llava_astronaut", "llava_chelsea"]
+CASES = cases_of("llava")
+CASE_IDS = [c["id"] for c in CASES]
 PINS_224 = [(224, 448), (448, 224), (448, 448), (672, 224), (224, 672)]  # (height, width), as HF reads them
 PINS_336 = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]  # released LLaVA-1.6
 
-needs_fixtures = pytest.mark.skipif(not MMPROJ.exists(), reason=f"shared LLaVA fixtures not found under {FIXTURES}")
-needs_e2e = pytest.mark.skipif(
-    importlib.util.find_spec("ocula.tokenizer") is None or importlib.util.find_spec("ocula.media") is None,
-    reason="end-to-end API not available (ocula.tokenizer / ocula.media missing)",
-)
-
-
-def _case(case_id: str) -> dict:
-    manifest = json.loads((FIXTURES / "manifest.json").read_text())
-    return next(c for c in manifest["cases"] if c["id"] == case_id)
-
-
-def _ref(case_id: str):
-    return np.load(FIXTURES / _case(case_id)["reference_npz"])
-
-
-def _messages(case: dict) -> list[dict]:
-    content = [{"type": "image", "image": str(FIXTURES / p)} for p in case["images"]]
-    content.append({"type": "text", "text": case["question"]})
-    msgs = [{"role": "user", "content": content}]
-    if case.get("system"):
-        msgs.insert(0, {"role": "system", "content": case["system"]})
-    return msgs
+needs_fixtures = needs_set_a("llava")
 
 
 def _derived_mmproj(path: Path, extra_kv: dict, extra_tensors: dict, replace: dict | None = None) -> Path:
     """Copy the fixture mmproj (tensors as float32) adding/replacing metadata keys and tensors."""
     import gguf
 
-    from ocula.gguf import GGUFFile
     from ocula.models.weights import float_tensor
 
-    src = GGUFFile(MMPROJ)
+    src = vision_for("llava").gguf
     replace = replace or {}
     w = gguf.GGUFWriter(str(path), "clip")
     for k, v in src.metadata.items():
@@ -100,9 +75,7 @@ def _derived_mmproj(path: Path, extra_kv: dict, extra_tensors: dict, replace: di
 
 @pytest.fixture(scope="module")
 def vision():
-    from ocula.models.vision import build_vision_model
-
-    return build_vision_model(MMPROJ, 64)
+    return vision_for("llava")
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +88,6 @@ def next_vision(tmp_path_factory):
     _derived_mmproj(path, {"clip.vision.image_grid_pinpoints": flat},
                     {"model.image_newline": np.linspace(-1.0, 1.0, 64, dtype=np.float32)})
     return build_vision_model(path, 64)
-
-
-@pytest.fixture(scope="module")
-def model():
-    import ocula
-
-    return ocula.load(MODEL_DIR / "llava-f16.gguf", mmproj=MMPROJ, dtype="float32")
 
 
 # ---------------------------------------------------------------- pure geometry (numbers derived from HF code)
@@ -201,35 +167,22 @@ def test_loader_runs_every_stored_block(vision):
 
 
 @needs_fixtures
-@pytest.mark.parametrize("case_id", CASES)
-def test_preprocess_parity(vision, case_id):
-    case, ref = _case(case_id), _ref(case_id)
-    processed = vision.preprocess(Image.open(FIXTURES / case["images"][0]), ImageOptions())
-    want = ref["proc_pixel_values"]
-    assert tuple(processed.pixel_values.shape) == want.shape
-    assert float(np.abs(processed.pixel_values.numpy() - want).max()) <= 1e-4
-    assert processed.n_tokens == int(ref["image_token_counts"][0]) == 256
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_preprocess_parity(vision, case):
+    processed = check_preprocess(vision, case)
+    assert processed.n_tokens == 256
     assert vision.prompt_text(processed) == "<image>" * 256
 
 
 @needs_fixtures
-@pytest.mark.parametrize("case_id", CASES)
-def test_encoder_parity(vision, case_id):
-    case, ref = _case(case_id), _ref(case_id)
-    with torch.inference_mode():
-        processed = vision.preprocess(Image.open(FIXTURES / case["images"][0]), ImageOptions())
-        feats = vision.encode(processed).float().numpy()
-        from_ref = vision.encode(ProcessedImage(torch.from_numpy(ref["proc_pixel_values"]), 256)).float().numpy()
-    want = ref["image_features"]
-    scale = float(np.abs(want).max())
-    assert feats.shape == want.shape
-    assert float(np.abs(feats - want).max()) / scale <= 1e-4
-    assert float(np.abs(from_ref - want).max()) / scale <= 1e-4
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_encoder_parity(vision, case):
+    check_encoder(vision, case)
 
 
 @needs_fixtures
 def test_budgets_do_not_change_llava15(vision):
-    image = Image.open(FIXTURES / "images" / "chelsea_451x300.png")
+    image = open_image("images/chelsea_451x300.png")
     base = vision.preprocess(image, ImageOptions())
     for opts in (ImageOptions(max_tokens=16), ImageOptions(min_tokens=4096)):
         p = vision.preprocess(image, opts)
@@ -241,7 +194,7 @@ def test_grayscale_rgba_and_tiny_inputs(vision):
     for name in ("camera_gray_128.png", "logo_rgba_128.png", "tiny_8x8.png", "wide_1000x50.png"):
         path = FIXTURES / "images" / name
         if path.exists():
-            p = vision.preprocess(Image.open(path), ImageOptions())
+            p = vision.preprocess(open_image(path), ImageOptions())
             assert p.pixel_values.shape == (1, 3, 224, 224) and p.n_tokens == 256
 
 
@@ -258,7 +211,7 @@ def test_feature_layer_key_concatenates_hidden_states(tmp_path):
     vis = build_vision_model(path, 64)
     assert vis.feature_layers == [2, 0] and len(vis.v.blk) == 2
     with torch.inference_mode():
-        p = vis.preprocess(Image.open(FIXTURES / "images" / "chelsea_451x300.png"), ImageOptions())
+        p = vis.preprocess(open_image("images/chelsea_451x300.png"), ImageOptions())
         feats = vis.encode(p).numpy()
     assert feats.shape == (256, 64)
     scale = np.abs(feats).max()
@@ -302,7 +255,7 @@ HF_NEXT = {  # image -> HF token count, pinpoint, sum |features|, rows [0, 300, 
 @needs_fixtures
 def test_next_preprocess_tiles(next_vision):
     s = 224
-    image = Image.open(FIXTURES / "images" / "chelsea_451x300.png").convert("RGB")
+    image = open_image("images/chelsea_451x300.png").convert("RGB")
     p = next_vision.preprocess(image, ImageOptions())
     assert p.extra["best_resolution"] == (448, 448) and p.extra["grid"] == (2, 2)
     assert tuple(p.pixel_values.shape) == (5, 3, s, s)
@@ -325,7 +278,7 @@ def test_next_preprocess_tiles(next_vision):
 def test_next_encode_matches_hf(next_vision):
     with torch.inference_mode():
         for name, want in HF_NEXT.items():
-            p = next_vision.preprocess(Image.open(FIXTURES / "images" / name), ImageOptions())
+            p = next_vision.preprocess(open_image(f"images/{name}"), ImageOptions())
             feats = next_vision.encode(p).numpy()
             assert feats.shape == (want["n"], 64) == (p.n_tokens, 64)
             assert p.extra["best_resolution"] == want["best"]
@@ -337,7 +290,7 @@ def test_next_encode_matches_hf(next_vision):
 @needs_fixtures
 def test_next_newline_layout(next_vision):
     """After the g² base rows, each kept grid row is W' feature rows + the newline embedding."""
-    image = Image.open(FIXTURES / "images" / "chelsea_451x300.png")
+    image = open_image("images/chelsea_451x300.png")
     with torch.inference_mode():
         p = next_vision.preprocess(image, ImageOptions())
         feats = next_vision.encode(p)
@@ -354,7 +307,7 @@ def test_next_newline_layout(next_vision):
 def test_next_token_budget(next_vision):
     """Budgets restrict the pinpoints before HF's best-fit choice. chelsea (300 x 451) costs
     [656, 426, 982, 426, 656] tokens on PINS_224; HF's default pick is (448, 448) = 982."""
-    image = Image.open(FIXTURES / "images" / "chelsea_451x300.png")
+    image = open_image("images/chelsea_451x300.png")
 
     def run(**kw):
         p = next_vision.preprocess(image, ImageOptions(**kw))
@@ -373,23 +326,3 @@ def test_next_token_budget(next_vision):
     with torch.inference_mode():
         p = next_vision.preprocess(image, ImageOptions(max_tokens=500))
         assert next_vision.encode(p).shape[0] == p.n_tokens == 426
-
-
-# ---------------------------------------------------------------- end to end (tokenizer + text model)
-
-
-@needs_fixtures
-@needs_e2e
-@pytest.mark.parametrize("case_id", CASES)
-def test_end_to_end(model, case_id):
-    case, ref = _case(case_id), _ref(case_id)
-    msgs = _messages(case)
-    assert model.prompt_token_ids(msgs) == ref["input_ids"].tolist()
-    logits = model.logits(msgs)
-    want = torch.from_numpy(ref["logits_last"])
-    assert float((logits - want).abs().max()) <= 1e-3
-    assert int(logits.argmax()) == int(want.argmax())
-    got = model.chat(msgs, max_tokens=16, temperature=0, ignore_eos=True).token_ids
-    margins = case["greedy_margins"]
-    n = next((i for i, m in enumerate(margins) if m < 1e-3), len(margins))  # up to the first near-tie
-    assert list(got[: n + 1]) == ref["greedy_tokens"].tolist()[: n + 1]
