@@ -18,6 +18,8 @@ from ocula.gguf import GGUFFile
 from ocula.models.text import build_text_model
 from ocula.models.vision.base import ImageOptions
 from ocula.models.weights import load_gguf_weights
+from ocula.quant.kernels import check_mode
+from ocula.quant.linear import use_kernels
 from ocula.tokenizer import Tokenizer
 
 PROGRESS_MIN_BYTES = 512 * 1024 * 1024
@@ -40,16 +42,22 @@ def load(
     device: str | None = None,
     n_ctx: int | None = None,
     threads: int | None = None,
+    kernels: str = "auto",
 ) -> "Model":
-    """Load a GGUF text model (and optionally its mmproj vision projector)."""
+    """Load a GGUF text model (and optionally its mmproj vision projector).
+
+    kernels: how linear layers read the GGUF blocks (ocula.quant.kernels): "auto" (exact for
+    float32, ggml's 8-bit-activation kernels for other dtypes when ggml-python is installed),
+    "exact", "ggml" (lossy, needs ocula[fast]) or "torch" (reference tile dequantization)."""
     if threads:
         torch.set_num_threads(int(threads))
-    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx)
+    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx, kernels=kernels)
 
 
 class Model:
-    def __init__(self, path, mmproj=None, *, dtype=torch.float32, device=None, n_ctx=None):
+    def __init__(self, path, mmproj=None, *, dtype=torch.float32, device=None, n_ctx=None, kernels="auto"):
         t0 = time.perf_counter()
+        check_mode(kernels)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
         self.gguf = GGUFFile(path)
@@ -58,6 +66,7 @@ class Model:
             load_gguf_weights(self.text, self.gguf, dtype=dtype, device=self.device,
                               aliases=self.text.weight_aliases(), progress=progress)
         self.text.eval()
+        self.kernels = use_kernels(self.text, dtype, kernels)  # Counter: backend -> number of layers
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.template = ChatTemplate(
             self.gguf.get("tokenizer.chat_template"), self.tokenizer.bos_token, self.tokenizer.eos_token,
@@ -69,6 +78,7 @@ class Model:
             from ocula.models.vision import build_vision_model
 
             vision = build_vision_model(mmproj, self.text.cfg.n_embd, dtype=dtype, device=self.device)
+            self.kernels += use_kernels(vision, dtype, kernels)
             self.vision = VisionRuntime(vision, self.tokenizer, self.text.cfg)
         self.engine = Engine(self.text, self.tokenizer, n_ctx=n_ctx)
         release_free_memory()

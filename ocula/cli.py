@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     g.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    g.add_argument("--kernels", default="auto", choices=["auto", "exact", "ggml", "torch"],
+                   help="matmul kernels: auto (exact for float32, ggml for other dtypes if installed), "
+                        "exact, ggml (8-bit activations, lossy; needs ocula[fast]) or torch")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     if not sampling:
         return
@@ -74,7 +77,7 @@ def load_model(args):
     model_path, mmproj = resolve_model_paths(args)
     t0 = time.perf_counter()
     model = ocula.load(model_path, mmproj=mmproj, dtype=args.dtype, device=args.device,
-                       n_ctx=args.ctx_size, threads=args.threads)
+                       n_ctx=args.ctx_size, threads=args.threads, kernels=args.kernels)
     if not getattr(args, "json", False):
         print(f"ocula: loaded {model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return model

@@ -1,19 +1,24 @@
 """Linear and embedding layers whose weights stay in their GGUF block format.
 
 A `QuantizedWeight` holds the raw bytes of one GGUF tensor (a zero-copy view of the memory map on
-CPU). Layers dequantize it at run time, in row tiles, so the resident float copy is never larger
-than one tile. The matmul itself goes through `linear_kernel`, one swappable function, so faster
-kernels (int4/int8 packed GEMM, ggml CPU kernels) can replace the tile loop per tensor type.
+CPU). The matmul reads those blocks through a kernel (ocula.quant.kernels): each `QLinear` gets one
+at load time from (qtype, device, dtype, mode) via `use_kernels`; a layer not configured so uses
+the module-wide `linear_kernel` (by default `default_linear`, which picks the same way per call).
+`tiled_linear` is the reference: dequantize row tiles with torch, then GEMM; the resident float
+copy is never larger than one tile.
 """
 from __future__ import annotations
 
+import os
 import warnings
+from collections import Counter
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from ocula.quant import kernels
 from ocula.quant.dequant import dequantize, row_bytes
 
 F32, F16, BF16 = 0, 1, 30
@@ -38,6 +43,7 @@ class QuantizedWeight:
         self.data = data.reshape(rows, row_bytes(qtype, cols))
         self.qtype = int(qtype)
         self.shape = (int(rows), int(cols))
+        self.cache: dict = {}  # per-weight kernel state: chosen kernels, ggml graphs
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +80,33 @@ def tiled_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None)
 
 
 LinearKernel = Callable[[torch.Tensor, QuantizedWeight, "torch.Tensor | None"], torch.Tensor]
-linear_kernel: LinearKernel = tiled_linear
+# kernel mode of layers `use_kernels` did not configure (see ocula.quant.kernels)
+DEFAULT_MODE = os.environ.get("OCULA_KERNELS", "auto")
+
+
+def default_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T (+ bias) with the kernel `kernels.select_kernel` picks for w, x.dtype and DEFAULT_MODE."""
+    key = ("kernel", x.dtype, DEFAULT_MODE)
+    kernel = w.cache.get(key)
+    if kernel is None:
+        kernel = w.cache[key] = kernels.select_kernel(w, x.dtype, DEFAULT_MODE)
+    return kernel(x, w, bias)
+
+
+linear_kernel: LinearKernel = default_linear
+
+
+def use_kernels(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> Counter:
+    """Give every loaded QLinear of `model` its kernel for compute dtype `dtype` and `mode`
+    ("auto", "exact", "ggml", "torch"); returns how many layers got each backend."""
+    kernels.check_mode(mode)
+    chosen: Counter = Counter()
+    for mod in model.modules():
+        if isinstance(mod, QLinear) and mod.weight is not None:
+            name = kernels.weight_kernel_name(mod.weight, dtype, mode)
+            mod.kernel = kernels.KERNELS[name]
+            chosen[name] += 1
+    return chosen
 
 
 class QLinear(nn.Module):
@@ -91,11 +123,13 @@ class QLinear(nn.Module):
         if self.weight is None:
             raise RuntimeError("QLinear used before its GGUF weight was loaded")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return (self.kernel or linear_kernel)(x, self.weight, bias)
+        kernel = self.kernel if self.kernel is not None else linear_kernel
+        return kernel(x, self.weight, bias)
 
     def extra_repr(self) -> str:
         qtype = "unloaded" if self.weight is None else _type_name(self.weight.qtype)
-        return f"in={self.in_features}, out={self.out_features}, {qtype}, bias={self.bias is not None}"
+        kernel = "" if self.kernel is None else f", kernel={getattr(self.kernel, '__name__', self.kernel)}"
+        return f"in={self.in_features}, out={self.out_features}, {qtype}, bias={self.bias is not None}{kernel}"
 
 
 class QEmbedding(nn.Module):

@@ -1,0 +1,192 @@
+"""ocula.quant.kernels against the reference `tiled_linear` (torch dequantization + GEMM).
+
+Tolerances, relative to max |reference output|:
+- native, float32 activations: 2e-6. Weights decode to the same float32 values as the torch
+  dequantizers (checked bit for bit below); only the float32 summation order differs.
+- native, bfloat16 activations (tiles + bf16 GEMM, T > FUSED_MAX_T): 1e-2, bf16 rounding of the output.
+- ggml: 5e-2. ggml quantizes the activations to 8 bit (Q8_0 / Q8_K) before its integer dot products.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+from ocula.errors import UnsupportedError
+from ocula.quant import kernels, linear
+from ocula.quant.linear import QLinear, QuantizedWeight, tiled_linear
+
+ROWS, COLS = 48, 512  # COLS: a multiple of every block size
+FLOATS = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
+# byte offsets of f16 scales inside a block, overwritten so random bytes stay finite
+F16_FIELDS = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
+              QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
+              QT.TQ1_0: (52,), QT.TQ2_0: (64,), QT.IQ4_NL: (0,), QT.IQ4_XS: (0,), QT.IQ2_XXS: (0,),
+              QT.IQ2_XS: (0,), QT.IQ2_S: (0,), QT.IQ3_XXS: (0,), QT.IQ3_S: (0,), QT.IQ1_S: (0,), QT.MXFP4: ()}
+NATIVE = sorted(map(QT, kernels.NATIVE_TYPES), key=int)
+GGML = [t for t in sorted(map(QT, kernels.GGML_TYPES), key=int) if t in F16_FIELDS or t in FLOATS]
+
+needs_native = pytest.mark.skipif(kernels.native_lib() is None, reason="no C compiler: native kernels unavailable")
+needs_ggml = pytest.mark.skipif(kernels.ggml_module() is None, reason="ggml-python not installed (ocula[fast])")
+
+
+def random_weight(qtype: QT, rows: int = ROWS, cols: int = COLS, seed: int = 0) -> QuantizedWeight:
+    rng = np.random.default_rng(seed + int(qtype))
+    if qtype in FLOATS:
+        data = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32)).to(FLOATS[qtype])
+        return QuantizedWeight(data.view(torch.uint8), int(qtype), (rows, cols))
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        scale = 10.0 ** rng.uniform(-3, -1, len(raw)) * rng.choice([-1.0, 1.0], len(raw))
+        raw[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if qtype == QT.MXFP4:  # E8M0 exponent byte: keep the scale near 1
+        raw[:, 0] = rng.integers(122, 130, len(raw))
+    return QuantizedWeight(torch.from_numpy(raw), int(qtype), (rows, cols))
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.fixture
+def fresh_selection():
+    kernels.kernel_name.cache_clear()
+    yield
+    kernels.kernel_name.cache_clear()
+
+
+# ----------------------------------------------------------------------------------- native
+
+@needs_native
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 5, 37])  # 1, 5: fused decode kernel; 37: C-decoded tiles + GEMM
+def test_native_matches_tiled_linear(qtype, T):
+    w = random_weight(qtype)
+    x = torch.randn(T, COLS, generator=torch.Generator().manual_seed(T))
+    bias = torch.randn(ROWS)
+    ref = tiled_linear(x, w, bias)
+    got = kernels.native_linear(x, w, bias)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert rel_err(got, ref) < 2e-6
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+def test_native_dequant_is_bit_identical(qtype):
+    w = random_weight(qtype)
+    ref = w.dequantize(torch.float32)
+    assert torch.equal(kernels.native_dequant(w, 0, ROWS, torch.float32), ref)
+    assert torch.equal(kernels.native_dequant(w, 5, 17, torch.bfloat16), ref[5:17].to(torch.bfloat16))
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 37])
+def test_native_bfloat16_and_batched_shapes(qtype, T):
+    w = random_weight(qtype)
+    x = torch.randn(2, T, COLS).bfloat16()  # leading batch dim, bf16 compute dtype
+    got = kernels.native_linear(x, w, None)
+    assert got.shape == (2, T, ROWS) and got.dtype == torch.bfloat16
+    assert rel_err(got, tiled_linear(x.float(), w, None)) < 1e-2
+
+
+@needs_native
+def test_native_tiles_cover_every_row(monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_ELEMS", 7 * COLS)  # 48 rows in tiles of 7: a ragged last tile
+    w = random_weight(QT.Q6_K)
+    x = torch.randn(37, COLS)
+    assert rel_err(kernels.native_linear(x, w, None), tiled_linear(x, w, None)) < 2e-6
+
+
+@needs_native
+def test_native_output_matrix_shape():
+    """A wide, short weight (the tied-embedding output layout) and a 1-D activation (decode)."""
+    w = random_weight(QT.Q8_0, rows=4096, cols=64)
+    x = torch.randn(64)
+    got = kernels.native_linear(x, w, None)
+    assert got.shape == (4096,)
+    assert rel_err(got, tiled_linear(x, w, None)) < 2e-6
+
+
+# ----------------------------------------------------------------------------------- ggml
+
+@needs_ggml
+@pytest.mark.parametrize("qtype", GGML, ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 37])
+def test_ggml_matches_tiled_linear(qtype, T, monkeypatch):
+    monkeypatch.setattr(kernels, "GGML_MAX_T", 64)  # T = 37 through ggml too, not the tile path
+    w = random_weight(qtype)
+    x = torch.randn(T, COLS, generator=torch.Generator().manual_seed(T))
+    got = kernels.ggml_linear(x, w, None)
+    assert got.shape == (T, ROWS)
+    assert rel_err(got, tiled_linear(x, w, None)) < 5e-2
+
+
+@needs_ggml
+def test_ggml_plan_is_reused_and_large_T_leaves_ggml():
+    w = random_weight(QT.Q4_K)
+    x = torch.randn(1, COLS)
+    first = kernels.ggml_linear(x, w, None)
+    assert torch.equal(kernels.ggml_linear(x, w, None), first)  # cached graph, same answer
+    big = torch.randn(kernels.GGML_MAX_T + 1, COLS)
+    assert rel_err(kernels.ggml_linear(big, w, None), tiled_linear(big, w, None)) < 2e-6  # exact path
+
+
+# ----------------------------------------------------------------------------------- selection / fallback
+
+def test_selection_rules(fresh_selection):
+    have = kernels.available()
+    native = "native" if have["native"] else "torch"
+    ggml = "ggml" if have["ggml"] else native
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert kernels.kernel_name(int(QT.Q4_K), "cuda", f32, "auto") == "torch"
+    assert kernels.kernel_name(int(QT.Q4_K), "cpu", f32, "torch") == "torch"
+    assert kernels.kernel_name(int(QT.Q4_K), "cpu", f32, "auto") == native  # float32 stays exact
+    assert kernels.kernel_name(int(QT.Q4_K), "cpu", f32, "exact") == native
+    assert kernels.kernel_name(int(QT.Q4_K), "cpu", bf16, "auto") == ggml
+    assert kernels.kernel_name(int(QT.IQ2_XS), "cpu", f32, "exact") == "torch"  # no native IQ kernel
+    with pytest.raises(UnsupportedError):
+        kernels.check_mode("fastest")
+
+
+def test_fallback_without_native_or_ggml(monkeypatch, fresh_selection):
+    monkeypatch.setattr(kernels, "native_lib", lambda: None)
+    monkeypatch.setattr(kernels, "ggml_module", lambda: None)
+    assert kernels.available() == {"torch": True, "native": False, "ggml": False}
+    for mode in ("auto", "exact"):
+        assert kernels.kernel_name(int(QT.Q8_0), "cpu", torch.bfloat16, mode) == "torch"
+    with pytest.raises(UnsupportedError, match="ggml-python"):
+        kernels.check_mode("ggml")
+    layer = QLinear(COLS, ROWS)
+    layer.weight = random_weight(QT.Q5_0)
+    assert linear.use_kernels(layer, torch.float32, "auto") == {"torch": 1}
+    x = torch.randn(3, COLS)
+    assert torch.equal(layer(x), tiled_linear(x, layer.weight, None))
+
+
+def test_native_build_failure_falls_back(monkeypatch, tmp_path):
+    monkeypatch.delenv("OCULA_NATIVE", raising=False)
+    monkeypatch.setenv("OCULA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    kernels.native_lib.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="native kernels not built"):
+            assert kernels.native_lib() is None
+        monkeypatch.setenv("OCULA_NATIVE", "0")
+        kernels.native_lib.cache_clear()
+        assert kernels.native_lib() is None
+    finally:
+        kernels.native_lib.cache_clear()
+
+
+def test_qlinear_default_and_configured_kernels(fresh_selection):
+    layer = QLinear(COLS, ROWS, bias=True)
+    layer.weight = random_weight(QT.Q4_K)
+    x = torch.randn(2, COLS)
+    ref = tiled_linear(x, layer.weight, layer.bias)
+    assert rel_err(layer(x), ref) < 2e-6  # default_linear, float32: an exact kernel
+    counts = linear.use_kernels(layer, torch.float32, "exact")
+    assert sum(counts.values()) == 1 and layer.kernel is not None
+    assert rel_err(layer(x), ref) < 2e-6
