@@ -71,22 +71,22 @@ def _ratio(a, b):
     return round(a / b, 3)
 
 
-def compute_ratios(ocula: dict, llama: dict) -> dict:
-    """ocula divided by llama.cpp, on medians: image encode time (lower is better for ocula),
-    prompt and generation tokens/s (higher is better), peak RSS (lower is better)."""
+def compute_ratios(ocula: dict, llama: dict, best: bool = False) -> dict:
+    """ocula divided by llama.cpp: image encode time (lower is better for ocula), prompt and
+    generation tokens/s (higher is better), peak RSS (lower is better). On medians, or with
+    best=True on each engine's best repetition (shortest encode, highest tokens/s)."""
 
     def encode_total(r: dict):
-        imgs = r.get("images") or []
-        meds = [i["encode_ms"]["median"] for i in imgs]
-        return sum(meds) if meds and None not in meds else None
+        vals = [i["encode_ms"].get("min" if best else "median") for i in r.get("images") or []]
+        return sum(vals) if vals and None not in vals else None
 
-    def med(r: dict, key: str):
-        return (r.get(key) or {}).get("tps", {}).get("median")
+    def tps(r: dict, key: str):
+        return (r.get(key) or {}).get("tps", {}).get("max" if best else "median")
 
     return {
         "image_encode_time": _ratio(encode_total(ocula), encode_total(llama)),
-        "pp_tps": _ratio(med(ocula, "pp"), med(llama, "pp")),
-        "tg_tps": _ratio(med(ocula, "tg"), med(llama, "tg")),
+        "pp_tps": _ratio(tps(ocula, "pp"), tps(llama, "pp")),
+        "tg_tps": _ratio(tps(ocula, "tg"), tps(llama, "tg")),
         "peak_rss": _ratio(ocula.get("peak_rss_mb"), llama.get("peak_rss_mb")),
     }
 
@@ -117,7 +117,8 @@ def run_ocula(cfg: dict) -> dict:
     model.engine.prefix_cache = False  # every prefill starts from an empty KV cache
     out: dict = {"engine": "ocula", "version": ocula.__version__, "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "dtype": str(model.dtype).replace("torch.", ""),
-                 "load_ms": round(load_ms, 1), "n_vocab": model.text.cfg.n_vocab, "arch": model.architecture}
+                 "load_ms": round(load_ms, 1), "n_vocab": model.text.cfg.n_vocab, "arch": model.architecture,
+                 "source": source_state()}
 
     images = []
     if cfg.get("images"):
@@ -170,6 +171,26 @@ def run_ocula(cfg: dict) -> dict:
             out["tg"] = {"tokens": n_g, "tps": summary(tg)}
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return out
+
+
+def source_state() -> dict:
+    """Which ocula code was measured: git commit + uncommitted files under ocula/ (other people's
+    work in progress changes the numbers), or just the version outside a checkout."""
+    import ocula
+
+    root = Path(ocula.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "ocula"], capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {"version": ocula.__version__}
+    import hashlib
+
+    files = sorted(line[3:] for line in dirty if line.strip())
+    digest = {f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:12] for f in files if (root / f).is_file()}
+    return {"version": ocula.__version__, "commit": commit or None, "uncommitted": digest}
 
 
 def _prompt(model, ids: list[int]):
@@ -393,12 +414,40 @@ def config_from_args(args) -> dict:
     }
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """Several runs of one engine (--rounds) as one result: repetition values pooled, peak RSS the
+    largest, load time the median."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    out["rounds"] = len(runs)
+    out["load_ms"] = round(statistics.median(r["load_ms"] for r in runs), 1)
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    for key in ("pp", "tg"):
+        if key in out:
+            out[key] = {**out[key], "tps": summary([v for r in runs for v in r[key]["tps"]["values"]])}
+    if "ttft_ms" in out:
+        out["ttft_ms"] = summary([v for r in runs for v in r["ttft_ms"]["values"]])
+    out["images"] = [
+        {**imgs[0], "preprocess_ms": summary([v for i in imgs for v in i["preprocess_ms"]["values"]]),
+         "encode_ms": summary([v for i in imgs for v in i["encode_ms"]["values"]])}
+        for imgs in zip(*(r.get("images", []) for r in runs))
+    ]
+    return out
+
+
 def cmd_bench(args) -> int:
     cfg = config_from_args(args)
     if args.compare:
-        results = {e: run_subprocess(e, cfg) for e in ("ocula", "llama.cpp")}
+        # engines alternate round by round, so a change in machine load hits both alike
+        runs: dict[str, list[dict]] = {"ocula": [], "llama.cpp": []}
+        for _ in range(max(1, args.rounds)):
+            for e in runs:
+                runs[e].append(run_subprocess(e, cfg))
+        results = {e: merge_runs(r) for e, r in runs.items()}
         report = {"config": cfg, "ocula": results["ocula"], "llama.cpp": results["llama.cpp"],
-                  "ratios": compute_ratios(results["ocula"], results["llama.cpp"])}
+                  "ratios": compute_ratios(results["ocula"], results["llama.cpp"]),
+                  "ratios_best": compute_ratios(results["ocula"], results["llama.cpp"], best=True)}
     else:
         engine = args.engine or "ocula"
         report = {"config": cfg, engine: run_engine(engine, cfg)}
@@ -412,7 +461,8 @@ def cmd_bench(args) -> int:
 def _fmt(s: dict | None, unit: str = "", digits: int = 1) -> str:
     if not s or s.get("median") is None:
         return "-"
-    return f"{s['median']:.{digits}f}{unit} (min {s['min']:.{digits}f})"
+    lo, hi = s.get("min", s["median"]), s.get("max", s["median"])
+    return f"{s['median']:.{digits}f}{unit} (min {lo:.{digits}f}, max {hi:.{digits}f})"
 
 
 def format_report(report: dict) -> str:
@@ -420,24 +470,25 @@ def format_report(report: dict) -> str:
     cfg = report["config"]
     lines.append(f"model {cfg['model']}" + (f"  mmproj {cfg['mmproj']}" if cfg.get("mmproj") else ""))
     lines.append(f"threads {cfg['threads']}  prompt {cfg['n_prompt']} tok  generate {cfg['n_gen']} tok  "
-                 f"reps {cfg['reps']} (median, min)")
+                 f"reps {cfg['reps']} (median, min, max)")
     for engine in ENGINES:
         r = report.get(engine)
         if not r:
             continue
-        lines.append(f"[{engine}] load {r['load_ms']:.0f} ms  peak RSS {r['peak_rss_mb']:.0f} MiB")
+        lines.append(f"[{engine}] load {r.get('load_ms', 0):.0f} ms  peak RSS {r.get('peak_rss_mb', 0):.0f} MiB")
         for im in r.get("images", []):
-            lines.append(f"  image {Path(im['path']).name} {im['width']}x{im['height']}: {im['tokens']} tok, "
-                         f"preprocess {_fmt(im['preprocess_ms'], ' ms')}, encode {_fmt(im['encode_ms'], ' ms')}")
+            lines.append(f"  image {Path(im.get('path', '?')).name} {im.get('width')}x{im.get('height')}: "
+                         f"{im.get('tokens')} tok, "
+                         f"preprocess {_fmt(im.get('preprocess_ms'), ' ms')}, encode {_fmt(im.get('encode_ms'), ' ms')}")
         if "pp" in r:
-            lines.append(f"  pp{r['pp']['tokens']}: {_fmt(r['pp']['tps'], ' t/s', 2)}   "
-                         f"ttft {_fmt(r['ttft_ms'], ' ms')}")
+            lines.append(f"  pp{r['pp'].get('tokens', '')}: {_fmt(r['pp'].get('tps'), ' t/s', 2)}   "
+                         f"ttft {_fmt(r.get('ttft_ms'), ' ms')}")
         if "tg" in r:
-            lines.append(f"  tg{r['tg']['tokens']}: {_fmt(r['tg']['tps'], ' t/s', 2)}")
-    if "ratios" in report:
-        ratios = report["ratios"]
-        lines.append("ocula / llama.cpp: " + ", ".join(
-            f"{k} {v:.2f}x" if v is not None else f"{k} -" for k, v in ratios.items()))
+            lines.append(f"  tg{r['tg'].get('tokens', '')}: {_fmt(r['tg'].get('tps'), ' t/s', 2)}")
+    for key, label in (("ratios", "medians"), ("ratios_best", "best repetitions")):
+        if key in report:
+            lines.append(f"ocula / llama.cpp ({label}): " + ", ".join(
+                f"{k} {v:.2f}x" if v is not None else f"{k} -" for k, v in report[key].items()))
     return "\n".join(lines)
 
 
@@ -452,6 +503,9 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions (min and median are reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before the repetitions")
     p.add_argument("--compare", choices=["llama.cpp"], help="also run llama-cpp-python and print ocula/llama.cpp ratios")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --compare: run the engines alternately this many times (fresh processes) and pool "
+                        "the repetitions; evens out changing machine load")
     p.add_argument("--engine", choices=ENGINES, help="run only this engine, in this process (default ocula)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)

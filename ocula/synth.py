@@ -30,11 +30,8 @@ Quantization mixes (`--quant`):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
-import hashlib
 import json
-import math
 import os
 import sys
 import sysconfig
@@ -210,7 +207,15 @@ def tiny(p: Preset) -> Preset:
         extra["clip.vision.n_wa_pattern"] = 2
     if v.deepstack:
         n_layer, deepstack = 3, (0, 2)
-    vision = replace(v, n_embd=64, n_ff=128, n_layer=n_layer, n_head=2, extra=extra, deepstack=deepstack)
+    image_size = v.image_size
+    if v.projector == "gemma3":
+        image_size = 16 * v.patch_size  # 16x16 patches, pooled 4x4 -> 16 tokens
+    if "clip.vision.preproc_image_size" in extra:
+        extra["clip.vision.preproc_image_size"] = 2 * v.image_size  # at most 2x2 tiles
+    if "clip.vision.preproc_max_tiles" in extra:
+        extra["clip.vision.preproc_max_tiles"] = 2
+    vision = replace(v, n_embd=64, n_ff=128, n_layer=n_layer, n_head=2, extra=extra, deepstack=deepstack,
+                     image_size=image_size)
     return replace(p, text=text, vision=vision)
 
 
@@ -426,9 +431,7 @@ class BlockPool:
     @staticmethod
     def _dequant(blocks: np.ndarray, qtype) -> np.ndarray:
         from gguf import quants
-        from gguf.constants import GGML_QUANT_SIZES
 
-        block_size, _ = GGML_QUANT_SIZES[qtype]
         return quants.dequantize(blocks.reshape(1, -1), qtype).reshape(-1)
 
 

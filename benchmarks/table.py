@@ -1,0 +1,103 @@
+"""Render benchmarks/results/*.json (written by benchmarks/run.py) as the Markdown tables of README.md.
+
+    python benchmarks/table.py [results-dir]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def med(s) -> float | None:
+    return None if not s else s.get("median")
+
+
+def f(x, digits=1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def ratio(a, b, digits=2) -> str:
+    return "–" if a is None or b is None or not b else f"**{a / b:.{digits}f}×**"
+
+
+def wait(name: str) -> str:
+    return "passive" if name.endswith("-passive") else "default"
+
+
+def best(r: dict, key: str) -> str:
+    v = (r.get("ratios_best") or {}).get(key)
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def src(r: dict) -> str:
+    s = r["ocula"].get("source") or {}
+    if not s:
+        return "source not recorded"
+    unc = s.get("uncommitted") or {}
+    unc = unc if isinstance(unc, dict) else {k: "?" for k in unc}
+    dirty = ", ".join(f"{Path(k).name}@{v}" for k, v in unc.items() if "quant" in k)
+    return f"commit {s.get('commit')}" + (f" + uncommitted {dirty}" if dirty else "")
+
+
+def preset_of(r: dict) -> str:
+    name = Path(r["config"]["model"]).name
+    return name.rsplit("-", 1)[0]
+
+
+def quant_of(r: dict) -> str:
+    return Path(r["config"]["model"]).stem.rsplit("-", 1)[1]
+
+
+def render(results_dir: Path) -> str:
+    reports = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"),
+                                                                 key=lambda p: ("passive" not in p.stem, p.stem))}
+    text = [(k, r) for k, r in reports.items() if r["config"]["n_prompt"] > 0]
+    imgs = [(k, r) for k, r in reports.items() if r["config"]["images"]]
+    out = []
+    if text:
+        out.append("| row | OMP wait | model | quant | pp t/s ocula / llama.cpp (median) | pp ratio median (best) "
+                   "| tg t/s ocula / llama.cpp (median) | tg ratio median (best) "
+                   "| TTFT ms ocula / llama.cpp | peak RSS MiB ocula / llama.cpp | RSS ratio |")
+        out.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for k, r in text:
+            o, l = r["ocula"], r["llama.cpp"]
+            c = r["config"]
+            out.append(
+                f"| `{k}` | {wait(k)} | {preset_of(r)} | {quant_of(r)} "
+                f"| pp{c['n_prompt']}: {f(med(o['pp']['tps']), 2)} / {f(med(l['pp']['tps']), 2)} "
+                f"| {ratio(med(o['pp']['tps']), med(l['pp']['tps']))} ({best(r, 'pp_tps')}) "
+                f"| tg{c['n_gen']}: {f(med(o.get('tg', {}).get('tps')), 2)} / {f(med(l.get('tg', {}).get('tps')), 2)} "
+                f"| {ratio(med(o.get('tg', {}).get('tps')), med(l.get('tg', {}).get('tps')))} ({best(r, 'tg_tps')}) "
+                f"| {f(med(o['ttft_ms']), 0)} / {f(med(l['ttft_ms']), 0)} "
+                f"| {f(o['peak_rss_mb'], 0)} / {f(l['peak_rss_mb'], 0)} | {ratio(o['peak_rss_mb'], l['peak_rss_mb'])} |")
+        out.append("")
+    if imgs:
+        out.append("| row | OMP wait | model (F16 mmproj) | image | tokens ocula / llama.cpp | preprocess ms ocula / llama.cpp "
+                   "| encode ms ocula / llama.cpp (median) | encode-time ratio median (best) "
+                   "| ms per token ocula / llama.cpp "
+                   "| peak RSS MiB ocula / llama.cpp | RSS ratio |")
+        out.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for k, r in imgs:
+            o, l = r["ocula"], r["llama.cpp"]
+            for io, il in zip(o["images"], l["images"]):
+                eo, el = med(io["encode_ms"]), med(il["encode_ms"])
+                out.append(
+                    f"| `{k}` | {wait(k)} | {preset_of(r)} | {io['width']}×{io['height']} | {io['tokens']} / {il['tokens']} "
+                    f"| {f(med(io['preprocess_ms']), 0)} / {f(med(il['preprocess_ms']), 0)} "
+                    f"| {f(eo, 0)} / {f(el, 0)} | {ratio(eo, el)} ({ratio(io['encode_ms']['min'], il['encode_ms']['min'])}) "
+                    f"| {f(eo / io['tokens'] if eo and io['tokens'] else None, 2)} / "
+                    f"{f(el / il['tokens'] if el and il['tokens'] else None, 2)} "
+                    f"| {f(o['peak_rss_mb'], 0)} / {f(l['peak_rss_mb'], 0)} | {ratio(o['peak_rss_mb'], l['peak_rss_mb'])} |")
+        out.append("")
+    out.append("Commands (run from the repository root; `ocula synth` writes the files first):\n")
+    for k, r in reports.items():
+        out.append(f"- `{k}`: `{r.get('synth_command', '')}` then `{r.get('command', '')}` "
+                   f"(load average after: {' '.join(r.get('loadavg_after', []))}; ocula {src(r)})")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results"))
