@@ -1,6 +1,7 @@
 """Render benchmarks/results/*.json (written by benchmarks/run.py) as the Markdown tables of README.md.
 
-    python benchmarks/table.py [results-dir]
+    python benchmarks/table.py [results-dir]            # print
+    python benchmarks/table.py --readme                  # rewrite the results section of README.md
 """
 from __future__ import annotations
 
@@ -23,8 +24,15 @@ def ratio(a, b, digits=2) -> str:
     return "–" if a is None or b is None or not b else f"**{a / b:.{digits}f}×**"
 
 
-def wait(name: str) -> str:
-    return "passive" if name.endswith("-passive") else "default"
+def wait(name: str, r: dict | None = None) -> str:
+    """The OpenMP wait policy both engines ran with: recorded since it was added to the JSON; before,
+    PASSIVE came from --env (`-passive` rows) or from ocula/__init__.py (commits from dce34e5 on)."""
+    if r is not None and "omp_wait_policy" in r.get("ocula", {}):
+        return (r["ocula"]["omp_wait_policy"] or "active (default)").lower()
+    if name.endswith("-passive"):
+        return "passive"
+    commit = ((r or {}).get("ocula", {}).get("source") or {}).get("commit")
+    return "active (default)" if commit in ("21c141b", "8e36b0f") else "passive (ocula default)"
 
 
 def best(r: dict, key: str) -> str:
@@ -66,7 +74,7 @@ def render(results_dir: Path) -> str:
             o, l = r["ocula"], r["llama.cpp"]
             c = r["config"]
             out.append(
-                f"| `{k}` | {wait(k)} | {preset_of(r)} | {quant_of(r)} "
+                f"| `{k}` | {wait(k, r)} | {preset_of(r)} | {quant_of(r)} "
                 f"| pp{c['n_prompt']}: {f(med(o['pp']['tps']), 2)} / {f(med(l['pp']['tps']), 2)} "
                 f"| {ratio(med(o['pp']['tps']), med(l['pp']['tps']))} ({best(r, 'pp_tps')}) "
                 f"| tg{c['n_gen']}: {f(med(o.get('tg', {}).get('tps')), 2)} / {f(med(l.get('tg', {}).get('tps')), 2)} "
@@ -85,7 +93,7 @@ def render(results_dir: Path) -> str:
             for io, il in zip(o["images"], l["images"]):
                 eo, el = med(io["encode_ms"]), med(il["encode_ms"])
                 out.append(
-                    f"| `{k}` | {wait(k)} | {preset_of(r)} | {io['width']}×{io['height']} | {io['tokens']} / {il['tokens']} "
+                    f"| `{k}` | {wait(k, r)} | {preset_of(r)} | {io['width']}×{io['height']} | {io['tokens']} / {il['tokens']} "
                     f"| {f(med(io['preprocess_ms']), 0)} / {f(med(il['preprocess_ms']), 0)} "
                     f"| {f(eo, 0)} / {f(el, 0)} | {ratio(eo, el)} ({ratio(io['encode_ms']['min'], il['encode_ms']['min'])}) "
                     f"| {f(eo / io['tokens'] if eo and io['tokens'] else None, 2)} / "
@@ -99,5 +107,21 @@ def render(results_dir: Path) -> str:
     return "\n".join(out)
 
 
+BEGIN, END = "<!-- results:begin (benchmarks/table.py --readme) -->", "<!-- results:end -->"
+
+
+def update_readme(results_dir: Path, readme: Path = HERE / "README.md") -> None:
+    """Replace the text between the results markers of README.md with the rendered tables."""
+    text = readme.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    readme.write_text(f"{head}{BEGIN}\n{render(results_dir)}\n{END}{tail}")
+
+
 if __name__ == "__main__":
-    print(render(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results"))
+    args = [a for a in sys.argv[1:] if a != "--readme"]
+    results = Path(args[0]) if args else HERE / "results"
+    if "--readme" in sys.argv:
+        update_readme(results)
+    else:
+        print(render(results))

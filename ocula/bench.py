@@ -111,11 +111,13 @@ def run_ocula(cfg: dict) -> dict:
 
     threads = cfg["threads"]
     t0 = time.perf_counter()
+    kwargs = {"kernels": cfg["kernels"]} if cfg.get("kernels") else {}  # older ocula.load has no kernels=
     model = ocula.load(cfg["model"], mmproj=cfg.get("mmproj"), dtype=cfg.get("dtype", "float32"),
-                       device=cfg.get("device"), threads=threads, n_ctx=cfg.get("ctx_size"))
+                       device=cfg.get("device"), threads=threads, n_ctx=cfg.get("ctx_size"), **kwargs)
     load_ms = (time.perf_counter() - t0) * 1000
     model.engine.prefix_cache = False  # every prefill starts from an empty KV cache
     out: dict = {"engine": "ocula", "version": ocula.__version__, "torch": torch.__version__,
+                 "kernels": cfg.get("kernels") or "auto",
                  "threads": torch.get_num_threads(), "dtype": str(model.dtype).replace("torch.", ""),
                  "load_ms": round(load_ms, 1), "n_vocab": model.text.cfg.n_vocab, "arch": model.architecture,
                  "source": source_state()}
@@ -385,6 +387,9 @@ def run_engine(engine: str, cfg: dict) -> dict:
     res = run_ocula(cfg) if engine == "ocula" else run_llamacpp(cfg)
     res.update(model=cfg["model"], mmproj=cfg.get("mmproj"), n_prompt=cfg["n_prompt"], n_gen=cfg["n_gen"],
                reps=cfg["reps"])
+    # OpenMP's wait policy changes both engines' speed on a busy machine (ocula's package sets PASSIVE
+    # unless the environment says otherwise, and the llama.cpp worker imports ocula too)
+    res["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     return res
 
 
@@ -410,7 +415,7 @@ def config_from_args(args) -> dict:
         "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": max(1, args.reps), "warmup": max(0, args.warmup),
         "threads": args.threads or os.cpu_count() or 1, "dtype": args.dtype, "device": args.device,
         "ctx_size": args.ctx_size, "image_min_tokens": args.image_min_tokens,
-        "image_max_tokens": args.image_max_tokens,
+        "image_max_tokens": args.image_max_tokens, "kernels": getattr(args, "kernels", None),
     }
 
 
