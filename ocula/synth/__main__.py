@@ -1,0 +1,5 @@
+import sys
+
+from ocula.synth import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""Tensor bytes: random but valid quantized blocks, scaled so dequantized weights have std ~WEIGHT_STD."""
+from __future__ import annotations
+
+import numpy as np
+
+from ocula.errors import OculaError
+from ocula.synth.tensors import TensorSpec
+
+WEIGHT_STD = 0.02
+
+# f16 scale fields (byte offsets) of each block type; everything else in a block is random bits
+_SCALE_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+POOL_BLOCKS = 1 << 16
+
+
+class BlockPool:
+    """A few MiB of random valid blocks per tensor type, reused (rotated) to fill every tensor."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.pools: dict[int, np.ndarray] = {}
+
+    def pool(self, qtype) -> np.ndarray:
+        from gguf import GGMLQuantizationType as QT
+        from gguf.constants import GGML_QUANT_SIZES
+
+        qtype = QT(qtype)
+        if qtype in self.pools:
+            return self.pools[qtype]
+        if qtype in (QT.F16, QT.F32):
+            dt = np.float16 if qtype == QT.F16 else np.float32
+            pool = (self.rng.standard_normal(POOL_BLOCKS * 64, dtype=np.float32) * WEIGHT_STD).astype(dt)
+            self.pools[qtype] = pool.view(np.uint8)
+            return self.pools[qtype]
+        if qtype.name not in _SCALE_FIELDS:
+            raise OculaError(f"synth cannot write {qtype.name} blocks")
+        _, nbytes = GGML_QUANT_SIZES[qtype]
+        blocks = self.rng.integers(0, 256, size=(POOL_BLOCKS, nbytes), dtype=np.uint8)
+        if qtype == QT.Q6_K:  # int8 sub-block scales: keep them moderate
+            blocks[:, 192:208] = self.rng.integers(-24, 25, size=(POOL_BLOCKS, 16)).astype(np.int8).view(np.uint8)
+        fields = _SCALE_FIELDS[qtype.name]
+        self._set_scales(blocks, fields, 1.0)
+        std = float(self._dequant(blocks[:256], qtype).std())
+        self._set_scales(blocks, fields, WEIGHT_STD / std)
+        self.pools[qtype] = blocks.reshape(-1)
+        return self.pools[qtype]
+
+    def _set_scales(self, blocks: np.ndarray, fields, value: float) -> None:
+        # jitter each block's scale by +-25% so blocks differ
+        jitter = self.rng.uniform(0.75, 1.25, size=(blocks.shape[0],)).astype(np.float32)
+        for off in fields:
+            blocks[:, off : off + 2] = (jitter * value).astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+    @staticmethod
+    def _dequant(blocks: np.ndarray, qtype) -> np.ndarray:
+        from gguf import quants
+
+        return quants.dequantize(blocks.reshape(1, -1), qtype).reshape(-1)
+
+
+class PoolTensor:
+    """Duck-typed stand-in for a numpy array in GGUFWriter.write_tensor_data: streams pool bytes."""
+
+    def __init__(self, pool: np.ndarray, nbytes: int, unit: int, start: int):
+        self.pool, self.nbytes, self.unit, self.start = pool, nbytes, unit, start
+
+    def tofile(self, fout) -> None:
+        left, pos = self.nbytes, (self.start * self.unit) % len(self.pool)
+        pos -= pos % self.unit
+        while left:
+            chunk = self.pool[pos : pos + left]
+            fout.write(chunk.data)
+            left -= len(chunk)
+            pos = 0
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape))
+    if shape[-1] % block:
+        raise OculaError(f"row length {shape[-1]} is not a multiple of the {block}-element block")
+    return n // block * nbytes
+
+
+def tensor_data(ts: TensorSpec, qtype, pools: BlockPool, rng: np.random.Generator):
+    from gguf import GGMLQuantizationType as QT
+
+    nbytes = tensor_nbytes(ts.shape, qtype)
+    if ts.kind in ("norm", "scale", "bias"):
+        value = {"norm": 1.0, "scale": 0.1, "bias": 0.0}[ts.kind]
+        arr = np.full(ts.shape, value, dtype=np.float32)
+        if ts.kind == "bias":
+            arr += rng.standard_normal(ts.shape, dtype=np.float32) * WEIGHT_STD
+        return arr.astype(np.float16) if qtype == QT.F16 else arr
+    from gguf.constants import GGML_QUANT_SIZES
+
+    _, unit = GGML_QUANT_SIZES[qtype]
+    pool = pools.pool(qtype)
+    return PoolTensor(pool, nbytes, unit, int(rng.integers(0, len(pool) // unit)))
