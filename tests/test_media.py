@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import ocula.media as media
+from ocula.media import url_fetch
 from ocula.errors import MediaError
 from ocula.media import MediaPolicy, image_digest, load_image, to_rgb
 
@@ -449,8 +449,8 @@ def test_url_errors(server, loopback_only):
 def test_redirect_target_is_rechecked(server, loopback_only, monkeypatch):
     # Let the test server through (it is on 127.0.0.1) but keep refusing everything else private, as the default
     # policy does: the redirect to the cloud metadata address must be refused before any connection is made.
-    real = media._address_problem
-    monkeypatch.setattr(media, "_address_problem", lambda ip: None if str(ip) == "127.0.0.1" else real(ip))
+    real = url_fetch._address_problem
+    monkeypatch.setattr(url_fetch, "_address_problem", lambda ip: None if str(ip) == "127.0.0.1" else real(ip))
     msg = _err(f"{server}/to-metadata", MediaPolicy())
     assert "169.254.169.254" in msg and "link-local" in msg and "refused by the media policy" in msg
 
