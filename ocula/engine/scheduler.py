@@ -36,238 +36,33 @@ greedy tokens are the same unless the top two logits are that close.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from ocula.engine.generate import PREFILL_CHUNK, Result, Timings
+from ocula.engine.prefix_pool import PrefixPool, copy_prefix
 from ocula.engine.prompt import Prompt
-from ocula.engine.sampling import Sampler, SamplingParams, find_stop, partial_stop_len
+from ocula.engine.request import (
+    Cancelled, ContextOverflowError, Delta, Event, Failed, Finished, GenerationRequest, Handle, QueueFullError,
+    SchedulerStoppedError, Started, TokenLogprob,
+)
+from ocula.engine.sampling import Sampler, find_stop, partial_stop_len
 from ocula.errors import OculaError, RequestError
 from ocula.models.layers import KVCache
 from ocula.models.text.base import StepInput
 
+__all__ = [
+    "TTFT_BUCKETS", "Cancelled", "ContextOverflowError", "Delta", "Event", "Failed", "Finished", "GenerationRequest",
+    "Handle", "PrefixPool", "QueueFullError", "Scheduler", "SchedulerStats", "SchedulerStoppedError", "Started",
+    "TokenLogprob", "copy_prefix",
+]
+
 log = logging.getLogger("ocula.scheduler")
-
-
-class QueueFullError(OculaError):
-    """The scheduler's waiting queue is full (the server answers 503)."""
-
-
-class ContextOverflowError(RequestError):
-    """The prompt (plus the requested completion) does not fit in the context."""
-
-
-class SchedulerStoppedError(OculaError):
-    """The scheduler is not running."""
-
-
-class Cancelled(OculaError):
-    """The request was cancelled before it finished."""
-
-
-# ---------------------------------------------------------------- requests and events
-
-
-@dataclass
-class GenerationRequest:
-    build_prompt: Callable[[Timings], Prompt]  # runs on the scheduler thread (owns the model)
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens_explicit: bool = False  # True: prompt + max_tokens > context is an error, not a cut
-    constraint: object | None = None  # ocula.engine.structured.Constraint
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
-    logit_bias: dict[int, float] | None = None
-    arrival: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), best first
-
-
-@dataclass
-class Started:
-    prompt_tokens: int
-    cached_tokens: int
-    image_tokens: int
-    images_encoded: int
-    images_cached: int
-    queue_ms: float
-
-
-@dataclass
-class Delta:
-    text: str  # may be "" (an incomplete UTF-8 character, or text held back that may start a stop string)
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class Finished:
-    result: Result
-    tail: str  # text not yet sent in a Delta
-    images_encoded: int = 0
-    images_cached: int = 0
-
-
-@dataclass
-class Failed:
-    error: BaseException
-
-
-Event = Started | Delta | Finished | Failed
-
-
-class Handle:
-    """The submitter's side of a request: events arrive through `sink` (default: an internal queue that
-    iterating the handle reads), and `cancel()` asks the scheduler to drop the request."""
-
-    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None] | None = None):
-        self.request = request
-        self._cancel = threading.Event()
-        self._queue: queue.SimpleQueue | None = None
-        if sink is None:
-            self._queue = queue.SimpleQueue()
-            sink = self._queue.put
-        self._sink = sink
-        self.done = False
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def _emit(self, event: Event) -> None:
-        if isinstance(event, (Finished, Failed)):
-            self.done = True
-        try:
-            self._sink(event)
-        except Exception:  # noqa: BLE001 - the consumer (e.g. a closed event loop) is gone
-            self._cancel.set()
-
-    def __iter__(self) -> Iterator[Event]:
-        if self._queue is None:
-            raise TypeError("this handle delivers its events to a sink; it cannot be iterated")
-        while True:
-            event = self._queue.get()
-            yield event
-            if isinstance(event, (Finished, Failed)):
-                return
-
-    def result(self) -> Result:
-        """Wait for the end; the Result, or the error raised."""
-        for event in self:
-            if isinstance(event, Finished):
-                return event.result
-            if isinstance(event, Failed):
-                raise event.error
-        raise SchedulerStoppedError("the scheduler stopped")
-
-
-# ---------------------------------------------------------------- prefix (KV) pool
-
-
-def _common_prefix(a: list, b: list) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def copy_prefix(src: KVCache, n: int, new_cache: Callable[[], KVCache]) -> KVCache:
-    """A new cache holding the first n tokens of `src` (src is not touched)."""
-    dst = new_cache()
-    for layer, (k, v) in enumerate(zip(src.k, src.v)):
-        if k is not None and n:
-            dst.update(layer, k[:, :, :n], v[:, :, :n])
-    dst.advance(n)
-    return dst
-
-
-@dataclass
-class _PoolEntry:
-    keys: list
-    cache: KVCache
-    nbytes: int
-
-
-class PrefixPool:
-    """Finished sequences' KV caches, keyed by their per-token identities, bounded in bytes (LRU).
-
-    `claim(prompt)` copies the longest reusable prefix into a fresh cache (copy-on-reuse: pooled caches are
-    read-only, so any number of live sequences may start from the same entry). A new entry replaces
-    entries whose keys are a prefix of its own (a second turn supersedes the first).
-    """
-
-    def __init__(self, max_bytes: int, new_cache: Callable[[], KVCache]):
-        self.max_bytes = max_bytes
-        self.new_cache = new_cache
-        self._entries: OrderedDict[int, _PoolEntry] = OrderedDict()
-        self._next = 0
-        self.bytes = 0
-        self.hits = self.misses = self.hit_tokens = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def claim(self, prompt: Prompt) -> tuple[KVCache, int]:
-        keys = prompt.cache_keys()
-        with self._lock:
-            best_id, best_n = None, 0
-            for eid, e in self._entries.items():
-                n = _common_prefix(e.keys, keys)
-                if n > best_n:
-                    best_id, best_n = eid, n
-            n = prompt.safe_cut(min(best_n, len(prompt) - 1))
-            if best_id is None or n <= 0:
-                self.misses += 1
-                return self.new_cache(), 0
-            entry = self._entries[best_id]
-            self._entries.move_to_end(best_id)
-            self.hits += 1
-            self.hit_tokens += n
-        return copy_prefix(entry.cache, n, self.new_cache), n
-
-    def put(self, keys: list, cache: KVCache) -> None:
-        keys = keys[: cache.length]
-        if not keys or self.max_bytes <= 0:
-            return
-        size = cache.nbytes
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            for eid, e in list(self._entries.items()):
-                if len(e.keys) >= len(keys) and e.keys[: len(keys)] == keys:
-                    self._entries.move_to_end(eid)  # an entry already covers this one
-                    return
-                if len(e.keys) < len(keys) and keys[: len(e.keys)] == e.keys:
-                    del self._entries[eid]
-                    self.bytes -= e.nbytes
-            self._entries[self._next] = _PoolEntry(keys, cache, size)
-            self._next += 1
-            self.bytes += size
-            while self.bytes > self.max_bytes and self._entries:
-                _, old = self._entries.popitem(last=False)
-                self.bytes -= old.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.bytes = 0
-
-
-# ---------------------------------------------------------------- statistics
 
 
 @dataclass
