@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("parity")
@@ -26,3 +27,14 @@ def needs_set_a(*models: str) -> pytest.MarkDecorator:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", "llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests: a server or scheduler thread computes beside the test thread
+    on a 2-core machine (two OpenMP threads each would spin), and the references computed here use the same
+    thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-import torch
 from tiny import write_tiny_model
 
 import ocula
@@ -23,14 +22,7 @@ PROMPTS = [
     "the the the the",
 ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The scheduler thread and the test thread both run torch: one OpenMP thread each avoids spinning."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import concurrent.futures as cf
 import json
 
 import pytest
-import torch
 from tiny import write_tiny_model
 
 openai = pytest.importorskip("openai")
@@ -23,15 +22,7 @@ from ocula.server.testing import ServerProcess  # noqa: E402
 KEY = "sk-test-key"
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers."}]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The server computes with one thread on a 2-core machine; the references here do the same (and a
-    loaded machine makes two OpenMP threads slow)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -28,8 +27,9 @@ MODEL = FIXTURES / "models" / "qwen2vl" / "qwen2vl-f16.gguf"
 MMPROJ = FIXTURES / "models" / "qwen2vl" / "mmproj-qwen2vl-f16.gguf"
 IMAGES = FIXTURES / "images"
 
-pytestmark = pytest.mark.skipif(not (MODEL.exists() and MMPROJ.exists()),
-                                reason=f"shared Qwen2-VL fixture not found under {FIXTURES}")
+pytestmark = [pytest.mark.skipif(not (MODEL.exists() and MMPROJ.exists()),
+                                 reason=f"shared Qwen2-VL fixture not found under {FIXTURES}"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 N_CTX = 1024
 MAX_PIXELS = 1_000_000
@@ -52,16 +52,6 @@ def png_bytes(w: int, h: int, color=(200, 30, 30)) -> bytes:
 def image_msg(url: str, text: str = "Describe the image.") -> list[dict]:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The server computes with one thread on a 2-core machine; the references here do the same (and a
-    loaded machine makes two OpenMP threads slow)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

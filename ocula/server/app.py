@@ -159,39 +159,20 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     # ------------------------------------------------------------ generation routes
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def generation_route(request: Request, endpoint: str, schema, prepare):
+        """What the generation routes share: auth, parsing, sampling parameters, the run and its metrics.
+        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format."""
         t0 = time.perf_counter()
         status = 500
         try:
             check_auth(request)
-            req: P.ChatRequest = P.parse(P.ChatRequest, await read_json(request))
+            req = P.parse(schema, await read_json(request))
             P.check_unsupported(req)
             params, explicit = P.sampling_params(req, config.default_max_tokens)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
-            messages = req.messages
-            try:
-                normalize_messages(messages)
-            except OculaError as e:
-                raise to_api_error(e, None) from None
-            messages = await prepare_images(messages)
-            constraint = await make_constraint(req.response_format)
-            img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
-            img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
-
-            def build(timings, messages=messages):
-                return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
-                                          max_images=config.max_images)
-
-            logprobs = None
-            if req.logprobs:
-                logprobs = req.top_logprobs or 0
-            elif req.top_logprobs:
-                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-            greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias)
-            fmt = ChatFormat(model_id, model.tokenizer, logprobs is not None)
+            greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            resp = await run(request, greq, fmt, req.stream, include_usage, "chat", t0)
+            resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
             status = STREAMING if isinstance(resp, EventStream) else resp.status_code
             return resp
         except APIError as e:
@@ -199,49 +180,61 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise
         finally:
             if status != STREAMING:  # a stream counts itself when it ends
-                metrics.request_done("chat", status, time.perf_counter() - t0)
+                metrics.request_done(endpoint, status, time.perf_counter() - t0)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generation_route(request, "chat", P.ChatRequest, prepare_chat)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        t0 = time.perf_counter()
-        status = 500
+        return await generation_route(request, "completions", P.CompletionRequest, prepare_completion)
+
+    async def prepare_chat(req: P.ChatRequest, params, explicit: bool, bias):
+        messages = req.messages
         try:
-            check_auth(request)
-            req: P.CompletionRequest = P.parse(P.CompletionRequest, await read_json(request))
-            P.check_unsupported(req)
-            params, explicit = P.sampling_params(req, config.default_max_tokens)
-            bias = P.logit_bias(req, model.text.cfg.n_vocab)
-            prompt = req.prompt
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-                if len(prompt) != 1:
-                    raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompt)}",
-                                   param="prompt", code="unsupported_parameter")
-                prompt = prompt[0]
-            if isinstance(prompt, list):
-                bad = [t for t in prompt if not 0 <= t < model.text.cfg.n_vocab]
-                if bad:
-                    raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
-                                        f"(0..{model.text.cfg.n_vocab - 1})", param="prompt", code="invalid_value")
-            constraint = await make_constraint(req.response_format)
+            normalize_messages(messages)
+        except OculaError as e:
+            raise to_api_error(e, None) from None
+        messages = await prepare_images(messages)
+        constraint = await make_constraint(req.response_format)
+        img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
+        img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
 
-            def build(timings, prompt=prompt):
-                return model._as_prompt(prompt)
+        def build(timings, messages=messages):
+            return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
+                                      max_images=config.max_images)
 
-            echo = ""
-            if req.echo:
-                echo = prompt if isinstance(prompt, str) else model.detokenize(prompt)
-            greq = GenerationRequest(build, params, explicit, constraint, req.logprobs, bias)
-            fmt = CompletionFormat(model_id, model.tokenizer, req.logprobs is not None, echo)
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            resp = await run(request, greq, fmt, req.stream, include_usage, "completions", t0)
-            status = STREAMING if isinstance(resp, EventStream) else resp.status_code
-            return resp
-        except APIError as e:
-            status = e.status
-            raise
-        finally:
-            if status != STREAMING:  # a stream counts itself when it ends
-                metrics.request_done("completions", status, time.perf_counter() - t0)
+        logprobs = None
+        if req.logprobs:
+            logprobs = req.top_logprobs or 0
+        elif req.top_logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias)
+        return greq, ChatFormat(model_id, model.tokenizer, logprobs is not None)
+
+    async def prepare_completion(req: P.CompletionRequest, params, explicit: bool, bias):
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompt)}",
+                               param="prompt", code="unsupported_parameter")
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < model.text.cfg.n_vocab]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
+                                    f"(0..{model.text.cfg.n_vocab - 1})", param="prompt", code="invalid_value")
+        constraint = await make_constraint(req.response_format)
+
+        def build(timings, prompt=prompt):
+            return model._as_prompt(prompt)
+
+        echo = ""
+        if req.echo:
+            echo = prompt if isinstance(prompt, str) else model.detokenize(prompt)
+        greq = GenerationRequest(build, params, explicit, constraint, req.logprobs, bias)
+        return greq, CompletionFormat(model_id, model.tokenizer, req.logprobs is not None, echo)
 
     # ------------------------------------------------------------ helpers
 
@@ -283,6 +276,10 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         except OculaError as e:
             raise to_api_error(e, "response_format") from None
 
+    def disconnected() -> JSONResponse:
+        metrics.disconnects += 1
+        return JSONResponse(APIError(499, "client disconnected", code="cancelled").body(), status_code=499)
+
     async def run(request: Request, greq: GenerationRequest, fmt, stream: bool, include_usage: bool,
                   endpoint: str, t0: float):
         loop = asyncio.get_running_loop()
@@ -299,8 +296,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         try:
             first = await next_event(events, request, handle)
             if first is None:
-                metrics.disconnects += 1
-                return JSONResponse(APIError(499, "client disconnected", code="cancelled").body(), status_code=499)
+                return disconnected()
             if isinstance(first, Failed):
                 raise to_api_error(first.error)
             assert isinstance(first, Started)
@@ -311,9 +307,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             while True:
                 ev = await next_event(events, request, handle)
                 if ev is None:
-                    metrics.disconnects += 1
-                    return JSONResponse(APIError(499, "client disconnected", code="cancelled").body(),
-                                        status_code=499)
+                    return disconnected()
                 if isinstance(ev, Delta):
                     deltas.append(ev)
                 elif isinstance(ev, Failed):
@@ -445,23 +439,22 @@ class ChatFormat:
             out.append(self._chunk({"content": ev.tail}))
         out.append(self._chunk({}, ev.result.finish_reason))
         if include_usage:
-            r = ev.result
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": [],
-                        "usage": P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens)})
+                        "usage": _usage(first, ev)})
         return out
 
     def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:
         r = ev.result
         lp = None
         if self.logprobs:
-            lp = self._lp([it for d in deltas for it in (d.logprobs or [])])
+            lp = self._lp(_logprobs(deltas))
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "system_fingerprint": P.SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text, "refusal": None},
                          "logprobs": lp, "finish_reason": r.finish_reason}],
-            "usage": P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens),
+            "usage": _usage(first, ev),
             "timings": _timings(first, ev),
         }
 
@@ -494,7 +487,7 @@ class CompletionFormat:
         if include_usage:
             c = self._chunk("")
             c["choices"] = []
-            c["usage"] = P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
+            c["usage"] = _usage(first, ev)
             out.append(c)
         return out
 
@@ -502,12 +495,19 @@ class CompletionFormat:
         r = ev.result
         lp = None
         if self.logprobs:
-            lp, _ = P.completion_logprobs(self.tokenizer, [it for d in deltas for it in (d.logprobs or [])],
-                                          len(self.echo))
+            lp, _ = P.completion_logprobs(self.tokenizer, _logprobs(deltas), len(self.echo))
         body = self._chunk(self.echo + r.text, r.finish_reason, lp)
-        body["usage"] = P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
+        body["usage"] = _usage(first, ev)
         body["timings"] = _timings(first, ev)
         return body
+
+
+def _usage(first: Started, ev: Finished) -> dict:
+    return P.usage(ev.result.prompt_tokens, ev.result.completion_tokens, first.cached_tokens)
+
+
+def _logprobs(deltas: list[Delta]) -> list:
+    return [item for d in deltas for item in (d.logprobs or [])]
 
 
 def _timings(first: Started, ev: Finished) -> dict:

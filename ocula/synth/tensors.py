@@ -77,22 +77,18 @@ def _vit_block(i: int, d: int, n_ff: int, *, ln_bias: bool = True, fused_qkv: bo
 def vision_tensors(v: VisionSpec, text_embd: int) -> list[TensorSpec]:
     d, ps, side = v.n_embd, v.patch_size, v.image_size // v.patch_size
     out: list[TensorSpec] = []
-    if v.projector == "gemma3":
+    if v.projector in ("gemma3", "idefics3"):  # both a SigLIP encoder; the projectors differ
         out += [TensorSpec("v.patch_embd.weight", (d, 3, ps, ps), "f32"), TensorSpec("v.patch_embd.bias", (d,), "bias"),
                 TensorSpec("v.position_embd.weight", (side * side, d), "f32")]
         for i in range(v.n_layer):
             out += _vit_block(i, d, v.n_ff)
-        out += [TensorSpec("v.post_ln.weight", (d,), "norm"), TensorSpec("v.post_ln.bias", (d,), "bias"),
-                TensorSpec("mm.soft_emb_norm.weight", (d,), "norm"),
-                # HF's [vision, text] matrix as convert_hf_to_gguf writes it, forced to F16
-                TensorSpec("mm.input_projection.weight", (d, text_embd), "f16")]
-    elif v.projector == "idefics3":
-        out += [TensorSpec("v.patch_embd.weight", (d, 3, ps, ps), "f32"), TensorSpec("v.patch_embd.bias", (d,), "bias"),
-                TensorSpec("v.position_embd.weight", (side * side, d), "f32")]
-        for i in range(v.n_layer):
-            out += _vit_block(i, d, v.n_ff)
-        out += [TensorSpec("v.post_ln.weight", (d,), "norm"), TensorSpec("v.post_ln.bias", (d,), "bias"),
-                TensorSpec("mm.model.fc.weight", (text_embd, d * v.scale_factor ** 2))]
+        out += [TensorSpec("v.post_ln.weight", (d,), "norm"), TensorSpec("v.post_ln.bias", (d,), "bias")]
+        if v.projector == "gemma3":
+            out += [TensorSpec("mm.soft_emb_norm.weight", (d,), "norm"),
+                    # HF's [vision, text] matrix as convert_hf_to_gguf writes it, forced to F16
+                    TensorSpec("mm.input_projection.weight", (d, text_embd), "f16")]
+        else:
+            out.append(TensorSpec("mm.model.fc.weight", (text_embd, d * v.scale_factor ** 2)))
     elif v.projector == "internvl":
         merged = d * v.scale_factor ** 2
         out += [TensorSpec("v.class_embd", (1, 1, d), "f32"),
