@@ -72,6 +72,7 @@ class Model:
             self.gguf.get("tokenizer.chat_template"), self.tokenizer.bos_token, self.tokenizer.eos_token,
             self.architecture,
         )
+        self.gguf.release_arrays()  # the tokenizer keeps what it needs of the vocabulary
         self.vision = None
         if mmproj is not None:
             from ocula.engine.multimodal import VisionRuntime

@@ -1,19 +1,20 @@
-"""Tokenizers rebuilt from a GGUF's `tokenizer.ggml.*` metadata, on top of HF `tokenizers`.
+"""Tokenizers rebuilt from a GGUF's `tokenizer.ggml.*` metadata.
 
 Two vocabulary families are supported:
 
-* ``tokenizer.ggml.model == "gpt2"``: byte-level BPE with the file's merges. Text is split by the
-  regexes llama.cpp uses for ``tokenizer.ggml.pre`` (qwen2, llama3/llama-bpe, smollm, gpt2, ...),
-  then byte-mapped and merged.
-* ``tokenizer.ggml.model == "llama"``: SentencePiece-style BPE with byte fallback (Llama-2, Gemma).
-  The file has scores but no merges; merges are rebuilt from the vocabulary and ordered by score, the
-  way transformers' GGUF converter and ``SentencePieceExtractor`` do, which reproduces llama.cpp's
-  score-driven SPM merging. Spaces become ``▁``; with ``add_space_prefix`` (the default) a ``▁`` is
-  prepended to every stretch of text, including after special tokens (Llama-2 "legacy" behaviour).
+* ``tokenizer.ggml.model == "gpt2"``: byte-level BPE with the file's merges, on HF `tokenizers`. Text
+  is split by the regexes llama.cpp uses for ``tokenizer.ggml.pre`` (qwen2, llama3/llama-bpe, smollm,
+  gpt2, ...), then byte-mapped and merged.
+* ``tokenizer.ggml.model == "llama"``: SentencePiece-style BPE with byte fallback (Llama-2, Gemma),
+  encoded by ``ocula.spm`` from the scores (the file has no merges) exactly as HF `tokenizers` does
+  with the merges transformers' GGUF converter derives, which reproduces llama.cpp's score-driven
+  SPM merging. Spaces become ``▁``; with ``add_space_prefix`` (the default) a ``▁`` is prepended to
+  every stretch of text, including after special tokens (Llama-2 "legacy" behaviour).
 
-Tokens typed control (3), unknown (2) or user-defined (4) are added as whole-match tokens: control
-and unknown ones are "special" (only matched when ``parse_special=True``), user-defined ones are
-always matched, as in llama.cpp. Decoding is done here from per-token byte pieces so it can stream.
+Tokens typed control (3), unknown (2) or user-defined (4) are whole-match tokens (longest match
+first): control and unknown ones are "special" (only matched when ``parse_special=True``),
+user-defined ones are always matched, as in llama.cpp. Decoding is done here from per-token byte
+pieces so it can stream.
 
 Known deviations from llama.cpp, all chosen to match the HF reference tokenizers:
 * SPM text that already starts with a space gets no second ``▁`` (HF ``Metaspace``; llama.cpp and
@@ -25,9 +26,10 @@ from __future__ import annotations
 import logging
 import operator
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 from ocula.errors import GGUFError, RequestError, UnsupportedError
+from ocula.spm import SpmEncoder
 
 log = logging.getLogger(__name__)
 
@@ -155,58 +157,18 @@ def _byte_token_value(text: str) -> int | None:
     return None
 
 
-def spm_merges(tokens: list[str], scores: list[float], mergeable: list[int]) -> list[tuple[str, str]]:
-    """Merges implied by a scored vocabulary: every split of a token into two vocabulary pieces, best
-    score first; ties go to the longer left piece, then the longer right piece, then the lower token id
-    (the order transformers' `generate_merges` gives)."""
-    vocab: dict[str, int] = {}
-    for i in mergeable:
-        vocab[tokens[i]] = i
-    order = sorted(vocab.values(), key=lambda i: -scores[i])  # stable: equal scores stay in id order
-    merges: list[tuple[str, str]] = []
-    append = merges.append
-    m, j = len(order), 0
-    while j < m:
-        s = scores[order[j]]
-        r = j + 1
-        while r < m and scores[order[r]] == s:
-            r += 1
-        if r == j + 1:  # the usual case: a score of its own, splits longest-left first
-            tok = tokens[order[j]]
-            for k in range(len(tok) - 1, 0, -1):
-                a = tok[:k]
-                if a in vocab:
-                    b = tok[k:]
-                    if b in vocab:
-                        append((a, b))
-        else:  # tokens sharing a score: their splits are ordered together
-            rows = []
-            for i in order[j:r]:
-                tok = tokens[i]
-                n = len(tok)
-                for k in range(n - 1, 0, -1):
-                    a = tok[:k]
-                    if a in vocab:
-                        b = tok[k:]
-                        if b in vocab:
-                            rows.append((-k, k - n, i, a, b))
-            rows.sort()
-            merges.extend((row[3], row[4]) for row in rows)
-        j = r
-    return merges
-
-
 class Tokenizer:
     """Encode/decode text with the vocabulary a GGUF file describes."""
 
-    def __init__(self, *, hf_tokenizer, model: str, pre: str | None, tokens: list[str], types: list[int],
-                 bos_id: int | None, eos_id: int | None, eot_ids: set[int], add_bos: bool, add_eos: bool,
-                 add_space_prefix: bool, added: dict[str, int]):
-        self._hf = hf_tokenizer
+    def __init__(self, *, hf_tokenizer=None, spm: SpmEncoder | None = None, model: str, pre: str | None,
+                 tokens: Sequence[str], types: bytes, bos_id: int | None, eos_id: int | None, eot_ids: set[int],
+                 add_bos: bool, add_eos: bool, add_space_prefix: bool, added: dict[str, int]):
+        self._hf = hf_tokenizer  # gpt2 vocabularies
+        self._spm = spm  # llama (sentencepiece) vocabularies
         self.model = model
         self.pre = pre
         self._tokens = tokens
-        self._types = types
+        self._types = types  # one byte per token
         self.vocab_size = len(tokens)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.eot_ids = eot_ids
@@ -231,11 +193,6 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> "Tokenizer":
-        from tokenizers import AddedToken, Regex
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import normalizers, pre_tokenizers
-        from tokenizers.models import BPE
-
         def require(key: str):
             if key not in metadata:
                 raise GGUFError(f"tokenizer metadata key {key!r} is missing")
@@ -255,8 +212,8 @@ class Tokenizer:
             types = [BYTE if model == "llama" and _byte_token_value(t) is not None else NORMAL for t in tokens]
         elif len(types) != n:
             raise GGUFError(f"tokenizer.ggml.token_type has {len(types)} entries but there are {n} tokens")
-        else:
-            types = [int(t) for t in types]
+        # one byte per token; a type outside 0..255 is no known type either way
+        types = bytearray(t if 0 <= t < 256 else 0 for t in map(int, types))
 
         def token_id_key(name: str) -> int | None:
             v = metadata.get(f"tokenizer.ggml.{name}_token_id")
@@ -278,69 +235,35 @@ class Tokenizer:
 
         pre = metadata.get("tokenizer.ggml.pre")
         add_space_prefix = False
+        hf = spm = None
         if model == "gpt2":
-            merges_raw = require("tokenizer.ggml.merges")
-            if pre is None or pre not in _PRE:
-                log.warning("tokenizer pre-tokenizer %r is unknown; using the GPT-2 split (tokens may differ from "
-                            "the original tokenizer)", pre)
-                splits, nfc, ignore_merges, default_bos = (GPT2_SPLIT,), False, False, False
-            else:
-                splits, nfc, ignore_merges, default_bos = _PRE[pre]
-            vocab = {t: i for i, t in enumerate(tokens)}
-            merges = []
-            for m in merges_raw:
-                a, sep, b = m.partition(" ")
-                if not sep:
-                    raise GGUFError(f"tokenizer.ggml.merges entry {m!r} is not two tokens separated by a space")
-                merges.append((a, b))
-            try:
-                bpe = BPE(vocab, merges, ignore_merges=ignore_merges)
-            except Exception as e:  # noqa: BLE001 - e.g. a merge naming a token the vocabulary lacks
-                raise GGUFError(f"tokenizer.ggml.merges does not fit tokenizer.ggml.tokens ({e})") from None
-            hf = HFTokenizer(bpe)
-            if nfc:
-                hf.normalizer = normalizers.NFC()
-            hf.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
-                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-            )
+            hf, vocab, default_bos = _byte_level_bpe(metadata, tokens, pre)
+            last_id = vocab.get
         else:  # llama: sentencepiece BPE
             scores = require("tokenizer.ggml.scores")
             if len(scores) != n:
                 raise GGUFError(f"tokenizer.ggml.scores has {len(scores)} entries but there are {n} tokens")
             default_bos = True
             add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-            vocab = {t: i for i, t in enumerate(tokens)}
-            mergeable = [i for i, t in enumerate(types) if t == NORMAL]
-            merges = spm_merges(tokens, scores, mergeable)
-            unk = tokens[unk_id] if unk_id is not None else None
-            bpe = BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
-            hf = HFTokenizer(bpe)
-            norms = []
-            if metadata.get("tokenizer.ggml.remove_extra_whitespaces"):
-                norms += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
-            if add_space_prefix:
-                if norms:
-                    hf.normalizer = normalizers.Sequence(norms)
-                hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
-            else:
-                hf.normalizer = normalizers.Sequence(norms + [normalizers.Replace(" ", "▁")])
+            spm = SpmEncoder(tokens, types, scores, unk_id=unk_id, add_space_prefix=add_space_prefix,
+                             remove_extra_whitespaces=bool(metadata.get("tokenizer.ggml.remove_extra_whitespaces")))
+            last_id = spm.token_id
 
         # whole-match tokens: control/unknown ones only when parsing specials, user-defined always
-        specials, plain, added = [], [], {}
-        for i, (t, ty) in enumerate(zip(tokens, types)):
+        added: dict[str, int] = {}
+        special: set[str] = set()
+        for i, ty in enumerate(types):
+            t = tokens[i]
             if ty in (CONTROL, UNKNOWN, USER_DEFINED) and t:
-                if vocab.get(t) != i:  # duplicate spelling: the later id owns the text
+                if last_id(t) != i:  # duplicate spelling: the later id owns the text
                     continue
                 added[t] = i
-                if ty == USER_DEFINED:
-                    plain.append(AddedToken(t, special=False, normalized=False))
-                else:
-                    specials.append(AddedToken(t, special=True, normalized=False))
-        if specials:
-            hf.add_special_tokens(specials)
-        if plain:
-            hf.add_tokens(plain)
+                if ty != USER_DEFINED:
+                    special.add(t)
+        if spm is not None:
+            spm.set_added_tokens(added, special)
+        else:
+            _add_whole_match_tokens(hf, added, special)
 
         add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", default_bos))
         add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
@@ -353,12 +276,14 @@ class Tokenizer:
 
         eot_ids = {i for i in (eos_id, token_id_key("eot"), token_id_key("eom")) if i is not None}
         for t in _EOT_TEXTS:
-            i = vocab.get(t)
+            i = last_id(t)
             if i is not None:  # llama.cpp goes by the text whatever the type
                 eot_ids.add(i)
 
-        return cls(hf_tokenizer=hf, model=model, pre=pre, tokens=tokens, types=types, bos_id=bos_id,
-                   eos_id=eos_id, eot_ids=eot_ids, add_bos=add_bos, add_eos=add_eos,
+        # sentencepiece: token texts from the encoder's compact table, so the metadata list can go
+        return cls(hf_tokenizer=hf, spm=spm, model=model, pre=pre, tokens=spm.table if spm else tokens,
+                   types=bytes(types),
+                   bos_id=bos_id, eos_id=eos_id, eot_ids=eot_ids, add_bos=add_bos, add_eos=add_eos,
                    add_space_prefix=add_space_prefix, added=added)
 
     # ------------------------------------------------------------------ encoding
@@ -369,7 +294,9 @@ class Tokenizer:
         if not isinstance(text, str):
             raise RequestError(f"can only tokenize a string, not {type(text).__name__}")
         ids: list[int] = []
-        if text:
+        if text and self._spm is not None:
+            ids = self._spm.encode(text, parse_special)
+        elif text:
             # `encode_special_tokens` is a flag on the shared HF tokenizer: hold the lock while it is set
             with self._lock:
                 if parse_special:
@@ -392,6 +319,8 @@ class Tokenizer:
         i = self._added.get(text)
         if i is not None:
             return i
+        if self._spm is not None:
+            return self._spm.token_id(text)
         if self._vocab is None:
             self._vocab = {t: i for i, t in enumerate(self._tokens)}
         return self._vocab.get(text)
@@ -457,6 +386,53 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size}, "
                 f"bos={self.bos_token!r}, eos={self.eos_token!r})")
+
+
+def _byte_level_bpe(metadata: dict[str, Any], tokens: list[str], pre: str | None):
+    """HF tokenizer for a gpt2-type vocabulary, its text -> id map and the pre-tokenizer's default add_bos."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    if "tokenizer.ggml.merges" not in metadata:
+        raise GGUFError("tokenizer metadata key 'tokenizer.ggml.merges' is missing")
+    if pre is None or pre not in _PRE:
+        log.warning("tokenizer pre-tokenizer %r is unknown; using the GPT-2 split (tokens may differ from "
+                    "the original tokenizer)", pre)
+        splits, nfc, ignore_merges, default_bos = (GPT2_SPLIT,), False, False, False
+    else:
+        splits, nfc, ignore_merges, default_bos = _PRE[pre]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for m in metadata["tokenizer.ggml.merges"]:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise GGUFError(f"tokenizer.ggml.merges entry {m!r} is not two tokens separated by a space")
+        merges.append((a, b))
+    try:
+        bpe = BPE(vocab, merges, ignore_merges=ignore_merges)
+    except Exception as e:  # noqa: BLE001 - e.g. a merge naming a token the vocabulary lacks
+        raise GGUFError(f"tokenizer.ggml.merges does not fit tokenizer.ggml.tokens ({e})") from None
+    hf = HFTokenizer(bpe)
+    if nfc:
+        hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    return hf, vocab, default_bos
+
+
+def _add_whole_match_tokens(hf, added: dict[str, int], special: set[str]) -> None:
+    from tokenizers import AddedToken
+
+    specials = [AddedToken(t, special=True, normalized=False) for t in added if t in special]
+    plain = [AddedToken(t, special=False, normalized=False) for t in added if t not in special]
+    if specials:
+        hf.add_special_tokens(specials)
+    if plain:
+        hf.add_tokens(plain)
 
 
 def _incomplete_tail(buf: bytes | bytearray) -> int:

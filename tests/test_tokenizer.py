@@ -23,7 +23,7 @@ import pytest
 
 from ocula.errors import GGUFError, RequestError, UnsupportedError
 from ocula.gguf import GGUFFile
-from ocula.tokenizer import SUPPORTED_PRE, Tokenizer, bytes_to_unicode, spm_merges
+from ocula.tokenizer import SUPPORTED_PRE, Tokenizer, bytes_to_unicode
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"
@@ -199,6 +199,106 @@ def test_tiny_spm_without_space_prefix(tiny_dir):
     assert not tok.add_space_prefix
     assert tok.encode("hello world", add_special=False) == [tid["hello"], tid["▁world"]]
     assert tok.decode(tok.encode(" hello", add_special=False)) == " hello"
+
+
+# ----------------------------------------------------------------------------- sentencepiece reference
+
+def spm_merges(tokens: list[str], scores: list[float], mergeable: list[int]) -> list[tuple[str, str]]:
+    """Merges implied by a scored vocabulary: every split of a token into two vocabulary pieces, best
+    score first; ties go to the longer left piece, then the longer right piece, then the lower token id
+    (the order transformers' `generate_merges` gives)."""
+    vocab: dict[str, int] = {}
+    for i in mergeable:
+        vocab[tokens[i]] = i
+    order = sorted(vocab.values(), key=lambda i: -scores[i])  # stable: equal scores stay in id order
+    merges: list[tuple[str, str]] = []
+    append = merges.append
+    m, j = len(order), 0
+    while j < m:
+        s = scores[order[j]]
+        r = j + 1
+        while r < m and scores[order[r]] == s:
+            r += 1
+        if r == j + 1:  # the usual case: a score of its own, splits longest-left first
+            tok = tokens[order[j]]
+            for k in range(len(tok) - 1, 0, -1):
+                a = tok[:k]
+                if a in vocab:
+                    b = tok[k:]
+                    if b in vocab:
+                        append((a, b))
+        else:  # tokens sharing a score: their splits are ordered together
+            rows = []
+            for i in order[j:r]:
+                tok = tokens[i]
+                n = len(tok)
+                for k in range(n - 1, 0, -1):
+                    a = tok[:k]
+                    if a in vocab:
+                        b = tok[k:]
+                        if b in vocab:
+                            rows.append((-k, k - n, i, a, b))
+            rows.sort()
+            merges.extend((row[3], row[4]) for row in rows)
+        j = r
+    return merges
+
+
+def hf_spm_reference(metadata: dict):
+    """The HF `tokenizers` BPE that ocula.spm must equal: merges rebuilt from the scores (transformers'
+    GGUF converter), byte fallback, Metaspace / Replace and the whole-match tokens, as ocula built it
+    before ocula.spm. Returns encode(text, parse_special) -> ids (no BOS/EOS)."""
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    tokens, scores = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.scores"]
+    types = metadata["tokenizer.ggml.token_type"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    merges = spm_merges(tokens, scores, [i for i, t in enumerate(types) if t == 1])
+    hf = HFTokenizer(BPE(vocab, merges, unk_token=tokens[unk_id] if unk_id is not None else None, fuse_unk=True,
+                         byte_fallback=True))
+    norms = []
+    if metadata.get("tokenizer.ggml.remove_extra_whitespaces"):
+        norms += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    if metadata.get("tokenizer.ggml.add_space_prefix", True):
+        if norms:
+            hf.normalizer = normalizers.Sequence(norms)
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    else:
+        hf.normalizer = normalizers.Sequence(norms + [normalizers.Replace(" ", "▁")])
+    whole = [(t, ty) for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (2, 3, 4) and t and vocab[t] == i]
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in whole if ty != 4])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in whole if ty == 4])
+
+    def encode(text: str, parse_special: bool = True) -> list[int]:
+        hf.encode_special_tokens = not parse_special
+        return hf.encode(text, add_special_tokens=False).ids if text else []
+
+    return encode
+
+
+def fuzz_texts(tokens: list[str], n: int, seed: int = 0) -> list[str]:
+    """Random texts from vocabulary pieces, odd characters, space runs and long repeats."""
+    rng = random.Random(seed)
+    pieces = [t for t in tokens if t]
+    odd = list("abcXYZ 0123\n\t.,!?'\"<>|_-éü日本😀▁ \u200b\u00a0\x1c\u2003\uffff\U0001F9FF\u0301")
+    texts = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 10)):
+            r = rng.random()
+            if r < 0.5:
+                parts.append(rng.choice(pieces).replace("▁", " " if rng.random() < 0.7 else "▁"))
+            elif r < 0.8:
+                parts.append("".join(rng.choice(odd) for _ in range(rng.randint(1, 6))))
+            elif r < 0.9:
+                parts.append(" " * rng.randint(1, 4))
+            else:  # long words take the heap path
+                parts.append(rng.choice(pieces) * rng.randint(2, 20))
+        texts.append("".join(parts))
+    return texts
 
 
 def test_spm_merges_order():

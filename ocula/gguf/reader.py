@@ -122,6 +122,27 @@ class _Cursor:
         return [self.value(etype, 1) for _ in range(count)]
 
 
+class Metadata(dict):
+    """GGUF metadata. Arrays dropped with `GGUFFile.release_arrays` are read from the file again when
+    asked for (`md[key]`, `md.get(key)`, `key in md`); iteration lists only the keys still held."""
+
+    def __init__(self, reload):
+        super().__init__()
+        self._reload = reload
+        self._released: set[str] = set()
+
+    def __missing__(self, key):
+        if key in self._released:
+            return self._reload(key)
+        raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or key in self._released
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
 class GGUFFile:
     """A GGUF file opened read-only. `metadata[key]` gives str/int/float/bool or a list of them."""
 
@@ -137,7 +158,8 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise GGUFError(f"{self.path}: not a GGUF file (magic bytes {magic!r}, expected {GGUF_MAGIC!r})")
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        self.metadata: dict[str, Any] = {}
+        self.metadata: Metadata = Metadata(self._read_value)
+        self._value_offsets: dict[str, int] = {}
         self.tensors: dict[str, GGUFTensor] = {}
         self._parse()
 
@@ -155,6 +177,7 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: broken GGUF header ({n_tensors} tensors, {n_kv} keys)")
         for _ in range(n_kv):
             key = c.string()
+            self._value_offsets[key] = c.pos
             self.metadata[key] = c.value(c.u32())
         infos = []
         for _ in range(n_tensors):
@@ -188,6 +211,20 @@ class GGUFFile:
             shape = tuple(int(d) for d in reversed(dims))
             self.tensors[name] = GGUFTensor(name, shape, qtype, self._map[start : start + n_bytes], start)
         header.close()
+
+    def release_arrays(self, min_items: int = 1024) -> None:
+        """Drop metadata arrays of at least `min_items` values (the vocabulary, its scores and merges
+        once a tokenizer holds what it needs); they are read from the file again if asked for."""
+        for key, value in list(self.metadata.items()):
+            if isinstance(value, list) and len(value) >= min_items:
+                del self.metadata[key]
+                self.metadata._released.add(key)
+
+    def _read_value(self, key: str):
+        with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as header:
+            c = _Cursor(header, self.path)
+            c.pos = self._value_offsets[key]
+            return c.value(c.u32())
 
     @property
     def architecture(self) -> str:
