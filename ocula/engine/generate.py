@@ -15,6 +15,9 @@ from ocula.models.layers import KVCache
 from ocula.models.text.base import StepInput, TextModel
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
+# generated tokens whose KV room is reserved up front when the request sets no max_tokens (beyond: the
+# cache grows); the reservation is uninitialized memory, so slots never written cost no RSS
+RESERVE_NEW_TOKENS = 1024
 
 
 @dataclass
@@ -73,11 +76,15 @@ class Chunk:
 
 
 class Engine:
-    def __init__(self, model: TextModel, tokenizer, n_ctx: int | None = None, prefix_cache: bool = True):
+    def __init__(self, model: TextModel, tokenizer, n_ctx: int | None = None, prefix_cache: bool = True,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.n_ctx = min(n_ctx or model.cfg.context_length, model.cfg.context_length)
         self.prefix_cache = prefix_cache
+        # None: the compute dtype (float32 by default, which the parity tests hold to); float16 or
+        # bfloat16 halve the cache (llama.cpp's default is f16) at a small cost in accuracy
+        self.kv_dtype = kv_dtype
         self._cache: KVCache | None = None
         self._cache_keys: list = []
         self._lock = threading.RLock()
@@ -87,8 +94,9 @@ class Engine:
     def _claim_cache(self, prompt: Prompt) -> tuple[KVCache, int]:
         """A cache holding the longest reusable prefix of `prompt`, and that prefix's length."""
         keys = prompt.cache_keys()
-        if self._cache is None or not self.prefix_cache:
-            self._cache = self.model.new_cache()
+        if self._cache is None or not self.prefix_cache or self._cache.dtype != self._kv_dtype():
+            self._cache = None  # freed before its replacement is allocated
+            self._cache = self.model.new_cache(dtype=self._kv_dtype())
             self._cache_keys = []
         n = 0
         for a, b in zip(self._cache_keys, keys):
@@ -116,8 +124,13 @@ class Engine:
                     deepstack[layer][a - start : b - start] = feats[a - img.start : b - img.start].to(x.dtype)
         return x, deepstack
 
-    def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVCache, int]:
-        """Run the uncached part of the prompt; return last-position logits [vocab], the cache, #reused."""
+    def _kv_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.model.compute_dtype
+
+    def prefill(self, prompt: Prompt, new_tokens: int = 0) -> tuple[torch.Tensor, KVCache, int]:
+        """Run the uncached part of the prompt; return last-position logits [vocab], the cache, #reused.
+
+        `new_tokens`: how many tokens will be generated after it (their KV room is reserved now)."""
         if len(prompt) == 0:
             raise RequestError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
@@ -126,6 +139,7 @@ class Engine:
                 "shorten the conversation, send fewer or smaller images, or raise n_ctx"
             )
         cache, reused = self._claim_cache(prompt)
+        cache.reserve(min(len(prompt) + new_tokens, self.n_ctx))
         start = reused
         hidden = None
         while start < len(prompt):
@@ -169,15 +183,17 @@ class Engine:
     def _stream(self, prompt: Prompt, params: SamplingParams, timings: Timings, constraint=None) -> Iterator[Chunk]:
         tok = self.tokenizer
         sampler = Sampler(params)
+        budget = min(params.max_tokens if params.max_tokens is not None else self.n_ctx, self.n_ctx - len(prompt))
         t0 = time.perf_counter()
-        logits, cache, reused = self.prefill(prompt)
+        # the last generated token's KV is never computed
+        reserve = budget - 1 if params.max_tokens is not None else RESERVE_NEW_TOKENS
+        logits, cache, reused = self.prefill(prompt, max(reserve, 0))
         timings.prompt_tokens, timings.cached_tokens = len(prompt), reused
         timings.prompt_ms = (time.perf_counter() - t0) * 1000
         history = list(prompt.token_ids)
         out_ids: list[int] = []
         text, emitted = "", 0  # decoded text so far, and how much of it was yielded
         decoder = tok.StreamDecoder(tok)
-        budget = min(params.max_tokens if params.max_tokens is not None else self.n_ctx, self.n_ctx - len(prompt))
         finish = "length"
         mrope = self.model.cfg.is_mrope
         t_gen = time.perf_counter()

@@ -18,9 +18,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        # one fused op; .float() / .to() are no-ops for float32 activations
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -53,6 +52,48 @@ class RopeConfig:
     interleaved_sections: bool = False  # Qwen3-VL: axes alternate t,h,w across frequencies
 
 
+class RopeTable:
+    """The rotation for one forward's positions, laid out for q/k of shape [B, T, H, D].
+
+    Built once per forward and shared by every layer. "neox" pairs (x_i, x_{i+n/2}):
+    out = x * cos + roll(x, n/2) * sin with cos repeated over both halves and sin signed (-sin, +sin).
+    "norm" pairs adjacent (x_2i, x_2i+1): a complex multiply by cos + i*sin.
+    """
+
+    def __init__(self, style: str, cos: torch.Tensor, sin: torch.Tensor):
+        """cos/sin: [T, n_rot/2] (float32), or [B, T, n_rot/2] per sequence of a batch."""
+        self.style = style
+        self.n_rot = cos.shape[-1] * 2
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        if style == ROPE_NEOX:
+            self.cos = torch.cat((cos, cos), dim=-1)
+            self.sin = torch.cat((-sin, sin), dim=-1)
+        else:
+            self.rot = torch.complex(cos, sin)
+
+    @classmethod
+    def stack(cls, tables: list["RopeTable"]) -> "RopeTable":
+        """One table for a batch: row b rotates with tables[b] (each for the same T)."""
+        out = cls.__new__(cls)
+        out.style, out.n_rot = tables[0].style, tables[0].n_rot
+        for name in ("cos", "sin", "rot"):
+            if hasattr(tables[0], name):
+                setattr(out, name, torch.stack([getattr(t, name) for t in tables]))
+        return out
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, H, D] (any float dtype) → rotated, same shape and dtype. Dims past n_rot pass through."""
+        if x.shape[-1] != self.n_rot:
+            return torch.cat((self.apply(x[..., : self.n_rot]), x[..., self.n_rot :]), dim=-1)
+        xf = x.float()
+        if self.style == ROPE_NEOX:
+            out = (xf * self.cos).addcmul_(xf.roll(self.n_rot // 2, -1), self.sin)
+        else:
+            pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
+            out = torch.view_as_real(pairs * self.rot).flatten(-2)
+        return out.to(x.dtype)
+
+
 class Rotary(nn.Module):
     def __init__(self, cfg: RopeConfig, freq_factors: torch.Tensor | None = None):
         super().__init__()
@@ -82,7 +123,7 @@ class Rotary(nn.Module):
             start += n
         return axis
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] or [n_axes, T] → cos, sin of shape [T, n_rot/2] (float32)."""
         pos = positions.float()
         if pos.dim() == 1:
@@ -93,26 +134,19 @@ class Rotary(nn.Module):
             freqs = per_axis.gather(0, axis[None, None, :].expand(1, pos.shape[1], -1)).squeeze(0)
         return freqs.cos(), freqs.sin()
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, n_rot/2]. Dimensions past n_rot pass through."""
-    n_rot = cos.shape[-1] * 2
-    rot, rest = x[..., :n_rot].float(), x[..., n_rot:]
-    if style == ROPE_NEOX:
-        x1, x2 = rot[..., : n_rot // 2], rot[..., n_rot // 2 :]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    out = out.to(x.dtype)
-    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+    def forward(self, positions: torch.Tensor) -> RopeTable:
+        return RopeTable(self.cfg.style, *self.angles(positions))
 
 
 # ---------------------------------------------------------------- KV cache
 
 
 class KVCache:
-    """Per-layer keys/values of one sequence, [1, n_kv_heads, capacity, head_dim], grown on demand."""
+    """Per-layer keys/values of one sequence, [1, n_kv_heads, capacity, head_dim].
+
+    Storage is allocated uninitialized (only written slots are ever read, so pages a request never
+    reaches are never touched) at the size `reserve` asked for, else grown on demand in powers of two.
+    """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", max_tokens: int | None = None):
@@ -121,19 +155,32 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
         self.length = 0  # tokens stored and visible to the next forward
+        self._reserved = 0
+
+    def reserve(self, n: int) -> None:
+        """Make room for n tokens in every layer now (at most one copy), so no growth follows."""
+        if self.max_tokens:
+            n = min(n, max(self.max_tokens, self.length))
+        self._reserved = max(self._reserved, n)
+        for layer in range(len(self.k)):
+            if self.k[layer] is not None and self.k[layer].shape[2] < n:
+                self._grow(layer, n)
 
     def _ensure(self, layer: int, needed: int) -> None:
         cur = self.k[layer]
         if cur is not None and cur.shape[2] >= needed:
             return
-        cap = max(256, 1 << math.ceil(math.log2(max(needed, 1))))
+        cap = self._reserved if needed <= self._reserved else max(256, 1 << math.ceil(math.log2(max(needed, 1))))
         if self.max_tokens:
             cap = min(max(cap, needed), max(self.max_tokens, needed))
+        self._grow(layer, cap)
+
+    def _grow(self, layer: int, cap: int) -> None:
         shape = (1, self.n_kv_heads, cap, self.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if cur is not None:
-            k[:, :, : self.length] = cur[:, :, : self.length]
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.k[layer] is not None and self.length:
+            k[:, :, : self.length] = self.k[layer][:, :, : self.length]
             v[:, :, : self.length] = self.v[layer][:, :, : self.length]
         self.k[layer], self.v[layer] = k, v
 
@@ -141,8 +188,8 @@ class KVCache:
         """Append k/v [1, Hkv, T, D] after the stored tokens; return all keys/values so far."""
         end = self.length + k.shape[2]
         self._ensure(layer, end)
-        self.k[layer][:, :, self.length : end] = k.to(self.dtype)
-        self.v[layer][:, :, self.length : end] = v.to(self.dtype)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
@@ -157,9 +204,20 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
+class _Causal:
+    """Mask marker: plain causal attention of a chunk that starts at cache index 0 (SDPA's is_causal)."""
+
+    def __repr__(self) -> str:
+        return "CAUSAL"
+
+
+CAUSAL = _Causal()
+
+
 def attention_mask(start: int, n_new: int, window: int | None = None,
-                   groups: torch.Tensor | None = None, device=None) -> torch.Tensor | None:
-    """Boolean [n_new, start + n_new] mask (True = may attend) for new tokens at cache index `start`.
+                   groups: torch.Tensor | None = None, device=None) -> torch.Tensor | _Causal | None:
+    """What new tokens at cache index `start` may attend to: None (everything: one query within the
+    window), CAUSAL (causal from index 0), or a boolean [n_new, start + n_new] mask (True = may attend).
 
     Causal; `window` keeps only the last `window` keys (query itself included); tokens of the same
     non-zero `groups` id (e.g. one image) also see each other both ways.
@@ -167,6 +225,14 @@ def attention_mask(start: int, n_new: int, window: int | None = None,
     total = start + n_new
     if n_new == 1 and (window is None or total <= window):
         return None
+    if start == 0 and groups is None and (window is None or total <= window):
+        return CAUSAL
+    return causal_mask(start, n_new, window, groups, device)
+
+
+def causal_mask(start: int, n_new: int, window: int | None = None,
+                groups: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    total = start + n_new
     q = torch.arange(start, total, device=device)[:, None]
     k = torch.arange(total, device=device)[None, :]
     mask = k <= q
@@ -179,13 +245,33 @@ def attention_mask(start: int, n_new: int, window: int | None = None,
     return mask
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+# query x key x head_dim products below which attention runs on one thread: waking the other
+# OpenMP workers for a decode step's few keys costs more than it saves (they sleep between ops)
+ATTN_PARALLEL_MIN_WORK = 1 << 20
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | _Causal | None,
            scale: float, softcap: float | None = None) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, S, D] → [B, H, T, D]. Grouped-query heads are shared, not copied."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-        )
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    if softcap is not None:
+        return _attend_softcap(q, k, v, causal_mask(S - T, T) if mask is CAUSAL else mask, scale, softcap)
+    causal = mask is CAUSAL
+    mask = None if causal else mask
+    threads = torch.get_num_threads()
+    if threads > 1 and B * H * T * S * D < ATTN_PARALLEL_MIN_WORK:
+        torch.set_num_threads(1)
+        try:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                  enable_gqa=k.shape[1] != H)
+        finally:
+            torch.set_num_threads(threads)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=k.shape[1] != H)
+
+
+def _attend_softcap(q, k, v, mask, scale, softcap):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     scores = (q @ k.transpose(-1, -2)) * scale

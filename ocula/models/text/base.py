@@ -15,9 +15,7 @@ from torch.nn import functional as F
 
 from ocula.errors import GGUFError, UnsupportedError
 from ocula.gguf import GGUFFile
-from ocula.models.layers import (
-    KVCache, RMSNorm, RopeConfig, Rotary, apply_rope, attend, attention_mask,
-)
+from ocula.models.layers import KVCache, RMSNorm, RopeConfig, RopeTable, Rotary, attend, attention_mask
 from ocula.quant.linear import QEmbedding, QLinear
 
 
@@ -123,27 +121,33 @@ class StepInput:
     deepstack: list[torch.Tensor] | None = None  # per early layer: [T, n_embd] added after that layer
 
 
-def self_attention(blk: nn.Module, x: torch.Tensor, cfg: TextConfig, rope: tuple[torch.Tensor, torch.Tensor],
-                   caches: list[KVCache], layer: int, masks: list[torch.Tensor | None]) -> torch.Tensor:
+def self_attention(blk: nn.Module, x: torch.Tensor, cfg: TextConfig, rope: RopeTable,
+                   caches: list[KVCache], layer: int, masks: list) -> torch.Tensor:
     """Attention over `blk.attn_{q,k,v,output}` (+ optional `attn_{q,k}_norm`) with KV caches.
 
     x is [B, T, d]: row b belongs to the sequence of `caches[b]` (batched decode runs the projections
     for all sequences at once; attention itself is per sequence, over that sequence's cache).
     """
     B, T, _ = x.shape
-    q = blk.attn_q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-    k = blk.attn_k(x).view(B, T, cfg.n_head_kv, cfg.head_dim).transpose(1, 2)
-    v = blk.attn_v(x).view(B, T, cfg.n_head_kv, cfg.head_dim).transpose(1, 2)
+    # [B, T, heads, head_dim]: norms and RoPE run on contiguous rows; attention takes transposed views
+    q = blk.attn_q(x).view(B, T, cfg.n_head, cfg.head_dim)
+    k = blk.attn_k(x).view(B, T, cfg.n_head_kv, cfg.head_dim)
+    v = blk.attn_v(x).view(B, T, cfg.n_head_kv, cfg.head_dim)
     if cfg.qk_norm:
         q, k = blk.attn_q_norm(q), blk.attn_k_norm(k)
-    cos, sin = rope  # [T, half] or, batched, [B, 1, T, half]
-    q, k = apply_rope(q, cos, sin, cfg.rope.style), apply_rope(k, cos, sin, cfg.rope.style)
+    q, k = rope.apply(q).transpose(1, 2), rope.apply(k).transpose(1, 2)
+    v = v.transpose(1, 2)
     scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
-    outs = []
-    for b, cache in enumerate(caches):
-        kb, vb = cache.update(layer, k[b : b + 1], v[b : b + 1])
-        outs.append(attend(q[b : b + 1], kb.to(q.dtype), vb.to(q.dtype), masks[b], scale, cfg.attn_softcap))
-    out = outs[0] if B == 1 else torch.cat(outs)
+    if B == 1:
+        kb, vb = caches[0].update(layer, k, v)
+        out = attend(q, kb.to(q.dtype), vb.to(q.dtype), masks[0], scale, cfg.attn_softcap)
+    else:
+        outs = []
+        for b, cache in enumerate(caches):
+            kb, vb = cache.update(layer, k[b : b + 1], v[b : b + 1])
+            outs.append(attend(q[b : b + 1], kb.to(q.dtype), vb.to(q.dtype), masks[b], scale, cfg.attn_softcap))
+        out = torch.cat(outs)
+    # SDPA's output is laid out [B, T, H, D] already on CPU, so this reshape is usually a view
     return blk.attn_output(out.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
@@ -167,9 +171,11 @@ class DecoderBlock(nn.Module):
         self.ffn_down = QLinear(cfg.n_ff, d)
 
     def forward(self, x, cfg, rope, caches, layer, masks):
-        x = x + self_attention(self, self.attn_norm(x), cfg, rope, caches, layer, masks)
+        """x [B, T, d] is updated in place (TextModel.forward owns it) and returned."""
+        x += self_attention(self, self.attn_norm(x), cfg, rope, caches, layer, masks)
         h = self.ffn_norm(x)
-        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        x += self.ffn_down(F.silu(self.ffn_gate(h), inplace=True).mul_(self.ffn_up(h)))
+        return x
 
 
 class TextModel(nn.Module):
@@ -199,7 +205,7 @@ class TextModel(nn.Module):
         x = self.token_embd(ids, self.compute_dtype)
         return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
 
-    def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def rope_tables(self, positions: torch.Tensor) -> dict[str, RopeTable]:
         return {"global": self.rotary(positions)}
 
     def forward(self, x: torch.Tensor, step: StepInput | list[StepInput]) -> torch.Tensor:
@@ -211,12 +217,13 @@ class TextModel(nn.Module):
         cfg = self.cfg
         steps = step if isinstance(step, list) else [step]
         T = x.shape[1]
+        x = x.clone()  # the blocks add their outputs to x in place
         caches = [s.cache for s in steps]
-        if len(steps) == 1:
+        if len(steps) == 1:  # cos/sin once per forward, shared by all layers
             ropes = self.rope_tables(steps[0].positions.to(x.device))
-        else:  # per-sequence positions → cos/sin of shape [B, 1, T, half]
+        else:  # per-sequence positions → one table with a batch dimension
             tables = [self.rope_tables(s.positions.to(x.device)) for s in steps]
-            ropes = {k: tuple(torch.stack([t[k][i] for t in tables])[:, None] for i in (0, 1)) for k in tables[0]}
+            ropes = {k: RopeTable.stack([t[k] for t in tables]) for k in tables[0]}
         full = [attention_mask(c.length, T, None, s.groups, x.device) for c, s in zip(caches, steps)]
         window = ([attention_mask(c.length, T, cfg.sliding_window, s.groups, x.device) for c, s in zip(caches, steps)]
                   if any(cfg.sliding_layers) else None)
