@@ -2,7 +2,10 @@
 
 Tolerances, relative to max |reference output|:
 - native, float32 activations: 2e-6. Weights decode to the same float32 values as the torch
-  dequantizers (checked bit for bit below); only the float32 summation order differs.
+  dequantizers (checked bit for bit below, for the fused mat-vec too: one-hot rows of x); only the
+  float32 summation order differs (the fused kernels may also apply a block scale once to a partial
+  sum, d * sum(q x) for Q8_0, which is the same kind of reassociation). The observed error is
+  ~1e-6 of max |y| (float32 sums of 512-800 products); a decoding slip would be ~1e-1.
 - native, bfloat16 activations (tiles + bf16 GEMM, T > FUSED_MAX_T): 1e-2, bf16 rounding of the output.
 - ggml: 5e-2. ggml quantizes the activations to 8 bit (Q8_0 / Q8_K) before its integer dot products.
 """
@@ -70,6 +73,46 @@ def test_native_matches_tiled_linear(qtype, T):
     got = kernels.native_linear(x, w, bias)
     assert got.shape == ref.shape and got.dtype == torch.float32
     assert rel_err(got, ref) < 2e-6
+
+
+def fused_matmul(w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    """The C fused decode+dot kernel called directly, for any number of rows of x (it takes <= 64)."""
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], w.shape[0])
+    rc = kernels.native_lib().ocula_matmul(w.qtype, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1],
+                                           x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    assert rc == 0
+    return y
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+def test_native_fused_kernel_uses_the_exact_weights(qtype):
+    """One-hot rows of x select single columns of W, where every summation order gives the weight
+    itself: the fused kernel must reproduce the dequantizer's float32 values bit for bit, for every
+    column and lane order, with 1 row of x and with chunks of several (odd block counts included)."""
+    cols = 768 if GGML_QUANT_SIZES[qtype][0] == 256 else 800  # 3 super-blocks / 25 blocks
+    w = random_weight(qtype, cols=cols)
+    ref = w.dequantize(torch.float32)
+    eye = torch.eye(cols)
+    for T in (1, 3, 11, 64):  # 64: chunks of 8
+        for start in range(0, cols, T):
+            picks = torch.arange(start, min(start + T, cols))
+            assert torch.equal(fused_matmul(w, eye[picks], threads=1), ref[:, picks].T), (T, start)
+    assert torch.equal(fused_matmul(w, eye[:5], threads=2), ref[:, :5].T)
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 2, 4, 6, 9])
+def test_native_fused_kernel_sums(qtype, T):
+    """Dense x, every row count the fused path compiles separately, and T > 8 (chunks of 8)."""
+    cols = 768 if GGML_QUANT_SIZES[qtype][0] == 256 else 800
+    w = random_weight(qtype, cols=cols)
+    x = torch.randn(T, cols, generator=torch.Generator().manual_seed(T))
+    ref = x @ w.dequantize(torch.float32).T
+    assert rel_err(fused_matmul(w, x), ref) < 2e-6
+    assert rel_err(fused_matmul(w, x, threads=1), ref) < 2e-6
 
 
 @needs_native
