@@ -35,12 +35,11 @@ from ocula.models.vision.base import (
     VisionConfig,
     VisionModel,
     ViTBlock,
-    normalize,
     register_projector,
 )
+from ocula.models.vision.pixels import normalized_chw, resize
 
 DEFAULT_POOL = 4  # llama.cpp's default for `clip.vision.projector.scale_factor` (HF: 64 patches -> 16 per side)
-RESCALE = 1.0 / 255.0
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 
@@ -102,12 +101,9 @@ class Gemma3Vision(VisionModel):
         size = self.cfg.image_size
         rgb = to_rgb(image)
         if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), resample=Image.Resampling.BILINEAR)
-        arr = np.asarray(rgb, dtype=np.uint8)
-        scaled = (arr.astype(np.float64) * RESCALE).astype(np.float32)  # as HF's rescale
-        pixels = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
-        pixels = normalize(pixels, self.cfg.image_mean, self.cfg.image_std)
-        return ProcessedImage(pixel_values=pixels[None], n_tokens=self.tokens_side ** 2)
+            rgb = resize(rgb, size, size, Image.Resampling.BILINEAR)
+        pixels = normalized_chw([np.asarray(rgb, dtype=np.uint8)], self.cfg.image_mean, self.cfg.image_std)
+        return ProcessedImage(pixel_values=pixels, n_tokens=self.tokens_side ** 2)
 
     # ------------------------------------------------------------ encoder + projector
 

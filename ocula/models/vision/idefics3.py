@@ -56,13 +56,12 @@ from ocula.models.vision.base import (
     VisionConfig,
     VisionModel,
     ViTBlock,
-    normalize,
     register_projector,
 )
+from ocula.models.vision.pixels import normalized_chw, resize
 from ocula.quant.linear import QLinear
 
 MAX_IMAGE_SIZE = 4096  # HF: absolute cap on the resized longest edge
-RESCALE = 1.0 / 255.0
 DEFAULT_LONGEST_EDGE_TILES = 4  # HF default size.longest_edge = 4 * max_image_size.longest_edge
 
 FAKE, GLOBAL, IMAGE = "<fake_token_around_image>", "<global-img>", "<image>"
@@ -111,7 +110,9 @@ def tile_multiple_size(height: int, width: int, tile: int) -> tuple[int, int]:
 
 
 def _resize(img: Image.Image, height: int, width: int, resample) -> Image.Image:
-    return img.resize((width, height), resample=resample)
+    if img.size == (width, height):  # HF's resize to the same size is a copy: nothing to do
+        return img
+    return resize(img, width, height, resample)
 
 
 @register_projector("idefics3")
@@ -210,16 +211,14 @@ class Idefics3Vision(VisionModel):
         else:
             rows = cols = 0
             tiles = [np.asarray(img, dtype=np.uint8)]
-        stack = np.stack(tiles)  # [n, S, S, 3] uint8
-        scaled = (stack.astype(np.float64) * RESCALE).astype(np.float32)
-        pixels = torch.from_numpy(np.ascontiguousarray(scaled.transpose(0, 3, 1, 2)))
-        pixels = normalize(pixels, self.cfg.image_mean, self.cfg.image_std)
+        pixels = normalized_chw(tiles, self.cfg.image_mean, self.cfg.image_std)
         n_tokens = len(tiles) * self.tokens_per_tile
+        # HF's mask is all ones for a single image; a broadcast view holds it without 8 bytes per pixel
+        mask = torch.ones((), dtype=torch.int64).expand(len(tiles), s, s)
         return ProcessedImage(
             pixel_values=pixels,
             n_tokens=n_tokens,
-            extra={"rows": rows, "cols": cols, "longest_edge": longest,
-                   "pixel_attention_mask": torch.ones(len(tiles), s, s, dtype=torch.int64)},
+            extra={"rows": rows, "cols": cols, "longest_edge": longest, "pixel_attention_mask": mask},
         )
 
     # ------------------------------------------------------------ encoder + projector

@@ -36,6 +36,7 @@ from ocula.models.vision.base import (
     ViTBlock,
     register_projector,
 )
+from ocula.models.vision.pixels import normalized_chw, resize
 from ocula.quant.linear import QLinear
 
 DEFAULT_MIN_TILES = 1  # GotOcr2ImageProcessor defaults (min_patches / max_patches)
@@ -75,27 +76,25 @@ def best_tile_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles
     return best
 
 
-def tile_image(image: Image.Image, tile: int, min_tiles: int, max_tiles: int) -> tuple[list[Image.Image], tuple[int, int]]:
-    """RGB image → tiles (row-major) + thumbnail when there are several; and the (columns, rows) grid."""
+def tile_image(image: Image.Image, tile: int, min_tiles: int, max_tiles: int) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """RGB image → uint8 [S, S, 3] tiles (row-major) + thumbnail when there are several; and the
+    (columns, rows) grid."""
+    def stretched(w: int, h: int) -> np.ndarray:
+        return np.asarray(resize(image, w, h, Image.Resampling.BICUBIC), dtype=np.uint8)
+
     if max_tiles <= 1:  # HF only crops when max_patches > 1; otherwise one stretched tile
-        return [image.resize((tile, tile), Image.Resampling.BICUBIC)], (1, 1)
+        return [stretched(tile, tile)], (1, 1)
     cols, rows = best_tile_grid(image.width, image.height, tile, min_tiles, max_tiles)
-    canvas = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
-    tiles = []
-    for r in range(rows):
-        for c in range(cols):
-            tiles.append(canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
+    canvas = stretched(cols * tile, rows * tile)
+    tiles = [canvas[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
     if len(tiles) != 1:
-        tiles.append(image.resize((tile, tile), Image.Resampling.BICUBIC))
+        tiles.append(stretched(tile, tile))
     return tiles, (cols, rows)
 
 
-def tiles_to_pixels(tiles: list[Image.Image], mean, std) -> torch.Tensor:
+def tiles_to_pixels(tiles: list[np.ndarray], mean, std) -> torch.Tensor:
     """[n, 3, S, S] float32: (x/255 - mean) / std with HF's numpy dtypes (rescale in float64, rest float32)."""
-    arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])  # [n, S, S, 3]
-    x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return normalized_chw(tiles, mean, std)
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:

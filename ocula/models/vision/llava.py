@@ -70,9 +70,9 @@ from ocula.models.vision.base import (
     activation,
     register_projector,
 )
+from ocula.models.vision.pixels import normalized_chw, resize
 from ocula.quant.linear import QLinear
 
-RESCALE = 1.0 / 255.0
 NEWLINE_TENSORS = ("model.image_newline", "v.image_newline")
 ATTN_CHUNK_BYTES = 256 * 1024 * 1024  # cap on one attention-score block when tiles are batched
 
@@ -154,9 +154,7 @@ def center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
 
 def to_pixels(tiles: list[np.ndarray], mean, std) -> torch.Tensor:
     """uint8 [H, W, 3] tiles -> [n, 3, H, W] float32: x/255 in float64 -> float32, then (x - mean) / std."""
-    x = (np.stack(tiles).astype(np.float64) * RESCALE).astype(np.float32)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return normalized_chw(tiles, mean, std)
 
 
 # ---------------------------------------------------------------- the model
@@ -293,7 +291,7 @@ class LlavaVision(VisionModel):
         h, w = tile.shape[:2]
         nh, nw = shortest_edge_size(h, w, s)
         if (nh, nw) != (h, w):
-            tile = np.asarray(Image.fromarray(tile).resize((nw, nh), Image.Resampling.BICUBIC))
+            tile = np.asarray(resize(Image.fromarray(tile), nw, nh, Image.Resampling.BICUBIC))
         return center_crop(tile, s, s)
 
     def preprocess(self, image: Image.Image, options: ImageOptions) -> ProcessedImage:
@@ -307,12 +305,12 @@ class LlavaVision(VisionModel):
 
         best = select_best_resolution(hw, self.candidate_resolutions(hw, options or ImageOptions()))
         nh, nw = patch_output_size(hw, best)
-        resized = np.asarray(rgb.resize((nw, nh), Image.Resampling.BICUBIC), dtype=np.uint8)
+        resized = np.asarray(resize(rgb, nw, nh, Image.Resampling.BICUBIC), dtype=np.uint8)
         canvas = np.zeros((best[0], best[1], 3), dtype=np.uint8)
         top, left = (best[0] - nh) // 2, (best[1] - nw) // 2
         canvas[top : top + nh, left : left + nw] = resized
         rows, cols = best[0] // s, best[1] // s
-        tiles = [np.asarray(rgb.resize((s, s), Image.Resampling.BICUBIC), dtype=np.uint8)]
+        tiles = [np.asarray(resize(rgb, s, s, Image.Resampling.BICUBIC), dtype=np.uint8)]
         tiles += [canvas[r * s : (r + 1) * s, c * s : (c + 1) * s] for r in range(rows) for c in range(cols)]
         pixels = to_pixels([self._finish(t) for t in tiles], self.cfg.image_mean, self.cfg.image_std)
         return ProcessedImage(
