@@ -14,7 +14,13 @@ What is measured (per repetition; min and median are reported):
   ttft_ms         prefill of that prompt + picking the first token
   tg              -n tokens generated greedily after it, EOS ignored; tokens/s over the n-1 decode steps
   peak_rss_mb     the process's peak resident set (getrusage ru_maxrss / VmHWM): with --compare every
-                  engine runs in its own subprocess so each gets its own number
+                  engine runs in its own subprocess so each gets its own number (taken before the chat below)
+  ttft_first_turn_ms, ttft_second_turn_ms, second_turn_ttft (with --image; --chat-reps, 0 skips it)
+                  a two-turn chat about the first image (ocula/bench_turns.py): turn 1 = image + question,
+                  turn 2 = the conversation re-sent with the answer and a new question; wall time to the
+                  first token of each, and second / first per repetition. Each repetition starts with
+                  cold caches; turn 2 reuses what the engine cached (ocula: image embeddings + prefix KV;
+                  llama.cpp: KV prefix reuse as llama-server does it, through the C API)
 
 Prefix caching cannot hide prompt work: ocula's engine runs with its prefix cache off and every
 repetition's prompt is different; llama.cpp's KV memory is cleared before every repetition.
@@ -32,6 +38,7 @@ from pathlib import Path
 
 ENGINES = ("ocula", "llama.cpp")
 RATIO_KEYS = ("image_encode_time", "pp_tps", "tg_tps", "peak_rss")
+TURN_KEYS = ("ttft_first_turn_ms", "ttft_second_turn_ms", "second_turn_ttft")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -172,6 +179,11 @@ def run_ocula(cfg: dict) -> dict:
         if n_g > 1:
             out["tg"] = {"tokens": n_g, "tps": summary(tg)}
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if cfg.get("images") and cfg.get("chat_reps", 0) > 0:
+        from ocula.bench_turns import run_ocula_turns
+
+        opts = {"image_min_tokens": cfg.get("image_min_tokens"), "image_max_tokens": cfg.get("image_max_tokens")}
+        out.update(run_ocula_turns(model, cfg["images"][0], cfg["chat_reps"], summary, opts))
     return out
 
 
@@ -348,6 +360,10 @@ def run_llamacpp(cfg: dict) -> dict:
         if n_g > 1:
             out["tg"] = {"tokens": n_g, "tps": summary(tg)}
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if mctx is not None and images and cfg.get("chat_reps", 0) > 0:
+        from ocula.bench_turns import run_llamacpp_turns
+
+        out.update(run_llamacpp_turns(ll, mtmd, model, mctx, cfg, cfg["images"][0], images[0]["tokens"], summary))
     if mctx is not None:
         mtmd.mtmd_free(mctx)
     ll.llama_free(ctx)
@@ -416,6 +432,7 @@ def config_from_args(args) -> dict:
         "threads": args.threads or os.cpu_count() or 1, "dtype": args.dtype, "device": args.device,
         "ctx_size": args.ctx_size, "image_min_tokens": args.image_min_tokens,
         "image_max_tokens": args.image_max_tokens, "kernels": getattr(args, "kernels", None),
+        "chat_reps": max(0, args.reps if args.chat_reps is None else args.chat_reps) if images else 0,
     }
 
 
@@ -431,8 +448,11 @@ def merge_runs(runs: list[dict]) -> dict:
     for key in ("pp", "tg"):
         if key in out:
             out[key] = {**out[key], "tps": summary([v for r in runs for v in r[key]["tps"]["values"]])}
-    if "ttft_ms" in out:
-        out["ttft_ms"] = summary([v for r in runs for v in r["ttft_ms"]["values"]])
+    for key in ("ttft_ms", *TURN_KEYS):
+        if key in out:
+            out[key] = summary([v for r in runs for v in r[key]["values"]])
+    if "chat" in out:
+        out["chat"] = {**out["chat"], "turns": [t for r in runs for t in r["chat"]["turns"]]}
     out["images"] = [
         {**imgs[0], "preprocess_ms": summary([v for i in imgs for v in i["preprocess_ms"]["values"]]),
          "encode_ms": summary([v for i in imgs for v in i["encode_ms"]["values"]])}
@@ -453,6 +473,10 @@ def cmd_bench(args) -> int:
         report = {"config": cfg, "ocula": results["ocula"], "llama.cpp": results["llama.cpp"],
                   "ratios": compute_ratios(results["ocula"], results["llama.cpp"]),
                   "ratios_best": compute_ratios(results["ocula"], results["llama.cpp"], best=True)}
+        if "ttft_second_turn_ms" in results["ocula"] and "ttft_second_turn_ms" in results["llama.cpp"]:
+            report["chat_ratios"] = {  # ocula / llama.cpp on medians
+                k.removesuffix("_ms"): _ratio(results["ocula"][k]["median"], results["llama.cpp"][k]["median"])
+                for k in TURN_KEYS[:2]}
     else:
         engine = args.engine or "ocula"
         report = {"config": cfg, engine: run_engine(engine, cfg)}
@@ -490,7 +514,13 @@ def format_report(report: dict) -> str:
                          f"ttft {_fmt(r.get('ttft_ms'), ' ms')}")
         if "tg" in r:
             lines.append(f"  tg{r['tg'].get('tokens', '')}: {_fmt(r['tg'].get('tps'), ' t/s', 2)}")
-    for key, label in (("ratios", "medians"), ("ratios_best", "best repetitions")):
+        if "ttft_second_turn_ms" in r:
+            turn = r["chat"]["turns"][0]
+            lines.append(f"  chat ttft turn 1: {_fmt(r['ttft_first_turn_ms'], ' ms')}, turn 2: "
+                         f"{_fmt(r['ttft_second_turn_ms'], ' ms')}, turn 2 / turn 1: "
+                         f"{_fmt(r['second_turn_ttft'], '', 3)} (turn 2 reused {turn['cached_tokens'][1]} of "
+                         f"{turn['prompt_tokens'][1]} prompt tokens, images encoded {turn['images_encoded'][1]})")
+    for key, label in (("ratios", "medians"), ("ratios_best", "best repetitions"), ("chat_ratios", "chat TTFT")):
         if key in report:
             lines.append(f"ocula / llama.cpp ({label}): " + ", ".join(
                 f"{k} {v:.2f}x" if v is not None else f"{k} -" for k, v in report[key].items()))
@@ -507,6 +537,8 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to generate, EOS ignored (0: skip)")
     p.add_argument("--reps", type=int, default=3, help="repetitions (min and median are reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before the repetitions")
+    p.add_argument("--chat-reps", type=int, default=None,
+                   help="repetitions of the two-turn chat about the first --image (default --reps; 0 skips it)")
     p.add_argument("--compare", choices=["llama.cpp"], help="also run llama-cpp-python and print ocula/llama.cpp ratios")
     p.add_argument("--rounds", type=int, default=1,
                    help="with --compare: run the engines alternately this many times (fresh processes) and pool "

@@ -58,6 +58,41 @@ def test_prompts_differ_per_repetition_and_cache_is_not_reused(tiny_vlm):
     assert len(r["pp"]["tps"]["values"]) == 2
 
 
+def _check_turns(r: dict, reps: int) -> None:
+    for key in bench.TURN_KEYS:
+        assert set(r[key]) == {"min", "median", "max", "values"} and len(r[key]["values"]) == reps, key
+    turns = r["chat"]["turns"]
+    assert len(turns) == reps
+    for t in turns:
+        first, second = t["prompt_tokens"]
+        assert t["cached_tokens"][0] == 0  # every repetition starts with cold caches
+        assert t["images_encoded"] == [1, 0]  # turn 2 took the image from the cache
+        # ... and the first turn's prompt (image included) from the KV cache; its last token may merge
+        # with the start of the re-sent answer when tokenized again
+        assert first - 1 <= t["cached_tokens"][1] < second
+
+
+def test_two_turn_chat_reuses_image_and_prefix(tiny_vlm, capsys):
+    model, mmproj, img = tiny_vlm
+    rc = main(["bench", "-m", str(model), "--mmproj", str(mmproj), "--image", str(img), "-p", "0", "-n", "0",
+               "--reps", "1", "--warmup", "0", "--chat-reps", "2", "-t", "1", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ocula"]
+    _check_turns(r, 2)
+    assert r["chat"]["questions"] and r["chat"]["answer_tokens"] > 0
+    assert main(["bench", "-m", str(model), "--mmproj", str(mmproj), "--image", str(img), "-p", "0", "-n", "0",
+                 "--reps", "1", "--warmup", "0", "--chat-reps", "1", "-t", "1"]) == 0
+    assert "turn 2 / turn 1" in capsys.readouterr().out
+
+
+def test_two_turn_chat_llamacpp_reuses_its_kv_prefix(tiny_vlm):
+    pytest.importorskip("llama_cpp")
+    model, mmproj, img = tiny_vlm
+    cfg = {"model": str(model), "mmproj": str(mmproj), "images": [str(img)], "n_prompt": 0, "n_gen": 0, "reps": 1,
+           "warmup": 0, "threads": 1, "dtype": "float32", "device": None, "ctx_size": None, "chat_reps": 1}
+    _check_turns(bench.run_engine("llama.cpp", cfg), 1)
+
+
 def _result(encode_ms, pp, tg, rss):
     return {"images": [{"encode_ms": {"median": e, "min": e / 2}} for e in encode_ms],
             "pp": {"tps": {"median": pp, "max": 2 * pp}}, "tg": {"tps": {"median": tg, "max": tg}}, "peak_rss_mb": rss}
@@ -101,6 +136,10 @@ def test_rounds_alternate_engines_and_pool_repetitions():
     assert m["pp"]["tps"]["values"] == [1.0, 2.0, 4.0] and m["pp"]["tps"]["median"] == 2.0
     assert m["peak_rss_mb"] == 120.0 and m["load_ms"] == 20.0 and m["rounds"] == 2
     assert m["images"][0]["encode_ms"]["values"] == [10.0, 30.0]
+    turns = {"ttft_first_turn_ms": bench.summary([100.0]), "ttft_second_turn_ms": bench.summary([5.0]),
+             "second_turn_ttft": bench.summary([0.05]), "chat": {"turns": [{"cached_tokens": [0, 9]}]}}
+    m = bench.merge_runs([{**a, **turns}, {**b, **turns}])
+    assert m["ttft_second_turn_ms"]["values"] == [5.0, 5.0] and len(m["chat"]["turns"]) == 2
 
 
 def test_summary():
