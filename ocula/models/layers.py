@@ -250,32 +250,45 @@ def causal_mask(start: int, n_new: int, window: int | None = None,
 ATTN_PARALLEL_MIN_WORK = 1 << 20
 
 
+# queries per forward up to which attention runs as plain float32 matmuls (`_attend_grouped`):
+# decode steps. CPU SDPA is slow for a single query, in bfloat16 several times slower than float32.
+GROUPED_MAX_T = 8
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | _Causal | None,
            scale: float, softcap: float | None = None) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, S, D] → [B, H, T, D]. Grouped-query heads are shared, not copied."""
     B, H, T, D = q.shape
     S = k.shape[2]
-    if softcap is not None:
-        return _attend_softcap(q, k, v, causal_mask(S - T, T) if mask is CAUSAL else mask, scale, softcap)
-    causal = mask is CAUSAL
-    mask = None if causal else mask
+    if mask is CAUSAL and (softcap is not None or T <= GROUPED_MAX_T):
+        mask = causal_mask(S - T, T, device=q.device)
     threads = torch.get_num_threads()
     if threads > 1 and B * H * T * S * D < ATTN_PARALLEL_MIN_WORK:
         torch.set_num_threads(1)
         try:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                                  enable_gqa=k.shape[1] != H)
+            return _attend(q, k, v, mask, scale, softcap)
         finally:
             torch.set_num_threads(threads)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=k.shape[1] != H)
+    return _attend(q, k, v, mask, scale, softcap)
 
 
-def _attend_softcap(q, k, v, mask, scale, softcap):
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1).to(v.dtype) @ v
+def _attend(q, k, v, mask, scale, softcap):
+    if softcap is not None or q.shape[2] <= GROUPED_MAX_T:
+        return _attend_grouped(q, k, v, mask, scale, softcap)
+    causal = mask is CAUSAL
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _attend_grouped(q, k, v, mask, scale, softcap):
+    """Attention as float32 matmuls, the query heads that share a KV head stacked as rows of one matrix."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    scores = torch.matmul(q.float().reshape(B, Hkv, rep * T, D), k.float().transpose(-1, -2)).mul_(scale)
+    if softcap is not None:
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    if mask is not None:  # [T, S], True = may attend
+        scores = scores.view(B, Hkv, rep, T, S).masked_fill_(~mask, float("-inf")).view(B, Hkv, rep * T, S)
+    out = torch.matmul(scores.softmax(-1), v.float())
+    return out.view(B, H, T, v.shape[-1]).to(q.dtype)
