@@ -23,7 +23,10 @@ RESULTS = HERE / "results"
 
 # name, preset, quant (None: image row with the F16 mmproj), images, -p, -n, reps, warmup, rounds
 # (rounds: the two engines run alternately that many times in fresh processes; repetitions are pooled)
+# Image rows skip the two-turn chat (--chat-reps 0) except the `-chat` rows, which time only that.
 ROWS = [
+    ("internvl3-1b-chat", "InternVL3-1B", None, ["448x448"], 0, 0, 2, 0, 1),
+    ("qwen25vl3b-chat", "Qwen2.5-VL-3B", None, ["448x448"], 0, 0, 1, 0, 1),
     ("smolvlm256m-img", "SmolVLM-256M", None, ["448x448", "1280x960"], 0, 0, 3, 1, 1),
     ("qwen25vl3b-img448", "Qwen2.5-VL-3B", None, ["448x448"], 0, 0, 2, 1, 1),
     ("internvl3-1b-img448", "InternVL3-1B", None, ["448x448"], 0, 0, 2, 1, 1),
@@ -63,6 +66,8 @@ def main() -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for both engines (e.g. OMP_WAIT_POLICY=PASSIVE); the row name gets a suffix")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="ocula's compute dtype; bfloat16 rows get the suffix -bf16")
     args = ap.parse_args()
     models = Path(args.models)
     models.mkdir(parents=True, exist_ok=True)
@@ -76,6 +81,7 @@ def main() -> int:
         env = dict(os.environ)
         env.update(kv.split("=", 1) for kv in args.env)
         tag = "".join("-" + kv.split("=", 1)[1].lower() for kv in args.env)
+        tag += "-bf16" if args.dtype == "bfloat16" else ""
         out = RESULTS / f"{name}{tag}.json"
         if out.exists() and not args.force:
             continue
@@ -84,8 +90,10 @@ def main() -> int:
         files = json.loads(subprocess.run(synth, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         cmd = ["ocula", "bench", "-m", files["model"], "-t", str(args.threads), "-p", str(n_p), "-n", str(n_g),
                "--reps", str(reps), "--warmup", str(warmup), "--rounds", str(rounds), "--compare", "llama.cpp", "--json"]
+        if args.dtype != "float32":
+            cmd += ["--dtype", args.dtype]
         if images:
-            cmd += ["--mmproj", files["mmproj"]]
+            cmd += ["--mmproj", files["mmproj"], "--chat-reps", str(reps if name.endswith("-chat") else 0)]
             for size in images:
                 cmd += ["--image", str(make_image(models / f"bench-{size}.png", size))]
         t0 = time.time()

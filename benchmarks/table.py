@@ -35,6 +35,10 @@ def wait(name: str, r: dict | None = None) -> str:
     return "active (default)" if commit in ("21c141b", "8e36b0f") else "passive (ocula default)"
 
 
+def dtype(r: dict) -> str:
+    return {"float32": "f32", "bfloat16": "bf16"}.get(r["config"].get("dtype") or "float32", "?")
+
+
 def best(r: dict, key: str) -> str:
     v = (r.get("ratios_best") or {}).get(key)
     return "–" if v is None else f"{v:.2f}×"
@@ -66,15 +70,15 @@ def render(results_dir: Path) -> str:
     imgs = [(k, r) for k, r in reports.items() if r["config"]["images"]]
     out = []
     if text:
-        out.append("| row | OMP wait | model | quant | pp t/s ocula / llama.cpp (median) | pp ratio median (best) "
+        out.append("| row | OMP wait | ocula dtype | model | quant | pp t/s ocula / llama.cpp (median) | pp ratio median (best) "
                    "| tg t/s ocula / llama.cpp (median) | tg ratio median (best) "
                    "| TTFT ms ocula / llama.cpp | peak RSS MiB ocula / llama.cpp | RSS ratio |")
-        out.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for k, r in text:
             o, l = r["ocula"], r["llama.cpp"]
             c = r["config"]
             out.append(
-                f"| `{k}` | {wait(k, r)} | {preset_of(r)} | {quant_of(r)} "
+                f"| `{k}` | {wait(k, r)} | {dtype(r)} | {preset_of(r)} | {quant_of(r)} "
                 f"| pp{c['n_prompt']}: {f(med(o['pp']['tps']), 2)} / {f(med(l['pp']['tps']), 2)} "
                 f"| {ratio(med(o['pp']['tps']), med(l['pp']['tps']))} ({best(r, 'pp_tps')}) "
                 f"| tg{c['n_gen']}: {f(med(o.get('tg', {}).get('tps')), 2)} / {f(med(l.get('tg', {}).get('tps')), 2)} "
@@ -83,22 +87,37 @@ def render(results_dir: Path) -> str:
                 f"| {f(o['peak_rss_mb'], 0)} / {f(l['peak_rss_mb'], 0)} | {ratio(o['peak_rss_mb'], l['peak_rss_mb'])} |")
         out.append("")
     if imgs:
-        out.append("| row | OMP wait | model (F16 mmproj) | image | tokens ocula / llama.cpp | preprocess ms ocula / llama.cpp "
+        out.append("| row | OMP wait | ocula dtype | model (F16 mmproj) | image | tokens ocula / llama.cpp | preprocess ms ocula / llama.cpp "
                    "| encode ms ocula / llama.cpp (median) | encode-time ratio median (best) "
                    "| ms per token ocula / llama.cpp "
                    "| peak RSS MiB ocula / llama.cpp | RSS ratio |")
-        out.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for k, r in imgs:
             o, l = r["ocula"], r["llama.cpp"]
             for io, il in zip(o["images"], l["images"]):
                 eo, el = med(io["encode_ms"]), med(il["encode_ms"])
                 out.append(
-                    f"| `{k}` | {wait(k, r)} | {preset_of(r)} | {io['width']}×{io['height']} | {io['tokens']} / {il['tokens']} "
+                    f"| `{k}` | {wait(k, r)} | {dtype(r)} | {preset_of(r)} | {io['width']}×{io['height']} | {io['tokens']} / {il['tokens']} "
                     f"| {f(med(io['preprocess_ms']), 0)} / {f(med(il['preprocess_ms']), 0)} "
                     f"| {f(eo, 0)} / {f(el, 0)} | {ratio(eo, el)} ({ratio(io['encode_ms']['min'], il['encode_ms']['min'])}) "
                     f"| {f(eo / io['tokens'] if eo and io['tokens'] else None, 2)} / "
                     f"{f(el / il['tokens'] if el and il['tokens'] else None, 2)} "
                     f"| {f(o['peak_rss_mb'], 0)} / {f(l['peak_rss_mb'], 0)} | {ratio(o['peak_rss_mb'], l['peak_rss_mb'])} |")
+        out.append("")
+    chats = [(k, r) for k, r in imgs if "ttft_second_turn_ms" in r["ocula"] and "ttft_second_turn_ms" in r["llama.cpp"]]
+    if chats:
+        out.append("| row | ocula dtype | model | turn 1 TTFT ms ocula / llama.cpp | turn 2 TTFT ms ocula / llama.cpp "
+                   "| turn 2 / turn 1 ocula (llama.cpp) | turn 2 prompt tokens reused (ocula) | images encoded in turn 2 |")
+        out.append("|---|---|---|---:|---:|---:|---:|---:|")
+        for k, r in chats:
+            o, l = r["ocula"], r["llama.cpp"]
+            t = o["chat"]["turns"][0]
+            out.append(
+                f"| `{k}` | {dtype(r)} | {preset_of(r)} "
+                f"| {f(med(o['ttft_first_turn_ms']), 0)} / {f(med(l['ttft_first_turn_ms']), 0)} "
+                f"| {f(med(o['ttft_second_turn_ms']), 0)} / {f(med(l['ttft_second_turn_ms']), 0)} "
+                f"| **{f(med(o['second_turn_ttft']), 3)}×** ({f(med(l['second_turn_ttft']), 3)}×) "
+                f"| {t['cached_tokens'][1]} of {t['prompt_tokens'][1]} | {t['images_encoded'][1]} |")
         out.append("")
     out.append("Commands (run from the repository root; `ocula synth` writes the files first):\n")
     for k, r in reports.items():
