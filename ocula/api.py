@@ -43,19 +43,24 @@ def load(
     n_ctx: int | None = None,
     threads: int | None = None,
     kernels: str = "auto",
+    kv_dtype: str | torch.dtype | None = None,
 ) -> "Model":
     """Load a GGUF text model (and optionally its mmproj vision projector).
 
     kernels: how linear layers read the GGUF blocks (ocula.quant.kernels): "auto" (exact for
     float32, ggml's 8-bit-activation kernels for other dtypes when ggml-python is installed),
-    "exact", "ggml" (lossy, needs ocula[fast]) or "torch" (reference tile dequantization)."""
+    "exact", "ggml" (lossy, needs ocula[fast]) or "torch" (reference tile dequantization).
+    kv_dtype: the KV cache's dtype (default: the compute dtype); "float16" or "bfloat16" halve it
+    (llama.cpp's default is float16) at the cost of rounding every cached key and value."""
     if threads:
         torch.set_num_threads(int(threads))
-    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx, kernels=kernels)
+    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx, kernels=kernels,
+                 kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype))
 
 
 class Model:
-    def __init__(self, path, mmproj=None, *, dtype=torch.float32, device=None, n_ctx=None, kernels="auto"):
+    def __init__(self, path, mmproj=None, *, dtype=torch.float32, device=None, n_ctx=None, kernels="auto",
+                 kv_dtype=None):
         t0 = time.perf_counter()
         check_mode(kernels)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,6 +71,7 @@ class Model:
             load_gguf_weights(self.text, self.gguf, dtype=dtype, device=self.device,
                               aliases=self.text.weight_aliases(), progress=progress)
         self.text.eval()
+        self.text.kv_dtype = kv_dtype
         self.kernels = use_kernels(self.text, dtype, kernels)  # Counter: backend -> number of layers
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.template = ChatTemplate(

@@ -118,7 +118,7 @@ def run_ocula(cfg: dict) -> dict:
 
     threads = cfg["threads"]
     t0 = time.perf_counter()
-    kwargs = {"kernels": cfg["kernels"]} if cfg.get("kernels") else {}  # older ocula.load has no kernels=
+    kwargs = {k: cfg[k] for k in ("kernels", "kv_dtype") if cfg.get(k)}  # older ocula.load has neither
     model = ocula.load(cfg["model"], mmproj=cfg.get("mmproj"), dtype=cfg.get("dtype", "float32"),
                        device=cfg.get("device"), threads=threads, n_ctx=cfg.get("ctx_size"), **kwargs)
     load_ms = (time.perf_counter() - t0) * 1000
@@ -432,6 +432,7 @@ def config_from_args(args) -> dict:
         "threads": args.threads or os.cpu_count() or 1, "dtype": args.dtype, "device": args.device,
         "ctx_size": args.ctx_size, "image_min_tokens": args.image_min_tokens,
         "image_max_tokens": args.image_max_tokens, "kernels": getattr(args, "kernels", None),
+        "kv_dtype": getattr(args, "kv_dtype", None),
         "chat_reps": max(0, args.reps if args.chat_reps is None else args.chat_reps) if images else 0,
     }
 

@@ -18,6 +18,8 @@ def add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     g.add_argument("--mmproj", help="vision projector .gguf (mmproj) for images")
     g.add_argument("-hf", "--hf", dest="hf", metavar="ORG/REPO[:QUANT]", help="fetch the GGUF (+ mmproj) from the Hugging Face Hub")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    g.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="KV cache dtype (default: the compute dtype; float16 halves it)")
     g.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     g.add_argument("--kernels", default="auto", choices=["auto", "exact", "ggml", "torch"],
@@ -77,7 +79,7 @@ def load_model(args):
     model_path, mmproj = resolve_model_paths(args)
     t0 = time.perf_counter()
     model = ocula.load(model_path, mmproj=mmproj, dtype=args.dtype, device=args.device,
-                       n_ctx=args.ctx_size, threads=args.threads, kernels=args.kernels)
+                       n_ctx=args.ctx_size, threads=args.threads, kernels=args.kernels, kv_dtype=args.kv_dtype)
     if not getattr(args, "json", False):
         print(f"ocula: loaded {model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return model

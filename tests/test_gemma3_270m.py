@@ -85,3 +85,18 @@ def test_bfloat16_compute_within_documented_tolerance():
         assert logits.dtype == np.float32
         assert np.abs(logits - ref).max() <= 5e-2 * float(ref.max() - ref.min())
         assert logits.argmax() == ref.argmax()
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
+def test_half_precision_kv_cache(kv_dtype):
+    """kv_dtype halves the cache; the float32 compute then sees rounded keys/values only.
+    Tolerance 1e-2 of the logit range and the same top-1 (observed: float16 ~2e-4, bfloat16 ~2e-3)."""
+    model = ocula.load(gemma_pkg.assemble(), kv_dtype=kv_dtype)
+    for k in PROMPTS:
+        ref = REF[f"logits_last_{k}"]
+        logits = model.logits(REF[f"input_ids_{k}"].tolist()).numpy()
+        err = np.abs(logits - ref).max() / float(ref.max() - ref.min())
+        assert err <= 1e-2 and logits.argmax() == ref.argmax(), err
+    cache = model.engine._cache
+    assert cache.dtype == getattr(torch, kv_dtype)
+    assert all(t.dtype == cache.dtype for t in cache.k + cache.v if t is not None)

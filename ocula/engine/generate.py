@@ -76,15 +76,11 @@ class Chunk:
 
 
 class Engine:
-    def __init__(self, model: TextModel, tokenizer, n_ctx: int | None = None, prefix_cache: bool = True,
-                 kv_dtype: torch.dtype | None = None):
+    def __init__(self, model: TextModel, tokenizer, n_ctx: int | None = None, prefix_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.n_ctx = min(n_ctx or model.cfg.context_length, model.cfg.context_length)
         self.prefix_cache = prefix_cache
-        # None: the compute dtype (float32 by default, which the parity tests hold to); float16 or
-        # bfloat16 halve the cache (llama.cpp's default is f16) at a small cost in accuracy
-        self.kv_dtype = kv_dtype
         self._cache: KVCache | None = None
         self._cache_keys: list = []
         self._lock = threading.RLock()
@@ -94,9 +90,9 @@ class Engine:
     def _claim_cache(self, prompt: Prompt) -> tuple[KVCache, int]:
         """A cache holding the longest reusable prefix of `prompt`, and that prefix's length."""
         keys = prompt.cache_keys()
-        if self._cache is None or not self.prefix_cache or self._cache.dtype != self._kv_dtype():
+        if self._cache is None or not self.prefix_cache:
             self._cache = None  # freed before its replacement is allocated
-            self._cache = self.model.new_cache(dtype=self._kv_dtype())
+            self._cache = self.model.new_cache()
             self._cache_keys = []
         n = 0
         for a, b in zip(self._cache_keys, keys):
@@ -123,9 +119,6 @@ class Engine:
                 for layer, feats in enumerate(img.deepstack):
                     deepstack[layer][a - start : b - start] = feats[a - img.start : b - img.start].to(x.dtype)
         return x, deepstack
-
-    def _kv_dtype(self) -> torch.dtype:
-        return self.kv_dtype or self.model.compute_dtype
 
     def prefill(self, prompt: Prompt, new_tokens: int = 0) -> tuple[torch.Tensor, KVCache, int]:
         """Run the uncached part of the prompt; return last-position logits [vocab], the cache, #reused.

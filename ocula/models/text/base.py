@@ -191,6 +191,7 @@ class TextModel(nn.Module):
         self.output_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = QLinear(cfg.n_embd, cfg.n_vocab)
         self.rotary = Rotary(cfg.rope)
+        self.kv_dtype: torch.dtype | None = None  # None: the compute dtype
 
     # GGUF names to read for module tensors that are stored under another name
     def weight_aliases(self) -> dict[str, str]:
@@ -246,9 +247,10 @@ class TextModel(nn.Module):
         return out
 
     def new_cache(self, max_tokens: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache in `dtype`, else `self.kv_dtype` (set by ocula.load), else the compute dtype."""
         device = self.output_norm.weight.device
         return KVCache(self.cfg.n_layer, self.cfg.n_head_kv, self.cfg.head_dim,
-                       dtype or self.compute_dtype, device, max_tokens)
+                       dtype or self.kv_dtype or self.compute_dtype, device, max_tokens)
 
 
 # ---------------------------------------------------------------- registry
