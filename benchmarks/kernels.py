@@ -1,9 +1,13 @@
-"""Micro-benchmark of the native fused mat-vec (`ocula_matmul`): ms per call and GB/s of weights read.
+"""Micro-benchmark of the native fused mat-vec: ms per call and GB/s of weights read.
 
     python benchmarks/kernels.py                                  # default types and shapes, 2 threads
     python benchmarks/kernels.py --types Q4_K,Q6_K --shapes 2048x11008 --T 1,4
+    python benchmarks/kernels.py --kernel exact,q8                # also the int8-activation kernels
     python benchmarks/kernels.py --source old.c                   # also time another build of kernels.c
     git show HEAD~1:ocula/quant/kernels.c > /tmp/old.c            # (e.g. the previous kernel)
+
+`--kernel`: exact = `ocula_matmul` (float32 x, exact weights), q8 = `ocula_matmul_q8` (x quantized to
+int8, lossy); types a build has no q8 kernel for show "-".
 
 Shapes are rows x cols of the weight (y = W x: 2048x11008 is ffn_down of a 3B model). Each weight
 is random blocks with finite scales; enough copies are cycled that the set exceeds the last-level
@@ -62,6 +66,8 @@ def build(source: str, name: str, tmp: Path) -> ctypes.CDLL:
 def setup_kernels(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ocula_matmul.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
+    if hasattr(lib, "ocula_matmul_q8"):
+        lib.ocula_matmul_q8.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
     lib.ocula_init()
     return lib
 
@@ -82,16 +88,20 @@ def random_blocks(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> 
     return raw.reshape(rows, -1)
 
 
-def time_calls(lib, qtype, weights, cols, x, y, T, threads, reps) -> list[float]:
+ENTRY = {"exact": "ocula_matmul", "q8": "ocula_matmul_q8"}
+
+
+def time_calls(fn, qtype, weights, cols, x, y, T, threads, reps) -> list[float] | None:
+    """Seconds per call, or None when `fn` has no kernel for this type (q8)."""
     rows, rb = weights[0].shape
     times = []
     for rep in range(reps + 1):
         w = weights[rep % len(weights)]
         t0 = time.perf_counter()
-        rc = lib.ocula_matmul(int(qtype), w.ctypes.data, rows, cols, rb, x.data_ptr(), T, y.data_ptr(), threads)
+        rc = fn(int(qtype), w.ctypes.data, rows, cols, rb, x.data_ptr(), T, y.data_ptr(), threads)
         dt = time.perf_counter() - t0
         if rc:
-            raise RuntimeError(f"ocula_matmul({qtype.name}) returned {rc}")
+            return None
         if rep:  # the first call warms up (page faults, OpenMP team)
             times.append(dt)
     return times
@@ -115,6 +125,7 @@ def main(argv=None) -> None:
     ap.add_argument("--T", default="1", help="rows of x per call, comma-separated")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--kernel", default="exact", help="exact, q8 or both (exact,q8), per build")
     ap.add_argument("--source", action="append", default=[], help="another kernels.c to time too")
     ap.add_argument("--best", action="store_true", help="fastest call instead of the median (busy machines)")
     ap.add_argument("--cached", action="store_true", help="one copy of each weight: cache-resident when "
@@ -131,8 +142,11 @@ def main(argv=None) -> None:
             probe.stream_read.restype = ctypes.c_int64
             probe.stream_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             print(f"stream-read probe, {args.threads} threads: {bandwidth(probe, args.threads):.1f} GB/s")
+        kinds = args.kernel.split(",")
+        columns = [(f"{n} {k}" if len(libs) > 1 else k, getattr(lib, ENTRY[k], None))
+                   for n, lib in libs.items() for k in kinds]
         rng = np.random.default_rng(0)
-        print(f"{'type':6} {'shape':>12} {'T':>2} " + " ".join(f"{n + ' ms':>14} {'GB/s':>6}" for n in libs))
+        print(f"{'type':6} {'shape':>12} {'T':>2} " + " ".join(f"{n + ' ms':>14} {'GB/s':>6}" for n, _ in columns))
         for name in args.types.split(","):
             qtype = QT[name]
             for shape in args.shapes.split(","):
@@ -144,8 +158,11 @@ def main(argv=None) -> None:
                     x = torch.randn(T, cols)
                     y = torch.empty(T, rows)
                     cells = []
-                    for lib in libs.values():
-                        times = time_calls(lib, qtype, weights, cols, x, y, T, args.threads, args.reps)
+                    for _, fn in columns:
+                        times = fn and time_calls(fn, qtype, weights, cols, x, y, T, args.threads, args.reps)
+                        if not times:
+                            cells.append(f"{'-':>14} {'-':>6}")
+                            continue
                         ms = (min(times) if args.best else statistics.median(times)) * 1e3
                         cells.append(f"{ms:14.3f} {first.nbytes / ms / 1e6:6.1f}")
                     print(f"{name:6} {shape:>12} {T:2d} " + " ".join(cells), flush=True)

@@ -8,6 +8,11 @@ Tolerances, relative to max |reference output|:
   ~1e-6 of max |y| (float32 sums of 512-800 products); a decoding slip would be ~1e-1.
 - native, bfloat16 activations (tiles + bf16 GEMM, T > FUSED_MAX_T): 1e-2, bf16 rounding of the output.
 - ggml: 5e-2. ggml quantizes the activations to 8 bit (Q8_0 / Q8_K) before its integer dot products.
+- native_q8 (int8 activations, our VNNI kernels): 3e-2 against the float64 product x @ W.T; observed
+  8e-3..1.1e-2 (Q4_0 8.3e-3, Q5_0 9.2e-3, Q8_0 8.0e-3, Q4_K 1.06e-2, Q5_K 9.7e-3, Q6_K 1.0e-2) on
+  these random blocks, all of it the rounding of x to int8. Against x rounded the same way in torch
+  (float64 product) the kernels agree to 2e-6 (observed <= 2.3e-7): the integer arithmetic is exact,
+  only the float32 scale products and sums round.
 """
 from __future__ import annotations
 
@@ -28,9 +33,12 @@ F16_FIELDS = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT
               QT.TQ1_0: (52,), QT.TQ2_0: (64,), QT.IQ4_NL: (0,), QT.IQ4_XS: (0,), QT.IQ2_XXS: (0,),
               QT.IQ2_XS: (0,), QT.IQ2_S: (0,), QT.IQ3_XXS: (0,), QT.IQ3_S: (0,), QT.IQ1_S: (0,), QT.MXFP4: ()}
 NATIVE = sorted(map(QT, kernels.NATIVE_TYPES), key=int)
+Q8 = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]  # types with an int8-activation kernel
 GGML = [t for t in sorted(map(QT, kernels.GGML_TYPES), key=int) if t in F16_FIELDS or t in FLOATS]
 
 needs_native = pytest.mark.skipif(kernels.native_lib() is None, reason="no C compiler: native kernels unavailable")
+needs_q8 = pytest.mark.skipif(not kernels.q8_supported(int(QT.Q4_K)),
+                              reason="int8-activation kernels need the native build on an AVX-512 VNNI CPU")
 needs_ggml = pytest.mark.skipif(kernels.ggml_module() is None, reason="ggml-python not installed (ocula[fast])")
 
 
@@ -56,8 +64,10 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def fresh_selection():
     kernels.kernel_name.cache_clear()
+    kernels.q8_supported.cache_clear()
     yield
     kernels.kernel_name.cache_clear()
+    kernels.q8_supported.cache_clear()
 
 
 # ----------------------------------------------------------------------------------- native
@@ -153,6 +163,70 @@ def test_native_output_matrix_shape():
     assert rel_err(got, tiled_linear(x, w, None)) < 2e-6
 
 
+# ----------------------------------------------------------------------------------- native_q8
+
+def q8_matmul(w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], w.shape[0])
+    rc = kernels.native_lib().ocula_matmul_q8(w.qtype, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1],
+                                              x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    assert rc == 0
+    return y
+
+
+def q8_rounded(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as the C code quantizes it (float32 scale 127 / max |x| per group, round half to even),
+    back in float64: d * q."""
+    g = x.float().reshape(x.shape[0], -1, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    q = torch.round(g * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    return (q.double() * (amax / 127).double()).reshape(x.shape)
+
+
+@needs_q8
+@pytest.mark.parametrize("qtype", Q8, ids=lambda t: t.name)
+def test_q8_kernel_error(qtype):
+    """Every row count 1..8, odd block counts (3 super-blocks / 25 blocks: a half pair), 1 and 2
+    threads: within 3e-2 of the exact product, and within 2e-6 of it with x rounded as the C does."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    cols = 768 if block == 256 else 800
+    w = random_weight(qtype, cols=cols)
+    wd = w.dequantize(torch.float32).double()
+    for T in range(1, 9):
+        x = torch.randn(T, cols, generator=torch.Generator().manual_seed(T))
+        ref, ref_rounded = x.double() @ wd.T, q8_rounded(x, block if block == 256 else 32) @ wd.T
+        for threads in (1, 2):
+            got = q8_matmul(w, x, threads)
+            assert rel_err(got, ref) < 3e-2, (T, threads)
+            assert rel_err(got, ref_rounded) < 2e-6, (T, threads)
+
+
+@needs_q8
+def test_q8_kernel_edge_rows_of_x():
+    """A zero row of x (scale 0) gives 0; a one-hot row is exact to float32 rounding."""
+    w = random_weight(QT.Q6_K, cols=512)
+    x = torch.zeros(2, 512)
+    x[1, 7] = 1e4
+    got = q8_matmul(w, x)
+    assert torch.equal(got[0], torch.zeros(ROWS))
+    assert rel_err(got[1], x[1].double() @ w.dequantize(torch.float32).double().T) < 1e-5
+
+
+@needs_q8
+def test_q8_linear_bias_dtype_and_large_T():
+    w = random_weight(QT.Q4_K)
+    bias = torch.randn(ROWS)
+    x = torch.randn(2, 3, COLS).bfloat16()  # leading batch dim, 6 rows: the int8 kernel
+    got = kernels.q8_linear(x, w, bias)
+    assert got.shape == (2, 3, ROWS) and got.dtype == torch.bfloat16
+    assert rel_err(got, tiled_linear(x.float(), w, bias)) < 3e-2
+    big = torch.randn(kernels.FUSED_MAX_T + 1, COLS)  # prefill: the exact tiles + GEMM path
+    assert rel_err(kernels.q8_linear(big, w, None), tiled_linear(big, w, None)) < 2e-6
+    w2 = random_weight(QT.Q2_K)  # no int8 kernel: exact
+    x1 = torch.randn(1, COLS)
+    assert rel_err(kernels.q8_linear(x1, w2, None), tiled_linear(x1, w2, None)) < 2e-6
+
+
 # ----------------------------------------------------------------------------------- ggml
 
 @needs_ggml
@@ -182,13 +256,18 @@ def test_ggml_plan_is_reused_and_large_T_leaves_ggml():
 def test_selection_rules(fresh_selection):
     have = kernels.available()
     native = "native" if have["native"] else "torch"
-    ggml = "ggml" if have["ggml"] else native
+    q8 = "native_q8" if have["native_q8"] else native
+    ggml = "ggml" if have["ggml"] else q8
     f32, bf16 = torch.float32, torch.bfloat16
     assert kernels.kernel_name(int(QT.Q4_K), "cuda", f32, "auto") == "torch"
     assert kernels.kernel_name(int(QT.Q4_K), "cpu", f32, "torch") == "torch"
     assert kernels.kernel_name(int(QT.Q4_K), "cpu", f32, "auto") == native  # float32 stays exact
+    assert kernels.kernel_name(int(QT.Q6_K), "cpu", f32, "auto") == native
     assert kernels.kernel_name(int(QT.Q4_K), "cpu", f32, "exact") == native
+    assert kernels.kernel_name(int(QT.Q4_K), "cpu", bf16, "exact") == native
     assert kernels.kernel_name(int(QT.Q4_K), "cpu", bf16, "auto") == ggml
+    assert kernels.kernel_name(int(QT.Q6_K), "cpu", torch.float16, "q8") == q8
+    assert kernels.kernel_name(int(QT.Q2_K), "cpu", bf16, "q8") == native  # no int8 kernel for Q2_K
     assert kernels.kernel_name(int(QT.IQ2_XS), "cpu", f32, "exact") == "torch"  # no native IQ kernel
     with pytest.raises(UnsupportedError):
         kernels.check_mode("fastest")
@@ -197,8 +276,8 @@ def test_selection_rules(fresh_selection):
 def test_fallback_without_native_or_ggml(monkeypatch, fresh_selection):
     monkeypatch.setattr(kernels, "native_lib", lambda: None)
     monkeypatch.setattr(kernels, "ggml_module", lambda: None)
-    assert kernels.available() == {"torch": True, "native": False, "ggml": False}
-    for mode in ("auto", "exact"):
+    assert kernels.available() == {"torch": True, "native": False, "native_q8": False, "ggml": False}
+    for mode in ("auto", "exact", "q8"):
         assert kernels.kernel_name(int(QT.Q8_0), "cpu", torch.bfloat16, mode) == "torch"
     with pytest.raises(UnsupportedError, match="ggml-python"):
         kernels.check_mode("ggml")

@@ -1,6 +1,6 @@
 """Matmul kernels that compute ``x @ W.T`` straight from GGUF blocks (no float copy of the weight).
 
-Three backends; `select_kernel` picks one per layer at load time from (qtype, device, dtype, mode):
+Four backends; `select_kernel` picks one per layer at load time from (qtype, device, dtype, mode):
 
 ``torch``   `linear.tiled_linear`: dequantize row tiles with ocula.quant.dequant, then torch GEMM.
             Every type, every device (CUDA uses it). Exact. Slow on CPU for decode.
@@ -11,14 +11,22 @@ Three backends; `select_kernel` picks one per layer at load time from (qtype, de
             (≈1e-6 relative). T <= FUSED_MAX_T rows: one fused decode+dot pass over the blocks (decode);
             more rows: C decodes row tiles to float32/bfloat16 and torch's GEMM multiplies (prefill).
             Types: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K..Q6_K. Disabled by ``OCULA_NATIVE=0``.
+``native_q8`` The same C library's int8-activation mat-vec (`ocula_matmul_q8`), the llama.cpp approach
+            without ggml: each row of x is quantized once per call to int8 (one scale per 256 values
+            for K-quants, per 32 for Q4_0/Q5_0/Q8_0), then integer dot products on the weight blocks
+            (AVX-512 VNNI) with the block scales applied in float. LOSSY like ggml, ≈1e-2 of max |y|
+            on random data (see tests/test_kernels.py); ~2-3x the exact kernel's speed for decode.
+            T <= FUSED_MAX_T rows; more go to native's tiles + GEMM (exact). Types: Q4_0 Q5_0 Q8_0
+            Q4_K Q5_K Q6_K, on CPUs with AVX-512 VNNI (others use native).
 ``ggml``    ggml's own CPU mat-mul through the optional ``ggml-python`` package (``pip install
             'ocula[fast]'``), zero-copy on the mmap'd blocks. LOSSY: like llama.cpp it quantizes the
             activations to 8 bit (Q8_0/Q8_K) first, ≈1e-2 relative error. Used for T <= GGML_MAX_T;
             larger T goes to the native/torch tile path.
 
-Modes (``ocula.load(..., kernels=...)``): ``"exact"`` native, else torch; ``"ggml"`` ggml, else
-exact; ``"torch"`` torch only; ``"auto"`` = ggml when the compute dtype is not float32 and
-ggml-python is installed, else exact — so float32 results always stay exact.
+Modes (``ocula.load(..., kernels=...)``): ``"exact"`` native, else torch; ``"q8"`` native_q8, else
+exact; ``"ggml"`` ggml, else exact; ``"torch"`` torch only; ``"auto"``: float32 compute dtype ->
+exact (float32 results always stay exact); other dtypes -> ggml when ggml-python is installed,
+else native_q8 (where it has the type and the CPU has VNNI), else exact.
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ from ocula.errors import UnsupportedError
 if TYPE_CHECKING:
     from ocula.quant.linear import QuantizedWeight
 
-MODES = ("auto", "exact", "ggml", "torch")
+MODES = ("auto", "exact", "q8", "ggml", "torch")
 FUSED_MAX_T = 6   # native: fused decode+dot up to this many rows of x, tiles + GEMM above (measured crossover)
 GGML_MAX_T = 8    # ggml: its mat-mul up to this many rows; above, tiles + GEMM win (measured)
 PARALLEL_MIN_WORK = 1 << 19  # weight elements x rows below which one thread beats a fork/join
@@ -128,6 +136,8 @@ def native_lib() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ocula_matmul.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
     lib.ocula_dequant.argtypes = [i32, p, i64, i64, i64, i64, p, i32, i32]
+    lib.ocula_matmul_q8.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
+    lib.ocula_q8_supports.argtypes = [i32]
     if lib.ocula_init() < FUSED_MAX_T:
         return None
     return lib
@@ -196,6 +206,31 @@ def native_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | No
     if native_lib().ocula_matmul(w.qtype, w.data.data_ptr(), rows, cols, w.data.shape[1],
                                  xf.data_ptr(), n, y.data_ptr(), _threads(w, n)):
         raise UnsupportedError(f"native kernels cannot multiply GGML type {w.qtype}")
+    y = y.reshape(*x.shape[:-1], rows)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
+@lru_cache(maxsize=None)
+def q8_supported(qtype: int) -> bool:
+    """Whether the compiled library has an int8-activation kernel for `qtype` (needs AVX-512 VNNI)."""
+    lib = native_lib()
+    return lib is not None and bool(lib.ocula_q8_supports(qtype))
+
+
+def q8_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T (+ bias) with x quantized to int8 (lossy, ≈1e-2) for T <= FUSED_MAX_T rows of x;
+    larger T (and types without a q8 kernel) go to the exact `native_linear`."""
+    rows, cols = w.shape
+    n = x.numel() // cols
+    if n == 0 or n > FUSED_MAX_T or not q8_supported(w.qtype):
+        return native_linear(x, w, bias)
+    xf = _flat(x, cols)
+    y = torch.empty(n, rows, dtype=torch.float32)
+    if native_lib().ocula_matmul_q8(w.qtype, w.data.data_ptr(), rows, cols, w.data.shape[1],
+                                    xf.data_ptr(), n, y.data_ptr(), _threads(w, n)):
+        raise UnsupportedError(f"native int8 kernels cannot multiply GGML type {w.qtype}")
     y = y.reshape(*x.shape[:-1], rows)
     if bias is not None:
         y += bias
@@ -281,12 +316,14 @@ def _torch_tiled(x, w, bias):
     return tiled_linear(x, w, bias)
 
 
-KERNELS: dict[str, Callable] = {"torch": _torch_tiled, "native": native_linear, "ggml": ggml_linear}
+KERNELS: dict[str, Callable] = {"torch": _torch_tiled, "native": native_linear, "native_q8": q8_linear,
+                                 "ggml": ggml_linear}
 
 
 def available() -> dict[str, bool]:
-    """Which backends this process can use."""
-    return {"torch": True, "native": native_lib() is not None, "ggml": ggml_module() is not None}
+    """Which backends this process can use (native_q8: for its types, see `q8_supported`)."""
+    return {"torch": True, "native": native_lib() is not None, "native_q8": q8_supported(12),
+            "ggml": ggml_module() is not None}
 
 
 def check_mode(mode: str) -> str:
@@ -300,16 +337,18 @@ def check_mode(mode: str) -> str:
 
 @lru_cache(maxsize=None)
 def kernel_name(qtype: int, device: str, dtype: torch.dtype, mode: str = "auto") -> str:
-    """The backend for one weight: "ggml", "native" or "torch" (see the module docstring).
+    """The backend for one weight: "ggml", "native_q8", "native" or "torch" (see the module docstring).
 
     `device` is a device type ("cpu", "cuda"). Cached: call `kernel_name.cache_clear()` after
     changing what is available (tests do)."""
     if device != "cpu" or mode == "torch":
         return "torch"
     if mode == "auto":
-        mode = "ggml" if dtype != torch.float32 and ggml_module() is not None else "exact"
+        mode = "exact" if dtype == torch.float32 else "ggml" if ggml_module() is not None else "q8"
     if mode == "ggml" and qtype in GGML_TYPES and ggml_module() is not None:
         return "ggml"
+    if mode == "q8" and q8_supported(qtype):
+        return "native_q8"
     if qtype in NATIVE_TYPES and native_lib() is not None:
         return "native"
     return "torch"

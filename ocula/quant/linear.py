@@ -98,7 +98,7 @@ linear_kernel: LinearKernel = default_linear
 
 def use_kernels(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> Counter:
     """Give every loaded QLinear of `model` its kernel for compute dtype `dtype` and `mode`
-    ("auto", "exact", "ggml", "torch"); returns how many layers got each backend."""
+    ("auto", "exact", "q8", "ggml", "torch"); returns how many layers got each backend."""
     kernels.check_mode(mode)
     chosen: Counter = Counter()
     for mod in model.modules():
