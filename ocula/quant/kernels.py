@@ -201,10 +201,16 @@ def native_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | No
         return tiles_gemm(x, w, bias)
     if n > FUSED_MAX_T:
         return tiles_gemm(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    return _fused(native_lib().ocula_matmul, x, w, bias, n)
+
+
+def _fused(entry, x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """One call of a C mat-vec `entry(type, W, rows, cols, row_bytes, X, n, Y, threads)` for the n rows of x."""
+    rows, cols = w.shape
     xf = _flat(x, cols)
     y = torch.empty(n, rows, dtype=torch.float32)
-    if native_lib().ocula_matmul(w.qtype, w.data.data_ptr(), rows, cols, w.data.shape[1],
-                                 xf.data_ptr(), n, y.data_ptr(), _threads(w, n)):
+    if entry(w.qtype, w.data.data_ptr(), rows, cols, w.data.shape[1], xf.data_ptr(), n, y.data_ptr(),
+             _threads(w, n)):
         raise UnsupportedError(f"native kernels cannot multiply GGML type {w.qtype}")
     y = y.reshape(*x.shape[:-1], rows)
     if bias is not None:
@@ -222,19 +228,11 @@ def q8_supported(qtype: int) -> bool:
 def q8_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T (+ bias) with x quantized to int8 (lossy, ≈1e-2) for T <= FUSED_MAX_T rows of x;
     larger T (and types without a q8 kernel) go to the exact `native_linear`."""
-    rows, cols = w.shape
+    cols = w.shape[1]
     n = x.numel() // cols
     if n == 0 or n > FUSED_MAX_T or not q8_supported(w.qtype):
         return native_linear(x, w, bias)
-    xf = _flat(x, cols)
-    y = torch.empty(n, rows, dtype=torch.float32)
-    if native_lib().ocula_matmul_q8(w.qtype, w.data.data_ptr(), rows, cols, w.data.shape[1],
-                                    xf.data_ptr(), n, y.data_ptr(), _threads(w, n)):
-        raise UnsupportedError(f"native int8 kernels cannot multiply GGML type {w.qtype}")
-    y = y.reshape(*x.shape[:-1], rows)
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype)
+    return _fused(native_lib().ocula_matmul_q8, x, w, bias, n)
 
 
 # --------------------------------------------------------------------------------- ggml (optional)
