@@ -145,6 +145,21 @@ def test_native_bfloat16_and_batched_shapes(qtype, T):
     assert rel_err(got, tiled_linear(x.float(), w, None)) < 1e-2
 
 
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16], ids=lambda t: t.name)
+@pytest.mark.parametrize("mode", ["auto", "exact", "q8"])
+@pytest.mark.parametrize("T", [1, 37])
+def test_float_rows_of_any_length(qtype, mode, T):
+    """Float weights whose rows are not a multiple of 32 long (Qwen2.5-VL's ViT ffn_down is 3420
+    wide) must not reach the C kernels, which take float rows in pieces of 32 (a tail went unwritten)."""
+    w = random_weight(qtype, rows=40, cols=3420 // 9)  # 380 = 11 * 32 + 28
+    x = torch.randn(T, w.shape[1], generator=torch.Generator().manual_seed(T))
+    ref = x.double() @ w.dequantize(torch.float32).double().T
+    assert kernels.weight_kernel_name(w, torch.float32, mode) == "torch"
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        got = kernels.select_kernel(w, dtype, mode)(x.to(dtype), w, None)
+        assert rel_err(got, ref) < tol, (dtype, rel_err(got, ref))
+
+
 @needs_native
 def test_native_tiles_cover_every_row(monkeypatch):
     monkeypatch.setattr(kernels, "TILE_ELEMS", 7 * COLS)  # 48 rows in tiles of 7: a ragged last tile

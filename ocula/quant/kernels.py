@@ -353,7 +353,9 @@ def kernel_name(qtype: int, device: str, dtype: torch.dtype, mode: str = "auto")
 
 
 def weight_kernel_name(w: "QuantizedWeight", dtype: torch.dtype, mode: str = "auto") -> str:
-    if not w.data.is_contiguous():  # native and ggml read the raw rows by pointer
+    # native and ggml read the raw rows by pointer, and native takes float rows (F32/F16/BF16) in
+    # pieces of 32 values: other row lengths (e.g. Qwen2.5-VL's 3420-wide ffn_down) go to torch
+    if not w.data.is_contiguous() or w.shape[1] % 32:
         return "torch"
     return kernel_name(w.qtype, w.data.device.type, dtype, mode)
 
