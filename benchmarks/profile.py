@@ -70,12 +70,13 @@ def workload(model_path: str, phase: str, n_prompt: int, n_gen: int, threads: in
 
 GROUPS = [  # (label, regex on a frame "function (file:line)"); the innermost matching frame wins
     ("weight decode to float (dequant / native_dequant)", r"^(native_dequant|dequantize|_q\w+|_k\w+) \(ocula/quant/"),
-    ("fused decode+dot kernel (native_linear -> ocula_matmul)", r"^native_linear \(ocula/quant/kernels\.py"),
+    ("fused mat-vec kernel (native_linear / q8_linear -> C ocula_matmul[_q8])",
+     r"^(native_linear|q8_linear|_fused) \(ocula/quant/kernels\.py"),
     ("GEMM on decoded tiles (tiles_gemm / tiled_linear F.linear)", r"^(tiles_gemm|tiled_linear) \(ocula/quant/"),
     ("ggml mat-mul", r"ggml"),
-    ("attention (attend / sdpa / vision _attention)", r"^attend \(|_attention|ViTBlock\.attention"),
+    ("attention (attend / sdpa / vision _attention)", r"^attend \(|^_attend|_attention|ViTBlock\.attention"),
     ("image preprocessing", r"preprocess|_resize|load_image"),
-    ("rope", r"apply_rope|Rotary\.forward"),
+    ("rope", r"apply_rope|Rotary\.forward|RopeTable"),
     ("norms", r"RMSNorm\.forward|LayerNorm\.forward"),
     ("KV cache update", r"KVCache\.update|KVCache\._ensure"),
     ("embedding lookup", r"QEmbedding\.forward"),
