@@ -18,7 +18,8 @@ import time
 
 
 def workload(model_path: str, phase: str, n_prompt: int, n_gen: int, threads: int, use_torch: bool,
-             repeat: int = 1, mmproj: str | None = None, image: str | None = None) -> None:
+             repeat: int = 1, mmproj: str | None = None, image: str | None = None,
+             dtype: str = "float32") -> None:
     import torch
 
     import ocula
@@ -26,7 +27,7 @@ def workload(model_path: str, phase: str, n_prompt: int, n_gen: int, threads: in
     from ocula.engine.prompt import Prompt
     from ocula.engine.sampling import SamplingParams
 
-    model = ocula.load(model_path, mmproj=mmproj, threads=threads)
+    model = ocula.load(model_path, mmproj=mmproj, threads=threads, dtype=dtype)
     model.engine.prefix_cache = False
     vocab = model.text.cfg.n_vocab
     mrope = model.text.cfg.is_mrope
@@ -125,6 +126,7 @@ def main() -> int:
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=16)
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="ocula's compute dtype")
     ap.add_argument("--torch", action="store_true", help="print torch.profiler's top ops")
     ap.add_argument("--repeat", type=int, default=1, help="run the phase this many times (so it dominates the profile)")
     ap.add_argument("--summarize", help="aggregate a py-spy raw (folded) profile instead")
@@ -133,7 +135,7 @@ def main() -> int:
         summarize(args.summarize)
         return 0
     workload(args.model, args.phase, args.n_prompt, args.n_gen, args.threads, args.torch, args.repeat,
-             args.mmproj, args.image)
+             args.mmproj, args.image, args.dtype)
     return 0
 
 
