@@ -68,6 +68,8 @@ def render(results_dir: Path) -> str:
                                                                  key=lambda p: ("passive" not in p.stem, p.stem))}
     text = [(k, r) for k, r in reports.items() if r["config"]["n_prompt"] > 0]
     imgs = [(k, r) for k, r in reports.items() if r["config"]["images"]]
+    chats = [(k, r) for k, r in imgs if "ttft_second_turn_ms" in r["ocula"] and "ttft_second_turn_ms" in r["llama.cpp"]]
+    imgs = [(k, r) for k, r in imgs if (k, r) not in chats]  # chat rows: no warm-up, so only their TTFTs count
     out = []
     if text:
         out.append("| row | OMP wait | ocula dtype | model | quant | pp t/s ocula / llama.cpp (median) | pp ratio median (best) "
@@ -104,7 +106,6 @@ def render(results_dir: Path) -> str:
                     f"{f(el / il['tokens'] if el and il['tokens'] else None, 2)} "
                     f"| {f(o['peak_rss_mb'], 0)} / {f(l['peak_rss_mb'], 0)} | {ratio(o['peak_rss_mb'], l['peak_rss_mb'])} |")
         out.append("")
-    chats = [(k, r) for k, r in imgs if "ttft_second_turn_ms" in r["ocula"] and "ttft_second_turn_ms" in r["llama.cpp"]]
     if chats:
         out.append("| row | ocula dtype | model | turn 1 TTFT ms ocula / llama.cpp | turn 2 TTFT ms ocula / llama.cpp "
                    "| turn 2 / turn 1 ocula (llama.cpp) | turn 2 prompt tokens reused (ocula) | images encoded in turn 2 |")

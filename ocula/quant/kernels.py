@@ -16,7 +16,8 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
             for K-quants, per 32 for Q4_0/Q5_0/Q8_0), then integer dot products on the weight blocks
             (AVX-512 VNNI) with the block scales applied in float. LOSSY like ggml, ≈1e-2 of max |y|
             on random data (see tests/test_kernels.py); ~2-3x the exact kernel's speed for decode.
-            T <= FUSED_MAX_T rows; more go to native's tiles + GEMM (exact). Types: Q4_0 Q5_0 Q8_0
+            Decode steps only: T <= FUSED_MAX_T rows, or up to Q8_MAX_ROWS sequences of a batch
+            decoding one token each; prefill chunks go to native's tiles + GEMM. Types: Q4_0 Q5_0 Q8_0
             Q4_K Q5_K Q6_K, on CPUs with AVX-512 VNNI (others use native).
 ``ggml``    ggml's own CPU mat-mul through the optional ``ggml-python`` package (``pip install
             'ocula[fast]'``), zero-copy on the mmap'd blocks. LOSSY: like llama.cpp it quantizes the
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
 MODES = ("auto", "exact", "q8", "ggml", "torch")
 FUSED_MAX_T = 6   # native: fused decode+dot up to this many rows of x, tiles + GEMM above (measured crossover)
 GGML_MAX_T = 8    # ggml: its mat-mul up to this many rows; above, tiles + GEMM win (measured)
+# native_q8: rows of x per call for batched decode steps (the C kernel's limit). On Qwen2.5-VL-3B
+# Q4_K_M it beats bf16 tiles + GEMM up to 64 rows (8 rows: 263 vs 941 ms, 64: 1.66 vs 1.78 s)
+Q8_MAX_ROWS = 64
 PARALLEL_MIN_WORK = 1 << 19  # weight elements x rows below which one thread beats a fork/join
 TILE_ELEMS = 1 << 22  # dequantized elements per tile on the GEMM path (16 MiB as float32)
 
@@ -226,11 +230,14 @@ def q8_supported(qtype: int) -> bool:
 
 
 def q8_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T (+ bias) with x quantized to int8 (lossy, ≈1e-2) for T <= FUSED_MAX_T rows of x;
-    larger T (and types without a q8 kernel) go to the exact `native_linear`."""
+    """x @ W.T (+ bias) with x quantized to int8 (lossy, ≈1e-2) for decode steps: up to FUSED_MAX_T
+    rows of x, or up to Q8_MAX_ROWS when x is [..., 1, cols] (one new token for each of a batch of
+    sequences). Each row is quantized on its own, so a sequence decoded in a batch gets what it gets
+    alone. Prefill chunks (and types without a q8 kernel) go to the exact `native_linear`."""
     cols = w.shape[1]
     n = x.numel() // cols
-    if n == 0 or n > FUSED_MAX_T or not q8_supported(w.qtype):
+    one_token_each = x.dim() >= 3 and x.shape[-2] == 1
+    if n == 0 or n > (Q8_MAX_ROWS if one_token_each else FUSED_MAX_T) or not q8_supported(w.qtype):
         return native_linear(x, w, bias)
     return _fused(native_lib().ocula_matmul_q8, x, w, bias, n)
 
