@@ -222,6 +222,14 @@ enum { X_NAT, X_P32, X_P16 };
             Y[t * rows + r] = _mm512_reduce_add_ps(a); }                                         \
     }
 #define XT(off) _mm512_loadu_ps(X + t * cols + (off))
+/* the 64 weights w0..w3 (16 each) times x[off .. off + 64) of every row of x */
+#define FMA64(off)                                                                               \
+    FOR_T {                                                                                      \
+        ACC(t, 0) = _mm512_fmadd_ps(w0, XT(off), ACC(t, 0));                                     \
+        ACC(t, 1) = _mm512_fmadd_ps(w1, XT((off) + 16), ACC(t, 1));                              \
+        ACC(t, 2) = _mm512_fmadd_ps(w2, XT((off) + 32), ACC(t, 2));                              \
+        ACC(t, 3) = _mm512_fmadd_ps(w3, XT((off) + 48), ACC(t, 3));                              \
+    }
 
 static inline __m512i bcast16(const u8 *p) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p)); }
 static inline __m512i bcast32(const u8 *p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p)); }
@@ -283,13 +291,7 @@ KFN q4_k_rows(ROW_ARGS, const int T) {
             __m512 w1 = _mm512_permutexvar_ps(_mm512_srlv_epi32(v, s1), tlo);
             __m512 w2 = _mm512_permutexvar_ps(_mm512_srlv_epi32(v, s2), thi);
             __m512 w3 = _mm512_permutexvar_ps(_mm512_srlv_epi32(v, s3), thi);
-            int64_t o = 256 * b + 64 * c;
-            FOR_T {
-                ACC(t, 0) = _mm512_fmadd_ps(w0, XT(o), ACC(t, 0));
-                ACC(t, 1) = _mm512_fmadd_ps(w1, XT(o + 16), ACC(t, 1));
-                ACC(t, 2) = _mm512_fmadd_ps(w2, XT(o + 32), ACC(t, 2));
-                ACC(t, 3) = _mm512_fmadd_ps(w3, XT(o + 48), ACC(t, 3));
-            }
+            FMA64(256 * b + 64 * c)
         }
     }
     ROW_END
@@ -317,13 +319,7 @@ KFN q5_k_rows(ROW_ARGS, const int T) {
             __m512i i3 = SELECT(low4, _mm512_srlv_epi32(v, s3), _mm512_rolv_epi32(hb, _mm512_sub_epi32(rb_, s_1)));
             __m512 w0 = _mm512_permutex2var_ps(tl0, i0, tl1), w1 = _mm512_permutex2var_ps(tl0, i1, tl1);
             __m512 w2 = _mm512_permutex2var_ps(th0, i2, th1), w3 = _mm512_permutex2var_ps(th0, i3, th1);
-            int64_t o = 256 * b + 64 * c;
-            FOR_T {
-                ACC(t, 0) = _mm512_fmadd_ps(w0, XT(o), ACC(t, 0));
-                ACC(t, 1) = _mm512_fmadd_ps(w1, XT(o + 16), ACC(t, 1));
-                ACC(t, 2) = _mm512_fmadd_ps(w2, XT(o + 32), ACC(t, 2));
-                ACC(t, 3) = _mm512_fmadd_ps(w3, XT(o + 48), ACC(t, 3));
-            }
+            FMA64(256 * b + 64 * c)
         }
     }
     ROW_END
