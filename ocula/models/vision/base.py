@@ -141,13 +141,6 @@ def register_projector(*types: str):
     return deco
 
 
-def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """[..., 3, H, W] float in [0, 1] → normalized, float32."""
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (pixels - m) / s
-
-
 # ---------------------------------------------------------------- the transformer block all ViTs share
 
 

@@ -92,11 +92,6 @@ def tile_image(image: Image.Image, tile: int, min_tiles: int, max_tiles: int) ->
     return tiles, (cols, rows)
 
 
-def tiles_to_pixels(tiles: list[np.ndarray], mean, std) -> torch.Tensor:
-    """[n, 3, S, S] float32: (x/255 - mean) / std with HF's numpy dtypes (rescale in float64, rest float32)."""
-    return normalized_chw(tiles, mean, std)
-
-
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     """HF InternVL pixel shuffle: [B, G, G, C] → [B, G/f, G/f, C·f²] with HF's element order."""
     b, a, w, c = x.shape
@@ -199,7 +194,7 @@ class InternVLVision(VisionModel):
         image = to_rgb(image)
         lo, hi = self.tile_limits(options)
         tiles, (cols, rows) = tile_image(image, self.cfg.image_size, lo, hi)
-        pixels = tiles_to_pixels(tiles, self.cfg.image_mean, self.cfg.image_std)
+        pixels = normalized_chw(tiles, self.cfg.image_mean, self.cfg.image_std)
         return ProcessedImage(
             pixel_values=pixels,
             n_tokens=len(tiles) * self.tokens_per_tile,

@@ -152,11 +152,6 @@ def center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return canvas[max(0, top) : min(nh, top + crop_h), max(0, left) : min(nw, left + crop_w)]
 
 
-def to_pixels(tiles: list[np.ndarray], mean, std) -> torch.Tensor:
-    """uint8 [H, W, 3] tiles -> [n, 3, H, W] float32: x/255 in float64 -> float32, then (x - mean) / std."""
-    return normalized_chw(tiles, mean, std)
-
-
 # ---------------------------------------------------------------- the model
 
 
@@ -300,7 +295,7 @@ class LlavaVision(VisionModel):
         hw = (rgb.height, rgb.width)
         if self.pinpoints is None:
             tile = self._finish(np.asarray(rgb, dtype=np.uint8))
-            pixels = to_pixels([tile], self.cfg.image_mean, self.cfg.image_std)
+            pixels = normalized_chw([tile], self.cfg.image_mean, self.cfg.image_std)
             return ProcessedImage(pixel_values=pixels, n_tokens=self.grid * self.grid, extra={"image_size": hw})
 
         best = select_best_resolution(hw, self.candidate_resolutions(hw, options or ImageOptions()))
@@ -312,7 +307,7 @@ class LlavaVision(VisionModel):
         rows, cols = best[0] // s, best[1] // s
         tiles = [np.asarray(resize(rgb, s, s, Image.Resampling.BICUBIC), dtype=np.uint8)]
         tiles += [canvas[r * s : (r + 1) * s, c * s : (c + 1) * s] for r in range(rows) for c in range(cols)]
-        pixels = to_pixels([self._finish(t) for t in tiles], self.cfg.image_mean, self.cfg.image_std)
+        pixels = normalized_chw([self._finish(t) for t in tiles], self.cfg.image_mean, self.cfg.image_std)
         return ProcessedImage(
             pixel_values=pixels,
             n_tokens=self.token_count(hw, best),
