@@ -85,14 +85,19 @@ def test_native_matches_tiled_linear(qtype, T):
     assert rel_err(got, ref) < 2e-6
 
 
-def fused_matmul(w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
-    """The C fused decode+dot kernel called directly, for any number of rows of x (it takes <= 64)."""
+def c_matmul(entry: str, w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    """A C mat-vec (`ocula_matmul` or `ocula_matmul_q8`) called directly, for any number of rows of x
+    (they take <= 64)."""
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], w.shape[0])
-    rc = kernels.native_lib().ocula_matmul(w.qtype, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1],
-                                           x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    rc = getattr(kernels.native_lib(), entry)(w.qtype, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1],
+                                              x.data_ptr(), x.shape[0], y.data_ptr(), threads)
     assert rc == 0
     return y
+
+
+def fused_matmul(w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    return c_matmul("ocula_matmul", w, x, threads)
 
 
 @needs_native
@@ -181,12 +186,7 @@ def test_native_output_matrix_shape():
 # ----------------------------------------------------------------------------------- native_q8
 
 def q8_matmul(w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
-    x = x.float().contiguous()
-    y = torch.empty(x.shape[0], w.shape[0])
-    rc = kernels.native_lib().ocula_matmul_q8(w.qtype, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1],
-                                              x.data_ptr(), x.shape[0], y.data_ptr(), threads)
-    assert rc == 0
-    return y
+    return c_matmul("ocula_matmul_q8", w, x, threads)
 
 
 def q8_rounded(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -442,23 +442,25 @@ KFN q5_rows(ROW_ARGS, const int T, const int bs, const int has_min) {
     ROW_END
 }
 
+/* CALL(args..., T) for the T = n rows of x of a chunk (1..8), so each T is compiled separately */
+#define WITH_T(n, CALL, ...)                                                                      \
+    switch (n) {                                                                                  \
+        case 1: CALL(__VA_ARGS__, 1); break;                                                      \
+        case 2: CALL(__VA_ARGS__, 2); break;                                                      \
+        case 3: CALL(__VA_ARGS__, 3); break;                                                      \
+        case 4: CALL(__VA_ARGS__, 4); break;                                                      \
+        case 5: CALL(__VA_ARGS__, 5); break;                                                      \
+        case 6: CALL(__VA_ARGS__, 6); break;                                                      \
+        case 7: CALL(__VA_ARGS__, 7); break;                                                      \
+        default: CALL(__VA_ARGS__, 8); break;                                                     \
+    }
+
 /* one function per type: rows of x in chunks of up to 8, each chunk with T known at compile time */
 #define FAST_MM(NAME, CALL)                                                                       \
 static void fmm_##NAME(const u8 *W, int64_t rb, int64_t cols, int64_t rows, int64_t r0, int64_t r1, \
                        const float *X, int64_t T, float *Y) {                                      \
-    for (int64_t t0 = 0; t0 < T; t0 += 8) {                                                      \
-        const float *Xc = X + t0 * cols; float *Yc = Y + t0 * rows;                              \
-        switch (T - t0 < 8 ? T - t0 : 8) {                                                       \
-            case 1: CALL(W, rb, cols, rows, r0, r1, Xc, Yc, 1); break;                           \
-            case 2: CALL(W, rb, cols, rows, r0, r1, Xc, Yc, 2); break;                           \
-            case 3: CALL(W, rb, cols, rows, r0, r1, Xc, Yc, 3); break;                           \
-            case 4: CALL(W, rb, cols, rows, r0, r1, Xc, Yc, 4); break;                           \
-            case 5: CALL(W, rb, cols, rows, r0, r1, Xc, Yc, 5); break;                           \
-            case 6: CALL(W, rb, cols, rows, r0, r1, Xc, Yc, 6); break;                           \
-            case 7: CALL(W, rb, cols, rows, r0, r1, Xc, Yc, 7); break;                           \
-            default: CALL(W, rb, cols, rows, r0, r1, Xc, Yc, 8); break;                          \
-        }                                                                                         \
-    }                                                                                             \
+    for (int64_t t0 = 0; t0 < T; t0 += 8)                                                        \
+        WITH_T(T - t0 < 8 ? T - t0 : 8, CALL, W, rb, cols, rows, r0, r1, X + t0 * cols, Y + t0 * rows) \
 }
 #define Q40(...) q4_rows(__VA_ARGS__, 18, 0)
 #define Q41(...) q4_rows(__VA_ARGS__, 20, 1)
@@ -710,19 +712,8 @@ KFN q32_q8_rows(Q8_ARGS, const int T, const int bs) {
 #define Q8_MM(NAME, CALL)                                                                          \
 static void q8mm_##NAME(const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1,            \
                         const xq8 *X, int64_t T, float *Y) {                                       \
-    for (int64_t t0 = 0; t0 < T; t0 += 8) {                                                      \
-        float *Yc = Y + t0 * rows;                                                               \
-        switch (T - t0 < 8 ? T - t0 : 8) {                                                       \
-            case 1: CALL(W, rb, rows, r0, r1, X, t0, Yc, 1); break;                              \
-            case 2: CALL(W, rb, rows, r0, r1, X, t0, Yc, 2); break;                              \
-            case 3: CALL(W, rb, rows, r0, r1, X, t0, Yc, 3); break;                              \
-            case 4: CALL(W, rb, rows, r0, r1, X, t0, Yc, 4); break;                              \
-            case 5: CALL(W, rb, rows, r0, r1, X, t0, Yc, 5); break;                              \
-            case 6: CALL(W, rb, rows, r0, r1, X, t0, Yc, 6); break;                              \
-            case 7: CALL(W, rb, rows, r0, r1, X, t0, Yc, 7); break;                              \
-            default: CALL(W, rb, rows, r0, r1, X, t0, Yc, 8); break;                             \
-        }                                                                                         \
-    }                                                                                             \
+    for (int64_t t0 = 0; t0 < T; t0 += 8)                                                        \
+        WITH_T(T - t0 < 8 ? T - t0 : 8, CALL, W, rb, rows, r0, r1, X, t0, Y + t0 * rows)          \
 }
 #define Q4K8(...) k4_q8_rows(__VA_ARGS__, 0)
 #define Q5K8(...) k4_q8_rows(__VA_ARGS__, 1)
