@@ -26,11 +26,11 @@ PROGRESS_MIN_BYTES = 512 * 1024 * 1024
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, what: str = "dtype") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise UnsupportedError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        raise UnsupportedError(f"{what} {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -56,7 +56,7 @@ def load(
     if threads:
         torch.set_num_threads(int(threads))
     return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx, kernels=kernels,
-                 kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype))
+                 kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype, "kv_dtype"))
 
 
 class Model:

@@ -112,3 +112,8 @@ def test_half_precision_kv_cache(kv_dtype):
     cache = model.engine._cache
     assert cache.dtype == getattr(torch, kv_dtype)
     assert all(t.dtype == cache.dtype for t in cache.k + cache.v if t is not None)
+
+
+def test_unknown_kv_dtype_is_named():
+    with pytest.raises(ocula.UnsupportedError, match="kv_dtype 'int8' is not supported"):
+        ocula.load(gemma_pkg.assemble(), kv_dtype="int8")
