@@ -89,13 +89,16 @@ def test_bfloat16_compute_within_documented_tolerance():
 
 def test_bfloat16_decode_follows_the_reference():
     """bf16 decode steps run the 8-bit-activation kernels (kernels="auto" on AVX-512 VNNI CPUs): greedy
-    tokens must equal HF's up to the first step whose HF top1-top2 margin is below 0.05 (observed:
-    32/32 for both prompts, smallest margin passed 0.07)."""
+    tokens must equal HF's up to the first step whose HF top1-top2 margin is below 0.1 (0.3% of the
+    logit range; bf16 logits may differ from HF's by 5e-2 of the range, see above). A near-tie may go
+    either way with the CPU's GEMM: prompt 0's step 13 (HF margin 0.069) kept HF's token on Zen 4
+    (AVX-512 BF16) and flips on Sapphire Rapids (AMX), where even the exact kernels' bf16 logits tie
+    there. Observed: 32/32 on prompt 1 (smallest margin 0.26), 13/13 before that tie on prompt 0."""
     model = ocula.load(gemma_pkg.assemble(), dtype="bfloat16")
     for k in PROMPTS:
         out = model.generate(REF[f"input_ids_{k}"].tolist(), max_tokens=32, temperature=0, ignore_eos=True)
         ref, margins = REF[f"greedy_{k}"].tolist(), REF[f"greedy_margins_{k}"]
-        n = next((i for i, m in enumerate(margins) if m < 0.05), len(ref))
+        n = next((i for i, m in enumerate(margins) if m < 0.1), len(ref))
         assert out.token_ids[:n] == ref[:n]
 
 

@@ -207,6 +207,14 @@ KERNELS(bf16, 32, 64)
 #define FAST 1
 enum { X_NAT, X_P32, X_P16 };
 #define KFN static inline __attribute__((always_inline)) void
+/* Prefetch into L2 the n bytes PF_AHEAD past p. The hardware prefetchers alone leave DRAM idle (they
+ * stop at 4 KiB pages): ~15% on Q4_K on Zen 4; on Sapphire Rapids, L2 (T1) streams 15-60% faster than
+ * L1 (T0) or none. */
+#ifndef PF_AHEAD
+#define PF_AHEAD 4096
+#endif
+#define PREFETCH(p, n) _Pragma("GCC unroll 4") for (int pf_ = 0; pf_ < (n); pf_ += 64) \
+    _mm_prefetch((const char *)(p) + PF_AHEAD + pf_, _MM_HINT_T1)
 #define ROW_ARGS const u8 *W, int64_t rb, int64_t cols, int64_t rows, int64_t r0, int64_t r1, \
                  const float *X, float *Y
 #define CH(T) ((T) <= 2 ? 4 : (T) <= 4 ? 2 : 1)  /* independent FMA chains per row of x */
@@ -281,6 +289,7 @@ KFN q4_k_rows(ROW_ARGS, const int T) {
     ROW_BEGIN
     for (int64_t b = 0; b < cols / 256; b++) {
         const u8 *blk = row + 144 * b;
+        PREFETCH(blk, 192);
         _mm512_store_ps(sm, k4_scale_vec(blk));
         __asm__ volatile("" ::: "memory");  /* broadcast the scales from memory, not by shuffles */
         _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
@@ -305,6 +314,7 @@ KFN q5_k_rows(ROW_ARGS, const int T) {
     ROW_BEGIN
     for (int64_t b = 0; b < cols / 256; b++) {
         const u8 *blk = row + 176 * b;
+        PREFETCH(blk, 192);
         _mm512_store_ps(sm, k4_scale_vec(blk));
         __m512i hb = bcast32(blk + 16);
         _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
@@ -337,6 +347,7 @@ KFN q6_k_rows(ROW_ARGS, const int T) {
     ROW_BEGIN
     for (int64_t b = 0; b < cols / 256; b++) {
         const u8 *blk = row + 210 * b;
+        PREFETCH(blk, 256);
         __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192))));
         __m512 d = _mm512_mul_ps(_mm512_set1_ps(half(blk + 208)), sc);
         _mm512_store_ps(ds, d); _mm512_store_ps(ds + 16, _mm512_mul_ps(d, _mm512_set1_ps(32.f)));
@@ -364,6 +375,7 @@ KFN q8_0_rows(ROW_ARGS, const int T) {
     for (int64_t b2 = 0; b2 < cols / 32; b2 += 2) _Pragma("GCC unroll 2") for (int u = 0; u < 2; u++) {
         const int64_t b = b2 + u; if (b >= cols / 32) break;
         const u8 *blk = row + 34 * b; __m512 d = _mm512_set1_ps(half(blk));
+        PREFETCH(blk, 64);
         __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
         __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
         if (T == 1) {
@@ -385,6 +397,7 @@ KFN f16_rows(ROW_ARGS, const int T) {
     ROW_BEGIN
     for (int64_t b = 0; b < cols / 32; b++) {
         const u8 *blk = row + 64 * b;
+        PREFETCH(blk, 64);
         __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
         __m512 w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
         FOR_T {
@@ -402,6 +415,7 @@ KFN q4_rows(ROW_ARGS, const int T, const int bs, const int has_min) {
     for (int64_t b2 = 0; b2 < cols / 32; b2 += 2) _Pragma("GCC unroll 2") for (int u = 0; u < 2; u++) {
         const int64_t b = b2 + u; if (b >= cols / 32) break;
         const u8 *blk = row + bs * b; __m512 d = _mm512_set1_ps(half(blk)), tbl;
+        PREFETCH(blk, 64);
         if (has_min) tbl = _mm512_fmadd_ps(d, iota(0), _mm512_set1_ps(half(blk + 2)));
         else tbl = _mm512_mul_ps(d, iota(-8));
         __m512i v = bcast16(blk + (has_min ? 4 : 2));
@@ -423,6 +437,7 @@ KFN q5_rows(ROW_ARGS, const int T, const int bs, const int has_min) {
     for (int64_t b2 = 0; b2 < cols / 32; b2 += 2) _Pragma("GCC unroll 2") for (int u = 0; u < 2; u++) {
         const int64_t b = b2 + u; if (b >= cols / 32) break;
         const u8 *blk = row + bs * b; __m512 d = _mm512_set1_ps(half(blk)), t0, t1;
+        PREFETCH(blk, 64);
         if (has_min) {
             __m512 m = _mm512_set1_ps(half(blk + 2));
             t0 = _mm512_fmadd_ps(d, iota(0), m); t1 = _mm512_fmadd_ps(d, iota(16), m);
@@ -532,10 +547,6 @@ static void quant_32(const float *x, int64_t cols, int8_t *q, float *d) {
 /* Both K kernels take 4 vpdpbusd per 256 weights: dword lane j of each holds the sum of 4 products
  * (|sum| <= 4 * 63 * 127, so it fits in 16 bits), then two vectors of such sums are packed into the
  * word halves of one and multiplied by their scales in a single vpmaddwd / vpdpwssd. */
-/* bytes ahead of the current block to prefetch: the hardware prefetchers alone leave DRAM idle (~15% on Q4_K) */
-#ifndef Q8_PF
-#define Q8_PF 4096
-#endif
 static inline __m512i pack_words(__m512i lo, __m512i hi) {
     return _mm512_mask_blend_epi16(0xAAAAAAAAu, lo, _mm512_slli_epi32(hi, 16));
 }
@@ -569,8 +580,7 @@ KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
         FOR_T { acc[t] = _mm512_setzero_ps(); accm[t] = _mm256_setzero_ps(); }
         for (int64_t b = 0; b < nb; b++) {
             const u8 *blk = row + bs * b, *qs = blk + (five ? 48 : 16);
-            _mm_prefetch((const char *)blk + Q8_PF, _MM_HINT_T0); _mm_prefetch((const char *)blk + Q8_PF + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + Q8_PF + 128, _MM_HINT_T0);
+            PREFETCH(blk, 192);
             __m256i sm = k4_scale_words(blk);
             __m512i sm5 = _mm512_castsi256_si512(sm);
             __m512i s01 = _mm512_permutexvar_epi16(i01, sm5), s23 = _mm512_permutexvar_epi16(i23, sm5);
@@ -625,8 +635,7 @@ KFN q6_k_q8_rows(Q8_ARGS, const int T) {
         FOR_T acc[t] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const u8 *blk = row + 210 * b;
-            _mm_prefetch((const char *)blk + Q8_PF, _MM_HINT_T0); _mm_prefetch((const char *)blk + Q8_PF + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + Q8_PF + 128, _MM_HINT_T0); _mm_prefetch((const char *)blk + Q8_PF + 192, _MM_HINT_T0);
+            PREFETCH(blk, 256);
             __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
             __m512i sc5 = _mm512_castsi256_si512(sc);
             __m256i sc32 = _mm256_slli_epi16(sc, 5);
@@ -699,6 +708,7 @@ KFN q32_q8_rows(Q8_ARGS, const int T, const int bs) {
         FOR_T acc[0][t] = acc[1][t] = _mm512_setzero_ps();
         int64_t p = 0;
         for (; p + 1 < nb / 2; p += 2) {
+            PREFETCH(row + 2 * p * bs, 4 * bs);
             q32_pair(row, p, X, t0, acc[0], T, bs, 1);
             q32_pair(row, p + 1, X, t0, acc[1], T, bs, 1);
         }
