@@ -74,7 +74,7 @@ def fresh_selection():
 
 @needs_native
 @pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
-@pytest.mark.parametrize("T", [1, 5, 37])  # 1, 5: fused decode kernel; 37: C-decoded tiles + GEMM
+@pytest.mark.parametrize("T", [1, 5, 12, 37])  # 1, 5, 12: fused decode kernel; 37: C-decoded tiles + GEMM
 def test_native_matches_tiled_linear(qtype, T):
     w = random_weight(qtype)
     x = torch.randn(T, COLS, generator=torch.Generator().manual_seed(T))
@@ -235,7 +235,7 @@ def test_q8_linear_bias_dtype_and_large_T():
     got = kernels.q8_linear(x, w, bias)
     assert got.shape == (2, 3, ROWS) and got.dtype == torch.bfloat16
     assert rel_err(got, tiled_linear(x.float(), w, bias)) < 3e-2
-    big = torch.randn(kernels.FUSED_MAX_T + 1, COLS)  # prefill: the exact tiles + GEMM path
+    big = torch.randn(kernels.Q8_MAX_T + 1, COLS)  # a prefill chunk: the exact path
     assert rel_err(kernels.q8_linear(big, w, None), tiled_linear(big, w, None)) < 2e-6
     w2 = random_weight(QT.Q2_K)  # no int8 kernel: exact
     x1 = torch.randn(1, COLS)

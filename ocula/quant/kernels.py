@@ -8,16 +8,17 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
             (``$CC``, default ``cc``; ``-O3 -march=native -fopenmp``) into ``~/.cache/ocula/kernels``,
             loaded with ctypes. Exact: weights decode to the very float32 values ocula.quant.dequant
             gives, products and sums are float32; only the summation order differs from torch's GEMM
-            (≈1e-6 relative). T <= FUSED_MAX_T rows: one fused decode+dot pass over the blocks (decode);
-            more rows: C decodes row tiles to float32/bfloat16 and torch's GEMM multiplies (prefill).
+            (≈1e-6 relative). T <= FUSED_MAX_T rows: one fused decode+dot pass over the blocks
+            (decode steps, short prefill chunks); more rows: C decodes row tiles to float32/bfloat16
+            and torch's GEMM multiplies (prefill).
             Types: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K..Q6_K. Disabled by ``OCULA_NATIVE=0``.
 ``native_q8`` The same C library's int8-activation mat-vec (`ocula_matmul_q8`), the llama.cpp approach
             without ggml: each row of x is quantized once per call to int8 (one scale per 256 values
             for K-quants, per 32 for Q4_0/Q5_0/Q8_0), then integer dot products on the weight blocks
             (AVX-512 VNNI) with the block scales applied in float. LOSSY like ggml, ≈1e-2 of max |y|
             on random data (see tests/test_kernels.py); ~2-3x the exact kernel's speed for decode.
-            Decode steps only: T <= FUSED_MAX_T rows, or up to Q8_MAX_ROWS sequences of a batch
-            decoding one token each; prefill chunks go to native's tiles + GEMM. Types: Q4_0 Q5_0 Q8_0
+            Decode steps only: T <= Q8_MAX_T rows, or up to Q8_MAX_ROWS sequences of a batch
+            decoding one token each; prefill chunks go to native (exact). Types: Q4_0 Q5_0 Q8_0
             Q4_K Q5_K Q6_K, on CPUs with AVX-512 VNNI (others use native).
 ``ggml``    ggml's own CPU mat-mul through the optional ``ggml-python`` package (``pip install
             'ocula[fast]'``), zero-copy on the mmap'd blocks. LOSSY: like llama.cpp it quantizes the
@@ -53,7 +54,13 @@ if TYPE_CHECKING:
     from ocula.quant.linear import QuantizedWeight
 
 MODES = ("auto", "exact", "q8", "ggml", "torch")
-FUSED_MAX_T = 6   # native: fused decode+dot up to this many rows of x, tiles + GEMM above (measured crossover)
+# native: fused decode+dot up to this many rows of x, tiles + GEMM above. Measured on Q4_K/Q6_K/Q8_0
+# 11008 x 2048 (Sapphire Rapids, 2 threads), fused vs tiles ms: 8 rows 2.9-3.4 vs 7.5-10 (bf16 tiles)
+# and 11.5 (f32); 16 rows 5.5-5.8 vs 7.6-9.6 / 11.5; 32 rows 10.6-11.2 vs 8.0-10.2 / 13.1. The tile
+# path's cost is mostly decoding the whole weight, whatever the row count; the fused kernel's grows
+# with the rows. Short prefill chunks (a chat turn's new tokens) stay exact and skip that decode.
+FUSED_MAX_T = 16
+Q8_MAX_T = 6  # native_q8: rows of x for a decode step (prefill chunks above this go to native)
 GGML_MAX_T = 8    # ggml: its mat-mul up to this many rows; above, tiles + GEMM win (measured)
 # native_q8: rows of x per call for batched decode steps (the C kernel's limit). On Qwen2.5-VL-3B
 # Q4_K_M it beats bf16 tiles + GEMM up to 64 rows (8 rows: 263 vs 941 ms, 64: 1.66 vs 1.78 s)
@@ -230,14 +237,14 @@ def q8_supported(qtype: int) -> bool:
 
 
 def q8_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T (+ bias) with x quantized to int8 (lossy, ≈1e-2) for decode steps: up to FUSED_MAX_T
+    """x @ W.T (+ bias) with x quantized to int8 (lossy, ≈1e-2) for decode steps: up to Q8_MAX_T
     rows of x, or up to Q8_MAX_ROWS when x is [..., 1, cols] (one new token for each of a batch of
     sequences). Each row is quantized on its own, so a sequence decoded in a batch gets what it gets
     alone. Prefill chunks (and types without a q8 kernel) go to the exact `native_linear`."""
     cols = w.shape[1]
     n = x.numel() // cols
     one_token_each = x.dim() >= 3 and x.shape[-2] == 1
-    if n == 0 or n > (Q8_MAX_ROWS if one_token_each else FUSED_MAX_T) or not q8_supported(w.qtype):
+    if n == 0 or n > (Q8_MAX_ROWS if one_token_each else Q8_MAX_T) or not q8_supported(w.qtype):
         return native_linear(x, w, bias)
     return _fused(native_lib().ocula_matmul_q8, x, w, bias, n)
 
