@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ:  # as ocula/__init__.py, before torch loads libgomp
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -27,6 +27,8 @@ def ratio(a, b, digits=2) -> str:
 def wait(name: str, r: dict | None = None) -> str:
     """The OpenMP wait policy both engines ran with: recorded since it was added to the JSON; before,
     PASSIVE came from --env (`-passive` rows) or from ocula/__init__.py (commits from dce34e5 on)."""
+    if r is not None and r.get("ocula", {}).get("gomp_spincount") and not r["ocula"].get("omp_wait_policy"):
+        return f"spin {r['ocula']['gomp_spincount']}"
     if r is not None and "omp_wait_policy" in r.get("ocula", {}):
         return (r["ocula"]["omp_wait_policy"] or "active (default)").lower()
     if name.endswith("-passive"):

@@ -403,9 +403,10 @@ def run_engine(engine: str, cfg: dict) -> dict:
     res = run_ocula(cfg) if engine == "ocula" else run_llamacpp(cfg)
     res.update(model=cfg["model"], mmproj=cfg.get("mmproj"), n_prompt=cfg["n_prompt"], n_gen=cfg["n_gen"],
                reps=cfg["reps"])
-    # OpenMP's wait policy changes both engines' speed on a busy machine (ocula's package sets PASSIVE
+    # OpenMP's wait policy changes both engines' speed (ocula's package sets a bounded spin, GOMP_SPINCOUNT,
     # unless the environment says otherwise, and the llama.cpp worker imports ocula too)
     res["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    res["gomp_spincount"] = os.environ.get("GOMP_SPINCOUNT")
     return res
 
 
