@@ -190,9 +190,8 @@ _tiles = threading.local()
 
 
 def _tile_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """A [rows, cols] scratch tile, one per thread and dtype, reused call after call: a fresh multi-MB
-    tensor per call can cost its page faults every time (the allocator may hand the pages back), which
-    measured ~100 ms of a 26-token InternVL3-1B prefill (~190 vs 260-375 ms)."""
+    """A [rows, cols] scratch tile, one per thread and dtype, reused call after call instead of a fresh
+    multi-MB tensor per call (whose pages the allocator may hand back and fault in again)."""
     bufs = _tiles.__dict__.setdefault("bufs", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < rows * cols:
