@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 if "OMP_WAIT_POLICY" not in os.environ:  # as ocula/__init__.py, before torch loads libgomp
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -6,14 +6,14 @@
 """
 import os
 
-# Idle OpenMP workers spin briefly (30k polls, ~1 ms), then sleep. Fully passive workers pay a wake-up
-# on each of the hundreds of parallel regions a forward runs: on 2 Intel (AMX) cores that cost 25-50%
+# Idle OpenMP workers spin a while (100k polls), then sleep. Fully passive workers pay a wake-up on each
+# of the hundreds of parallel regions a forward runs: on 2 Intel (AMX) cores that cost 25-50%
 # (InternVL3-1B bf16: decode 15.6 vs 20.9 tok/s, 128-token prefill 231 vs 350 t/s, a chat turn's
-# 26-token prefill 380 vs 200 ms); unbounded spinning (libgomp's ACTIVE) starves other work on a busy
-# machine (~3x slower decode measured on Zen 4). Must be set before torch loads libgomp; the user's
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# 26-token prefill 380 vs 200 ms); 30k polls were too few for SmolVLM-256M (40 vs 47 tok/s); unbounded
+# spinning (libgomp's ACTIVE) starves other work on a busy machine (~3x slower decode measured on Zen 4).
+# Must be set before torch loads libgomp; the user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 from ocula.errors import GGUFError, MediaError, OculaError, RequestError, UnsupportedError
 
