@@ -186,29 +186,15 @@ def _gemm(x: torch.Tensor, tile: torch.Tensor, bias: torch.Tensor | None) -> tor
     return nn.functional.linear(x, tile, bias)
 
 
-_tiles = threading.local()
-
-
-def _tile_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """A [rows, cols] scratch tile, one per thread and dtype, reused call after call instead of a fresh
-    multi-MB tensor per call (whose pages the allocator may hand back and fault in again)."""
-    bufs = _tiles.__dict__.setdefault("bufs", {})
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < rows * cols:
-        buf = bufs[dtype] = torch.empty(max(rows * cols, TILE_ELEMS), dtype=dtype)
-    return buf[: rows * cols].view(rows, cols)
-
-
 def tiles_gemm(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T for many rows of x: C-decoded row tiles (in x's float32/bfloat16) times torch GEMM."""
     rows, cols = w.shape
     step = max(1, min(rows, TILE_ELEMS // cols))
     lead, x = x.shape[:-1], x.reshape(-1, cols)
     if step >= rows:
-        tile = native_dequant(w, 0, rows, x.dtype, _tile_buffer(rows, cols, x.dtype))
-        return _gemm(x, tile, bias).reshape(*lead, rows)
+        return _gemm(x, native_dequant(w, 0, rows, x.dtype), bias).reshape(*lead, rows)
     out = torch.empty(x.shape[0], rows, dtype=x.dtype)
-    buf = _tile_buffer(step, cols, x.dtype)
+    buf = torch.empty(step, cols, dtype=x.dtype)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         tile = native_dequant(w, start, stop, x.dtype, buf[: stop - start])
