@@ -25,14 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ:  # as ocula/__init__.py, before torch loads libgomp
-    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
+import ocula  # noqa: F401,I001 - first: sets ocula's OpenMP wait policy before torch loads libgomp
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT  # noqa: E402
-
-from ocula.quant import kernels  # noqa: E402
+from ocula.quant import kernels
 
 SCALE_FIELDS = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
                 QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
