@@ -92,7 +92,7 @@ def test_bfloat16_decode_follows_the_reference():
     tokens must equal HF's up to the first step whose HF top1-top2 margin is below 0.1 (0.3% of the
     logit range; bf16 logits may differ from HF's by 5e-2 of the range, see above). A near-tie may go
     either way with the CPU's GEMM: prompt 0's step 13 (HF margin 0.069) kept HF's token on Zen 4
-    (AVX-512 BF16) and flips on Sapphire Rapids (AMX), where even the exact kernels' bf16 logits tie
+    (AVX-512 BF16) and flips on an Intel Xeon with AMX, where even the exact kernels' bf16 logits tie
     there. Observed: 32/32 on prompt 1 (smallest margin 0.26), 13/13 before that tie on prompt 0."""
     model = ocula.load(gemma_pkg.assemble(), dtype="bfloat16")
     for k in PROMPTS:

@@ -208,7 +208,7 @@ KERNELS(bf16, 32, 64)
 enum { X_NAT, X_P32, X_P16 };
 #define KFN static inline __attribute__((always_inline)) void
 /* Prefetch into L2 the n bytes PF_AHEAD past p. The hardware prefetchers alone leave DRAM idle (they
- * stop at 4 KiB pages): ~15% on Q4_K on Zen 4; on Sapphire Rapids, L2 (T1) streams 15-60% faster than
+ * stop at 4 KiB pages): ~15% on Q4_K on Zen 4; on an Intel Xeon (AMX), L2 (T1) streams 15-60% faster than
  * L1 (T0) or none. */
 #ifndef PF_AHEAD
 #define PF_AHEAD 4096

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 MODES = ("auto", "exact", "q8", "ggml", "torch")
 # native: fused decode+dot up to this many rows of x, tiles + GEMM above. Measured on Q4_K/Q6_K/Q8_0
-# 11008 x 2048 (Sapphire Rapids, 2 threads), fused vs tiles ms: 8 rows 2.9-3.4 vs 7.5-10 (bf16 tiles)
+# 11008 x 2048 (Intel Xeon with AMX, 2 threads), fused vs tiles ms: 8 rows 2.9-3.4 vs 7.5-10 (bf16 tiles)
 # and 11.5 (f32); 16 rows 5.5-5.8 vs 7.6-9.6 / 11.5; 32 rows 10.6-11.2 vs 8.0-10.2 / 13.1. The tile
 # path's cost is mostly decoding the whole weight, whatever the row count; the fused kernel's grows
 # with the rows. Short prefill chunks (a chat turn's new tokens) stay exact and skip that decode.
