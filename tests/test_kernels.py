@@ -132,6 +132,23 @@ def test_native_fused_kernel_sums(qtype, T):
 
 @needs_native
 @pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+@pytest.mark.parametrize("entry", ["ocula_matmul", "ocula_matmul_q8"])
+def test_a_row_gets_the_same_bits_alone_or_with_others(qtype, entry):
+    """Batch invariance: a sequence decoded in a batch of B gets what it gets alone, bit for bit,
+    for every row count the kernels compile separately (the int8 kernels quantize each row alone;
+    the exact ones keep the same FMA chains per row whatever the count)."""
+    if entry == "ocula_matmul_q8" and not kernels.q8_supported(int(qtype)):
+        pytest.skip("no int8 kernel for this type on this CPU")
+    cols = 768 if GGML_QUANT_SIZES[qtype][0] == 256 else 800
+    w = random_weight(qtype, cols=cols)
+    x = torch.randn(19, cols, generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([c_matmul(entry, w, x[i : i + 1]) for i in range(19)])
+    for T in (2, 3, 5, 8, 19):
+        assert torch.equal(c_matmul(entry, w, x[:T]), alone[:T]), T
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
 def test_native_dequant_is_bit_identical(qtype):
     w = random_weight(qtype)
     ref = w.dequantize(torch.float32)

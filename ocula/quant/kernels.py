@@ -28,7 +28,8 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
 Modes (``ocula.load(..., kernels=...)``): ``"exact"`` native, else torch; ``"q8"`` native_q8, else
 exact; ``"ggml"`` ggml, else exact; ``"torch"`` torch only; ``"auto"``: float32 compute dtype ->
 exact (float32 results always stay exact); other dtypes -> ggml when ggml-python is installed,
-else native_q8 (where it has the type and the CPU has VNNI), else exact.
+else native_q8 (where it has the type and the CPU has VNNI), else exact; `use_kernels` keeps the
+layers of `linear.EXACT_IN_AUTO` (ffn_down) exact in "auto".
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ NATIVE_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30})
 GGML_TYPES = frozenset({1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29,
                         30, 34, 35, 39})
 
-_C_SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
+# kernels.c, then the decoder step built on its mat-vecs (decode_step.c): one library
+_C_SOURCE = "\n".join(Path(__file__).with_name(name).read_text() for name in ("kernels.c", "decode_step.c"))
 
 
 def _threads(w: "QuantizedWeight", rows_of_x: int) -> int:
@@ -109,7 +111,7 @@ def _compile(cc: str, src: Path, out: Path) -> str | None:
     last = ""
     for extra in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
         try:
-            r = subprocess.run([cc, *base, *extra, "-o", str(out), str(src)], capture_output=True,
+            r = subprocess.run([cc, *base, *extra, "-o", str(out), str(src), "-lm"], capture_output=True,
                                text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             return str(e)
@@ -149,6 +151,8 @@ def native_lib() -> ctypes.CDLL | None:
     lib.ocula_dequant.argtypes = [i32, p, i64, i64, i64, i64, p, i32, i32]
     lib.ocula_matmul_q8.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
     lib.ocula_q8_supports.argtypes = [i32]
+    lib.ocula_step_supports_kv.argtypes = [i32]
+    lib.ocula_decode_step.argtypes = [p, p, i32, p, i64, p]
     if lib.ocula_init() < FUSED_MAX_T:
         return None
     return lib

@@ -154,6 +154,10 @@ def self_attention(blk: nn.Module, x: torch.Tensor, cfg: TextConfig, rope: RopeT
 class DecoderBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)); x + swiglu(norm(x)). Names follow GGUF `blk.N.*`."""
 
+    # what ocula_decode_step (fused_decode.py) must do to match `forward`: set by each class that
+    # it covers, and only read from the class itself, so a subclass with another forward is left out
+    fused_step = {"gelu": False}
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         d, hd = cfg.n_embd, cfg.head_dim
@@ -192,6 +196,7 @@ class TextModel(nn.Module):
         self.output = QLinear(cfg.n_embd, cfg.n_vocab)
         self.rotary = Rotary(cfg.rope)
         self.kv_dtype: torch.dtype | None = None  # None: the compute dtype
+        self._fused: tuple[int, object] | None = None  # (kernel epoch, FusedDecode or None)
 
     # GGUF names to read for module tensors that are stored under another name
     def weight_aliases(self) -> dict[str, str]:
@@ -218,6 +223,12 @@ class TextModel(nn.Module):
         cfg = self.cfg
         steps = step if isinstance(step, list) else [step]
         T = x.shape[1]
+        if T == 1 and all(s.deepstack is None and s.groups is None for s in steps):
+            fused = self.fused_decode()
+            caches = [s.cache for s in steps]
+            if fused is not None and fused.accepts(caches):
+                h = fused.run(x, [s.positions.to(x.device) for s in steps], caches)
+                return self.output_norm(h).to(x.dtype)
         x = x.clone()  # the blocks add their outputs to x in place
         caches = [s.cache for s in steps]
         if len(steps) == 1:  # cos/sin once per forward, shared by all layers
@@ -238,6 +249,15 @@ class TextModel(nn.Module):
         for c in caches:
             c.advance(T)
         return self.output_norm(x)
+
+    def fused_decode(self):
+        """The one-call decode step (ocula.models.text.fused_decode) for this model's blocks and
+        kernels, or None; rebuilt when `use_kernels` changes the kernels."""
+        from ocula.models.text import fused_decode  # noqa: PLC0415 - it imports this module's neighbours
+
+        if self._fused is None or self._fused[0] != fused_decode.linear.kernel_epoch:
+            self._fused = (fused_decode.linear.kernel_epoch, fused_decode.build(self))
+        return self._fused[1] if fused_decode.enabled() else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., n_embd] → float32 logits [..., n_vocab]."""

@@ -20,6 +20,8 @@ LOCAL_ROPE_BASE = 10000.0
 
 
 class Gemma3Block(DecoderBlock):
+    fused_step = {"gelu": True}
+
     def __init__(self, cfg: TextConfig):
         super().__init__(cfg)
         self.post_attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)

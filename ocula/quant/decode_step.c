@@ -1,0 +1,225 @@
+/* One decode step of a pre-norm decoder (Llama / Qwen2 / Qwen3 / Gemma 3 blocks) for one new token of
+ * each of B sequences, every layer in one call: appended to kernels.c by kernels.py, driven by
+ * ocula/models/text/fused_decode.py. The mat-vecs are ocula_matmul (exact) or ocula_matmul_q8;
+ * activations stay float32; keys/values are written to and read from the caller's KV cache in place. */
+#include <math.h>
+
+typedef struct { int type, q8; const u8 *w; int64_t rows, cols, rb; const float *bias; } ocula_lin;
+
+typedef struct {
+    ocula_lin q, k, v, o, gate, up, down;
+    /* float32 norm weights; NULL where the block has none */
+    const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *post_attn_norm, *post_ffw_norm;
+    int sliding;    /* attends to the last `window` keys, rotated by the local table */
+} ocula_layer;
+
+/* one sequence of the batch: its new token's cache index and rotation, and its per-layer caches */
+typedef struct {
+    int64_t pos;       /* cache index of the new token; keys 0..pos are visible (less a window) */
+    const float *cos, *sin, *cos_local, *sin_local;  /* [n_rot / 2] at this token's position */
+    void *const *kc, *const *vc;  /* per layer: [n_kv, cap, head_dim] of the step's kv_type */
+    const int64_t *cap;           /* per layer */
+} ocula_seq;
+
+typedef struct {
+    int64_t d, n_head, n_kv, head_dim, n_ff, n_rot;
+    int64_t window;    /* sliding window of `sliding` layers, 0 = none */
+    float eps, scale, softcap;  /* softcap 0 = none */
+    int neox, gelu, kv_type, nthreads;   /* kv_type: GGML id 0 (F32), 1 (F16), 30 (BF16) */
+    int64_t par_min, attn_par_min;       /* work from which a mat-vec / the attention is threaded */
+} ocula_step;
+
+int ocula_step_supports_kv(int type) {
+#ifdef __F16C__
+    if (type == 1) return 1;
+#endif
+    return type == 0 || type == 30;
+}
+
+/* y[B, rows] = x[B, cols] W^T (+ bias) */
+static int lin(const ocula_lin *l, const float *x, int64_t B, float *y, const ocula_step *st) {
+    int n = l->rows * l->cols * B >= st->par_min ? st->nthreads : 1;
+    int rc = l->q8 ? ocula_matmul_q8(l->type, l->w, l->rows, l->cols, l->rb, x, B, y, n)
+                   : ocula_matmul(l->type, l->w, l->rows, l->cols, l->rb, x, B, y, n);
+    if (!rc && l->bias)
+        for (int64_t b = 0; b < B; b++) for (int64_t i = 0; i < l->rows; i++) y[b * l->rows + i] += l->bias[i];
+    return rc;
+}
+static inline float dot(const float *a, const float *b, int64_t n) {
+    f32x16 acc = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += ldf(a + i) * ldf(b + i);
+    float s = 0.f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *y) {
+    float inv = 1.f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
+}
+
+static void rope(float *x, int64_t heads, int64_t hd, int64_t n_rot, int neox, const float *c, const float *s) {
+    int64_t half = n_rot / 2;
+    for (int64_t h = 0; h < heads; h++, x += hd) {
+        if (neox) {
+            for (int64_t i = 0; i < half; i++) {
+                float a = x[i], b = x[i + half];
+                x[i] = a * c[i] - b * s[i];
+                x[i + half] = b * c[i] + a * s[i];
+            }
+        } else {
+            for (int64_t i = 0; i < half; i++) {
+                float a = x[2 * i], b = x[2 * i + 1];
+                x[2 * i] = a * c[i] - b * s[i];
+                x[2 * i + 1] = a * s[i] + b * c[i];
+            }
+        }
+    }
+}
+
+/* round to nearest even, as torch converts float32 to bfloat16 */
+static inline uint16_t f2bf(float f) {
+    uint32_t u = bits_f32(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+static void kv_store(void *cache, int type, int64_t at, const float *x, int64_t n) {
+    if (type == 0) { memcpy((float *)cache + at, x, (size_t)n * 4); return; }
+    uint16_t *p = (uint16_t *)cache + at;
+#ifdef __F16C__
+    if (type == 1) { for (int64_t i = 0; i < n; i++) p[i] = _cvtss_sh(x[i], 0); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) p[i] = f2bf(x[i]);
+}
+
+/* one cached row as float32: the cache itself for F32, else converted into buf */
+static inline const float *kv_row(const void *cache, int type, int64_t at, int64_t n, float *buf) {
+    if (type == 0) return (const float *)cache + at;
+    const uint16_t *p = (const uint16_t *)cache + at;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        u16x16 h; memcpy(&h, p + i, 32);
+        stf(buf + i, type == 1 ? h2f16(h) : (f32x16)(__builtin_convertvector(h, u32x16) << 16));
+    }
+    for (; i < n; i++) buf[i] = type == 1 ? h2f(p[i]) : f32_bits((uint32_t)p[i] << 16);
+    return buf;
+}
+
+/* out[hd] = softmax(q . K[first..pos] * scale) V, for query head h over its shared key/value head */
+static void attend_head(const ocula_step *st, const void *kc, const void *vc, int64_t cap, int64_t first,
+                        int64_t pos, int64_t kvh, const float *q, float *scores, float *out) {
+    int64_t hd = st->head_dim, S = pos - first + 1, base = (kvh * cap + first) * hd;
+    float buf[hd + 16], mx = -INFINITY, sum = 0.f;
+    for (int64_t s = 0; s < S; s++) {
+        float v = dot(q, kv_row(kc, st->kv_type, base + s * hd, hd, buf), hd) * st->scale;
+        if (st->softcap > 0.f) v = tanhf(v / st->softcap) * st->softcap;
+        scores[s] = v;
+        if (v > mx) mx = v;
+    }
+    for (int64_t s = 0; s < S; s++) sum += (scores[s] = expf(scores[s] - mx));
+    memset(out, 0, (size_t)hd * 4);
+    for (int64_t s = 0; s < S; s++) {
+        const float *v = kv_row(vc, st->kv_type, base + s * hd, hd, buf);
+        float p = scores[s];
+        int64_t i = 0;
+        for (; i + 16 <= hd; i += 16) stf(out + i, ldf(out + i) + bc(p) * ldf(v + i));
+        for (; i < hd; i++) out[i] += p * v[i];
+    }
+    for (int64_t i = 0; i < hd; i++) out[i] /= sum;
+}
+
+static inline float act(float g, int gelu) {
+    if (gelu) return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return g / (1.f + expf(-g));
+}
+
+static __thread float *step_buf; static __thread size_t step_cap;
+
+typedef struct { float *h, *q, *k, *v, *att, *o, *g, *u, *scores; int64_t scores_stride; } bufs;
+
+static int layer_step(const ocula_step *st, const ocula_layer *L, int li, const ocula_seq *seqs, int64_t B,
+                      float *x, const bufs *m) {
+    int64_t d = st->d, hd = st->head_dim, H = st->n_head, Hk = st->n_kv, rep = H / Hk, ff = st->n_ff;
+    int64_t qn = H * hd, kn = Hk * hd;
+    int rc = 0;
+    for (int64_t b = 0; b < B; b++) rms_norm(x + b * d, L->attn_norm, d, st->eps, m->h + b * d);
+    if ((rc = lin(&L->q, m->h, B, m->q, st)) || (rc = lin(&L->k, m->h, B, m->k, st)) ||
+        (rc = lin(&L->v, m->h, B, m->v, st))) return rc;
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const ocula_seq *sq = &seqs[b];
+        float *q = m->q + b * qn, *k = m->k + b * kn, *v = m->v + b * kn;
+        if (L->q_norm) {
+            for (int64_t i = 0; i < H; i++) rms_norm(q + i * hd, L->q_norm, hd, st->eps, q + i * hd);
+            for (int64_t i = 0; i < Hk; i++) rms_norm(k + i * hd, L->k_norm, hd, st->eps, k + i * hd);
+        }
+        const float *c = L->sliding && sq->cos_local ? sq->cos_local : sq->cos;
+        const float *s = L->sliding && sq->sin_local ? sq->sin_local : sq->sin;
+        rope(q, H, hd, st->n_rot, st->neox, c, s);
+        rope(k, Hk, hd, st->n_rot, st->neox, c, s);
+        for (int64_t i = 0; i < Hk; i++) {
+            kv_store(sq->kc[li], st->kv_type, (i * sq->cap[li] + sq->pos) * hd, k + i * hd, hd);
+            kv_store(sq->vc[li], st->kv_type, (i * sq->cap[li] + sq->pos) * hd, v + i * hd, hd);
+        }
+        work += H * (sq->pos + 1) * hd;
+    }
+    int par = st->nthreads > 1 && work >= st->attn_par_min;
+    #pragma omp parallel for if(par) num_threads(st->nthreads) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, i = bh % H;
+        const ocula_seq *sq = &seqs[b];
+        int64_t first = L->sliding && st->window > 0 && sq->pos >= st->window ? sq->pos - st->window + 1 : 0;
+        attend_head(st, sq->kc[li], sq->vc[li], sq->cap[li], first, sq->pos, i / rep, m->q + b * qn + i * hd,
+                    m->scores + bh * m->scores_stride, m->att + b * qn + i * hd);
+    }
+    if ((rc = lin(&L->o, m->att, B, m->o, st))) return rc;
+    for (int64_t b = 0; b < B; b++) {
+        float *o = m->o + b * d, *xb = x + b * d;
+        if (L->post_attn_norm) rms_norm(o, L->post_attn_norm, d, st->eps, o);
+        for (int64_t i = 0; i < d; i++) xb[i] += o[i];
+        rms_norm(xb, L->ffn_norm, d, st->eps, m->h + b * d);
+    }
+    if ((rc = lin(&L->gate, m->h, B, m->g, st)) || (rc = lin(&L->up, m->h, B, m->u, st))) return rc;
+    int64_t n_act = B * ff;
+    float *g = m->g, *u = m->u;
+    #pragma omp parallel for if(st->nthreads > 1 && n_act >= 4096) num_threads(st->nthreads) schedule(static)
+    for (int64_t i = 0; i < n_act; i++) g[i] = act(g[i], st->gelu) * u[i];
+    if ((rc = lin(&L->down, m->g, B, m->o, st))) return rc;
+    for (int64_t b = 0; b < B; b++) {
+        float *o = m->o + b * d, *xb = x + b * d;
+        if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, d, st->eps, o);
+        for (int64_t i = 0; i < d; i++) xb[i] += o[i];
+    }
+    return 0;
+}
+
+/* x[B, d] (float32, updated in place) through layers[0..n) for B sequences of one new token each (B <=
+ * MAXT): each token's keys/values are written at index pos of its sequence's caches. Nonzero if a
+ * weight type has no kernel or memory runs out (the caches may then hold a partial step). */
+int ocula_decode_step(const ocula_step *st, const ocula_layer *layers, int n, const ocula_seq *seqs, int64_t B,
+                      float *x) {
+    if (B < 1 || B > MAXT) return -1;
+    int64_t d = st->d, hd = st->head_dim, qn = st->n_head * hd, kn = st->n_kv * hd, ff = st->n_ff, S = 0;
+    for (int64_t b = 0; b < B; b++) if (seqs[b].pos + 1 > S) S = seqs[b].pos + 1;
+    S = (S + 15) & ~(int64_t)15;
+    int64_t sizes[9] = {B * d, B * qn, B * kn, B * kn, B * qn, B * d, B * ff, B * ff, B * st->n_head * S};
+    size_t need = 0;
+    for (int i = 0; i < 9; i++) need += (size_t)((sizes[i] + 15) & ~(int64_t)15);
+    if (need > step_cap) {
+        free(step_buf); step_cap = 0;
+        if (!(step_buf = aligned_alloc(64, need * 4))) return -2;
+        step_cap = need;
+    }
+    float *p = step_buf;  /* each buffer starts on a 64-byte boundary */
+    bufs m = {.scores_stride = S};
+    float **order[9] = {&m.h, &m.q, &m.k, &m.v, &m.att, &m.o, &m.g, &m.u, &m.scores};
+    for (int i = 0; i < 9; i++) { *order[i] = p; p += (sizes[i] + 15) & ~(int64_t)15; }
+    for (int i = 0; i < n; i++) {
+        int rc = layer_step(st, &layers[i], i, seqs, B, x, &m);
+        if (rc) return rc;
+    }
+    return 0;
+}
