@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from ocula.models.layers import CAUSAL, GROUPED_MAX_T, attend, attention_mask, causal_mask
+from ocula.models.layers import CAUSAL, GROUPED_MAX_T, attend, attention_mask, causal_mask, gated_act
 
 
 def reference(q, k, v, mask, scale, softcap=None):
@@ -51,3 +52,19 @@ def test_attend_bfloat16_decode_is_accurate():
     got = attend(q, k, v, None, 0.25)
     assert got.dtype == torch.bfloat16
     assert (got.double() - reference(q, k, v, None, 0.25)).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_act_matches_torch(dtype, gelu):
+    """The C kernel's SiLU / tanh-GELU times up, over the whole float range incl. huge and tiny inputs."""
+    g = torch.cat([torch.randn(70001) * 4, torch.tensor([0.0, -0.0, 88.0, -88.0, 200.0, -200.0, 1e-30, -1e-30])])
+    u = torch.randn_like(g)
+    g, u = g.to(dtype), u.to(dtype)
+    ref = (F.gelu(g.float(), approximate="tanh") if gelu else F.silu(g.float())) * u.float()
+    got = gated_act(g.clone(), u, gelu)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-6)
+    else:  # one rounding of the float32 result to bf16
+        torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=8e-3, atol=1e-6)

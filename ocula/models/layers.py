@@ -22,6 +22,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
+def gated_act(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """act(gate) * up, written into `gate`: SiLU, or GELU with the tanh approximation (Gemma).
+
+    One pass of ocula's C kernel on CPU float32/bfloat16 (torch's bf16 tanh-GELU took 23 ms on a
+    [512, 10240] input, the kernel ~1 ms); torch's ops elsewhere."""
+    if (gate.device.type == "cpu" and gate.dtype in (torch.float32, torch.bfloat16) and up.dtype == gate.dtype
+            and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()):
+        from ocula.quant.kernels import native_lib  # noqa: PLC0415 - kernels imports torch only
+
+        lib = native_lib()
+        if lib is not None:
+            lib.ocula_gated_act(gate.data_ptr(), up.data_ptr(), gate.numel(), int(gate.dtype == torch.bfloat16),
+                                int(gelu), torch.get_num_threads())
+            return gate
+    act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
+    return act.mul_(up)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm whose affine parameters come from the GGUF file (names `weight` / `bias`)."""
 

@@ -1,7 +1,8 @@
 /* One decode step of a pre-norm decoder (Llama / Qwen2 / Qwen3 / Gemma 3 blocks) for one new token of
- * each of B sequences, every layer in one call: appended to kernels.c by kernels.py, driven by
- * ocula/models/text/fused_decode.py. The mat-vecs are ocula_matmul (exact) or ocula_matmul_q8;
- * activations stay float32; keys/values are written to and read from the caller's KV cache in place. */
+ * each of B sequences, every layer in one call: appended to kernels.c and pointwise.c by kernels.py,
+ * driven by ocula/models/text/fused_decode.py. The mat-vecs are ocula_matmul (exact) or
+ * ocula_matmul_q8; activations stay float32; keys/values are written to and read from the caller's
+ * KV cache in place. */
 #include <math.h>
 
 typedef struct { int type, q8; const u8 *w; int64_t rows, cols, rb; const float *bias; } ocula_lin;
@@ -119,7 +120,7 @@ static void attend_head(const ocula_step *st, const void *kc, const void *vc, in
         scores[s] = v;
         if (v > mx) mx = v;
     }
-    for (int64_t s = 0; s < S; s++) sum += (scores[s] = expf(scores[s] - mx));
+    for (int64_t s = 0; s < S; s++) sum += (scores[s] = exp_f32(scores[s] - mx));
     memset(out, 0, (size_t)hd * 4);
     for (int64_t s = 0; s < S; s++) {
         const float *v = kv_row(vc, st->kv_type, base + s * hd, hd, buf);
@@ -129,11 +130,6 @@ static void attend_head(const ocula_step *st, const void *kc, const void *vc, in
         for (; i < hd; i++) out[i] += p * v[i];
     }
     for (int64_t i = 0; i < hd; i++) out[i] /= sum;
-}
-
-static inline float act(float g, int gelu) {
-    if (gelu) return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    return g / (1.f + expf(-g));
 }
 
 static __thread float *step_buf; static __thread size_t step_cap;
@@ -186,7 +182,7 @@ static int layer_step(const ocula_step *st, const ocula_layer *L, int li, const 
     int64_t n_act = B * ff;
     float *g = m->g, *u = m->u;
     #pragma omp parallel for if(st->nthreads > 1 && n_act >= 4096) num_threads(st->nthreads) schedule(static)
-    for (int64_t i = 0; i < n_act; i++) g[i] = act(g[i], st->gelu) * u[i];
+    for (int64_t i = 0; i < n_act; i++) g[i] = act_f32(g[i], st->gelu) * u[i];
     if ((rc = lin(&L->down, m->g, B, m->o, st))) return rc;
     for (int64_t b = 0; b < B; b++) {
         float *o = m->o + b * d, *xb = x + b * d;

@@ -11,11 +11,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ocula.errors import GGUFError, UnsupportedError
 from ocula.gguf import GGUFFile
-from ocula.models.layers import KVCache, RMSNorm, RopeConfig, RopeTable, Rotary, attend, attention_mask
+from ocula.models.layers import KVCache, RMSNorm, RopeConfig, RopeTable, Rotary, attend, attention_mask, gated_act
 from ocula.quant.linear import QEmbedding, QLinear
 
 
@@ -178,7 +177,7 @@ class DecoderBlock(nn.Module):
         """x [B, T, d] is updated in place (TextModel.forward owns it) and returned."""
         x += self_attention(self, self.attn_norm(x), cfg, rope, caches, layer, masks)
         h = self.ffn_norm(x)
-        x += self.ffn_down(F.silu(self.ffn_gate(h), inplace=True).mul_(self.ffn_up(h)))
+        x += self.ffn_down(gated_act(self.ffn_gate(h), self.ffn_up(h)))
         return x
 
 

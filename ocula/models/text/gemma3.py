@@ -9,10 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from torch.nn import functional as F
-
 from ocula.gguf import GGUFFile
-from ocula.models.layers import ROPE_NEOX, RMSNorm, Rotary
+from ocula.models.layers import ROPE_NEOX, RMSNorm, Rotary, gated_act
 from ocula.models.text.base import DecoderBlock, TextConfig, TextModel, read_text_config, register, self_attention
 
 SLIDING_PATTERN = 6  # every 6th layer attends globally
@@ -31,7 +29,7 @@ class Gemma3Block(DecoderBlock):
         h = self_attention(self, self.attn_norm(x), cfg, rope, caches, layer, masks)
         x = x + self.post_attention_norm(h)
         h = self.ffn_norm(x)
-        h = self.ffn_down(F.gelu(self.ffn_gate(h), approximate="tanh") * self.ffn_up(h))
+        h = self.ffn_down(gated_act(self.ffn_gate(h), self.ffn_up(h), gelu=True))
         return x + self.post_ffw_norm(h)
 
 

@@ -1,0 +1,61 @@
+/* Element-wise kernels of the decoders' MLPs, appended to kernels.c by kernels.py. Plain loops that the
+ * compiler vectorizes (no library calls inside). */
+
+/* e^x for float32, Cephes' expf method: x = n ln2 + f with |f| <= ln2 / 2, e^f by a degree-7
+ * polynomial, 2^n put into the exponent bits; ~1 ulp. x is clamped to [-87.34, 88.38], where both
+ * e^x and 2^n stay normal numbers. */
+static inline float exp_f32(float x) {
+    x = x < -87.336544f ? -87.336544f : x > 88.376259f ? 88.376259f : x;
+    float t = x * 1.44269504088896341f + 12582912.f;  /* 1.5 * 2^23: rounds x log2(e) to an integer */
+    int32_t n = (int32_t)(bits_f32(t) - bits_f32(12582912.f));
+    float nf = t - 12582912.f;
+    float f = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * f * f + f + 1.f;
+    return f32_bits(bits_f32(p) + ((uint32_t)n << 23));
+}
+
+/* SiLU: x sigmoid(x). GELU, tanh approximation: 0.5 x (1 + tanh(z)) = x sigmoid(2 z),
+ * z = sqrt(2 / pi) (x + 0.044715 x^3). */
+static inline float act_f32(float x, int gelu) {
+    float z = gelu ? 1.5957691216057308f * (x + 0.044715f * x * x * x) : x;
+    return x / (1.f + exp_f32(-z));
+}
+
+static inline float bf16_f32(uint16_t h) { return f32_bits((uint32_t)h << 16); }
+static inline uint16_t f32_bf16(float f) {  /* round to nearest even, as torch */
+    uint32_t u = bits_f32(f);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)
+                                          : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+static void gated_f32(float *g, const float *u, int64_t a, int64_t z, int gelu) {
+    for (int64_t i = a; i < z; i++) g[i] = act_f32(g[i], gelu) * u[i];
+}
+static void gated_bf16(uint16_t *g, const uint16_t *u, int64_t a, int64_t z, int gelu) {
+    for (int64_t i = a; i < z; i++) g[i] = f32_bf16(act_f32(bf16_f32(g[i]), gelu) * bf16_f32(u[i]));
+}
+
+/* g[i] = act(g[i]) * u[i] for n values, float32 (bf16 = 0) or bfloat16 (computed in float32, rounded
+ * once); act: SiLU (gelu = 0) or GELU-tanh (gelu = 1). */
+void ocula_gated_act(void *g, const void *u, int64_t n, int bf16, int gelu, int nthreads) {
+    if (nthreads < 1 || n < (1 << 15)) nthreads = 1;
+    #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
+    {
+        int64_t parts = 1, k = 0;
+#ifdef _OPENMP
+        parts = omp_get_num_threads(); k = omp_get_thread_num();
+#endif
+        int64_t step = ((n + parts - 1) / parts + 63) & ~(int64_t)63;
+        int64_t a = k * step, z = a + step < n ? a + step : n;
+        if (a < z) {
+            if (bf16) gated_bf16((uint16_t *)g, (const uint16_t *)u, a, z, gelu);
+            else gated_f32((float *)g, (const float *)u, a, z, gelu);
+        }
+    }
+}
