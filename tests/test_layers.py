@@ -68,3 +68,38 @@ def test_gated_act_matches_torch(dtype, gelu):
         torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-6)
     else:  # one rounding of the float32 result to bf16
         torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [  # B, H, Hk, T, S, D, causal
+    (1, 16, 16, 130, 130, 64, False), (2, 4, 2, 100, 100, 72, True), (1, 8, 4, 37, 130, 80, False),
+    (1, 4, 1, 64, 64, 256, True), (3, 2, 2, 17, 5, 128, False), (1, 6, 2, 70, 70, 40, True)])
+def test_sdpa_c_kernel_matches_float64(dtype, shape):
+    """ocula's C attention (taken for >= C_ATTENTION_MIN_T queries without a mask): block edges, GQA,
+    head sizes that are not multiples of 16 or 64, more keys than queries, batches; float32 to ~1e-6,
+    bfloat16 no worse than torch's own SDPA."""
+    from ocula.models.layers import sdpa
+    from ocula.quant.kernels import native_lib
+
+    if native_lib() is None:
+        pytest.skip("native kernels not built")
+    B, H, Hk, T, S, D, causal = shape
+    g = torch.Generator().manual_seed(T * D)
+    q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype) for h, n in ((H, T), (Hk, S), (Hk, S)))
+    rep = H // Hk
+    ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
+                                         v.double().repeat_interleave(rep, 1), is_causal=causal)
+    got = sdpa(q, k, v, is_causal=causal, enable_gqa=rep > 1)
+    assert got.dtype == dtype and got.shape == ref.shape
+    err = (got.double() - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err < 5e-6
+    else:
+        torch_err = (F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=rep > 1).double() - ref)
+        assert err <= 1.5 * torch_err.abs().max().item() + 1e-3
+    # 3-D inputs ([H, T, D], as the vision towers pass them) and transposed (strided) rows
+    if B == 1:
+        got3 = sdpa(q[0], k[0], v[0], is_causal=causal, enable_gqa=rep > 1)
+        torch.testing.assert_close(got3, got[0], rtol=0, atol=0)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(sdpa(qt, k, v, is_causal=causal, enable_gqa=rep > 1), got, rtol=0, atol=0)

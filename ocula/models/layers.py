@@ -1,6 +1,7 @@
 """Pieces every decoder shares: RMSNorm, rotary embeddings (normal / neox / multi-axis), KV cache, masks."""
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
@@ -290,12 +291,67 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return _attend(q, k, v, mask, scale, softcap)
 
 
+class _AttnArgs(ctypes.Structure):  # ocula_attn in ocula/quant/attention.c
+    _fields_ = [("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("o", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in ("H", "Hk", "T", "S", "D")),
+                *((name, ctypes.c_int64 * 3) for name in ("sq", "sk", "sv", "so")),
+                ("scale", ctypes.c_float), ("causal", ctypes.c_int), ("bf16", ctypes.c_int)]
+
+
+# queries from which `sdpa` takes ocula's C attention (fewer: decode steps, which have their own paths)
+C_ATTENTION_MIN_T = 16
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention for q [B, H, T, D] (or [H, T, D]) and k/v [B, Hk, S, D].
+
+    Without a mask, on CPU in float32/bfloat16 with at least C_ATTENTION_MIN_T queries, it runs ocula's
+    C kernel (ocula/quant/attention.c: ~3x torch's CPU SDPA on the machines we measured, float32
+    arithmetic); everything else goes to torch. `is_causal` is torch's (query t sees keys s <= t),
+    so the C kernel takes it only for T == S."""
+    lib = _c_attention_lib(q, k, v, attn_mask, is_causal)
+    if lib is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, k, v = q[None], k[None], v[None]
+    B, H, T, D = q.shape
+    out = torch.empty(B, T, H, D, dtype=q.dtype).transpose(1, 2)  # as torch lays it out: [B, T, H, D] memory
+    a = _AttnArgs(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, k.shape[1], T, k.shape[2], D)
+    for name, t in (("sq", q), ("sk", k), ("sv", v), ("so", out)):
+        getattr(a, name)[:] = t.stride()[:3]
+    a.scale = scale if scale is not None else D ** -0.5
+    a.causal, a.bf16 = int(is_causal), int(q.dtype == torch.bfloat16)
+    if lib.ocula_attention(ctypes.byref(a), B, torch.get_num_threads()):
+        raise MemoryError("ocula_attention: out of memory for its block buffers")
+    return out[0] if squeeze else out
+
+
+def _c_attention_lib(q, k, v, mask, causal):
+    if mask is not None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if k.dtype != q.dtype or v.dtype != q.dtype or q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        return None
+    T, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    if T < C_ATTENTION_MIN_T or (causal and T != S) or D > 512 or v.shape[-1] != D or k.shape[-1] != D:
+        return None
+    if q.shape[-3] % k.shape[-3] or v.shape[-3] != k.shape[-3] or v.shape[-2] != S or q.shape[:-3] != k.shape[:-3]:
+        return None
+    if any(t.stride(-1) != 1 for t in (q, k, v)) or (q.dim() == 4 and q.shape[0] != k.shape[0]):
+        return None
+    from ocula.quant.kernels import native_lib  # noqa: PLC0415
+
+    return native_lib()
+
+
 def _attend(q, k, v, mask, scale, softcap):
     if softcap is not None or q.shape[2] <= GROUPED_MAX_T:
         return _attend_grouped(q, k, v, mask, scale, softcap)
     causal = mask is CAUSAL
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return sdpa(q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale,
+                enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _attend_grouped(q, k, v, mask, scale, softcap):

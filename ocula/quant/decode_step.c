@@ -3,7 +3,6 @@
  * driven by ocula/models/text/fused_decode.py. The mat-vecs are ocula_matmul (exact) or
  * ocula_matmul_q8; activations stay float32; keys/values are written to and read from the caller's
  * KV cache in place. */
-#include <math.h>
 
 typedef struct { int type, q8; const u8 *w; int64_t rows, cols, rb; const float *bias; } ocula_lin;
 

@@ -1,5 +1,6 @@
 /* Element-wise kernels of the decoders' MLPs, appended to kernels.c by kernels.py. Plain loops that the
  * compiler vectorizes (no library calls inside). */
+#include <math.h>
 
 /* e^x for float32, Cephes' expf method: x = n ln2 + f with |f| <= ln2 / 2, e^f by a degree-7
  * polynomial, 2^n put into the exponent bits; ~1 ulp. x is clamped to [-87.34, 88.38], where both

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
+from ocula.models.layers import sdpa
 
 
 @dataclass
@@ -199,7 +200,7 @@ class ViTBlock(nn.Module):
         q, k, v = self.qkv(x)
         if rope is not None:
             q, k = rope(q), rope(k)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+        out = sdpa(q[None], k[None], v[None], attn_mask=mask)[0]
         return self.attn_out(out.transpose(0, 1).reshape(x.shape[0], -1))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:

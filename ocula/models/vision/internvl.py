@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
 from ocula.media import to_rgb
-from ocula.models.layers import LayerNorm, RMSNorm
+from ocula.models.layers import LayerNorm, RMSNorm, sdpa
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -233,7 +233,7 @@ class InternVLVision(VisionModel):
         q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
         step = max(1, ATTN_CHUNK_BYTES // max(1, blk.n_head * n * n * 4))
         out = torch.cat([
-            F.scaled_dot_product_attention(q[i : i + step], k[i : i + step], v[i : i + step])
+            sdpa(q[i : i + step], k[i : i + step], v[i : i + step])
             for i in range(0, b, step)
         ])
         return blk.attn_out(out.transpose(1, 2).reshape(b, n, d))

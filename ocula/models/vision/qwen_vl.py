@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from ocula.errors import GGUFError, MediaError, RequestError
 from ocula.gguf import GGUFFile
 from ocula.media import to_rgb
-from ocula.models.layers import LayerNorm, RMSNorm
+from ocula.models.layers import LayerNorm, RMSNorm, sdpa
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -342,7 +342,7 @@ class QwenVLVision(VisionModel):
                 n = min(per_call, j - i)
                 stop = start + n * size
                 qs, ks, vs = (t[:, start:stop].reshape(heads, n, size, hd).transpose(0, 1) for t in (q, k, v))
-                res = torch.cat([F.scaled_dot_product_attention(qs[:, :, a : a + q_rows], ks, vs)
+                res = torch.cat([sdpa(qs[:, :, a : a + q_rows], ks, vs)
                                  for a in range(0, size, q_rows)], dim=2)
                 out[:, start:stop] = res.transpose(0, 1).reshape(heads, n * size, hd)
                 start, i = stop, i + n
