@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ocula.models.layers import CAUSAL, GROUPED_MAX_T, attend, attention_mask, causal_mask, gated_act
+from ocula.models.layers import CAUSAL, GROUPED_MAX_T, act, attend, attention_mask, causal_mask, gated_act
 
 
 def reference(q, k, v, mask, scale, softcap=None):
@@ -103,3 +103,19 @@ def test_sdpa_c_kernel_matches_float64(dtype, shape):
         torch.testing.assert_close(got3, got[0], rtol=0, atol=0)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(sdpa(qt, k, v, is_causal=causal, enable_gqa=rep > 1), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["silu", "gelu_tanh", "quick_gelu"])
+def test_unary_act_matches_torch(dtype, name):
+    """The vision towers' activations through the same C kernel, out of place (x is left as it was)."""
+    x = torch.cat([torch.randn(50001) * 4, torch.tensor([0.0, 88.0, -88.0, 300.0, -300.0])]).to(dtype)
+    before = x.clone()
+    ref = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+           "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t)}[name](x.float())
+    got = act(x, name)
+    assert torch.equal(x, before) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=8e-3, atol=1e-6)

@@ -155,8 +155,8 @@ def native_lib() -> ctypes.CDLL | None:
     lib.ocula_q8_supports.argtypes = [i32]
     lib.ocula_step_supports_kv.argtypes = [i32]
     lib.ocula_decode_step.argtypes = [p, p, i32, p, i64, p]
-    lib.ocula_gated_act.argtypes = [p, p, i64, i32, i32, i32]
-    lib.ocula_gated_act.restype = None
+    lib.ocula_act.argtypes = [p, p, p, i64, i32, i32, i32]
+    lib.ocula_act.restype = None
     lib.ocula_attention.argtypes = [p, i64, i32]
     if lib.ocula_init() < FUSED_MAX_T:
         return None

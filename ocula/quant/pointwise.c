@@ -21,10 +21,10 @@ static inline float exp_f32(float x) {
     return f32_bits(bits_f32(p) + ((uint32_t)n << 23));
 }
 
-/* SiLU: x sigmoid(x). GELU, tanh approximation: 0.5 x (1 + tanh(z)) = x sigmoid(2 z),
- * z = sqrt(2 / pi) (x + 0.044715 x^3). */
-static inline float act_f32(float x, int gelu) {
-    float z = gelu ? 1.5957691216057308f * (x + 0.044715f * x * x * x) : x;
+/* act 0: SiLU, x sigmoid(x); 1: GELU with the tanh approximation, 0.5 x (1 + tanh(z)) = x sigmoid(2 z)
+ * with z = sqrt(2 / pi) (x + 0.044715 x^3); 2: quick GELU, x sigmoid(1.702 x). */
+static inline float act_f32(float x, int act) {
+    float z = act == 1 ? 1.5957691216057308f * (x + 0.044715f * x * x * x) : act == 2 ? 1.702f * x : x;
     return x / (1.f + exp_f32(-z));
 }
 
@@ -35,16 +35,19 @@ static inline uint16_t f32_bf16(float f) {  /* round to nearest even, as torch *
                                           : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
-static void gated_f32(float *g, const float *u, int64_t a, int64_t z, int gelu) {
-    for (int64_t i = a; i < z; i++) g[i] = act_f32(g[i], gelu) * u[i];
+/* y[i] = act(x[i]) * u[i] (u NULL: act(x[i])) for i in [a, z) */
+static void act_f32s(const float *x, const float *u, float *y, int64_t a, int64_t z, int act) {
+    if (u) for (int64_t i = a; i < z; i++) y[i] = act_f32(x[i], act) * u[i];
+    else for (int64_t i = a; i < z; i++) y[i] = act_f32(x[i], act);
 }
-static void gated_bf16(uint16_t *g, const uint16_t *u, int64_t a, int64_t z, int gelu) {
-    for (int64_t i = a; i < z; i++) g[i] = f32_bf16(act_f32(bf16_f32(g[i]), gelu) * bf16_f32(u[i]));
+static void act_bf16s(const uint16_t *x, const uint16_t *u, uint16_t *y, int64_t a, int64_t z, int act) {
+    if (u) for (int64_t i = a; i < z; i++) y[i] = f32_bf16(act_f32(bf16_f32(x[i]), act) * bf16_f32(u[i]));
+    else for (int64_t i = a; i < z; i++) y[i] = f32_bf16(act_f32(bf16_f32(x[i]), act));
 }
 
-/* g[i] = act(g[i]) * u[i] for n values, float32 (bf16 = 0) or bfloat16 (computed in float32, rounded
- * once); act: SiLU (gelu = 0) or GELU-tanh (gelu = 1). */
-void ocula_gated_act(void *g, const void *u, int64_t n, int bf16, int gelu, int nthreads) {
+/* y[i] = act(x[i]) * u[i] (u NULL: act(x[i])) for n float32 (bf16 = 0) or bfloat16 values, computed
+ * in float32 and rounded once; y may be x. */
+void ocula_act(const void *x, const void *u, void *y, int64_t n, int bf16, int act, int nthreads) {
     if (nthreads < 1 || n < (1 << 15)) nthreads = 1;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
     {
@@ -55,8 +58,8 @@ void ocula_gated_act(void *g, const void *u, int64_t n, int bf16, int gelu, int 
         int64_t step = ((n + parts - 1) / parts + 63) & ~(int64_t)63;
         int64_t a = k * step, z = a + step < n ? a + step : n;
         if (a < z) {
-            if (bf16) gated_bf16((uint16_t *)g, (const uint16_t *)u, a, z, gelu);
-            else gated_f32((float *)g, (const float *)u, a, z, gelu);
+            if (bf16) act_bf16s((const uint16_t *)x, (const uint16_t *)u, (uint16_t *)y, a, z, act);
+            else act_f32s((const float *)x, (const float *)u, (float *)y, a, z, act);
         }
     }
 }

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
-from ocula.models.layers import sdpa
+from ocula.models.layers import act, sdpa
 
 
 @dataclass
@@ -48,11 +48,11 @@ def read_vision_config(f: GGUFFile) -> VisionConfig:
     if not ptype:
         raise GGUFError(f"{f.path}: not a vision projector (no clip.projector_type)")
     if f.get("clip.use_gelu"):
-        act = "gelu"
+        act_name = "gelu"
     elif f.get("clip.use_silu"):
-        act = "silu"
+        act_name = "silu"
     else:
-        act = "quick_gelu"
+        act_name = "quick_gelu"
     return VisionConfig(
         projector_type=ptype,
         image_size=int(req("clip.vision.image_size")),
@@ -64,19 +64,17 @@ def read_vision_config(f: GGUFFile) -> VisionConfig:
         eps=float(f.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
         image_mean=tuple(f.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
         image_std=tuple(f.get("clip.vision.image_std", (0.5, 0.5, 0.5))),
-        activation=act,
+        activation=act_name,
         metadata={k: v for k, v in f.metadata.items() if k.startswith("clip.")},
     )
 
 
 def activation(name: str):
-    if name == "gelu":
-        return lambda x: F.gelu(x, approximate="tanh")
+    """The tower's activation: "gelu" (tanh), "gelu_erf", "silu" or "quick_gelu"."""
     if name == "gelu_erf":
         return F.gelu
-    if name == "silu":
-        return F.silu
-    return lambda x: x * torch.sigmoid(1.702 * x)  # quick_gelu
+    kernel = {"gelu": "gelu_tanh", "silu": "silu"}.get(name, "quick_gelu")
+    return lambda x: act(x, kernel)
 
 
 @dataclass
