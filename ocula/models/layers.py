@@ -23,18 +23,20 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "quick_gelu": 2}  # ocula_act's codes (ocula/quant/pointwise.c)
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "quick_gelu": 2, "gelu_erf": 3}  # ocula_act's (ocula/quant/pointwise.c)
 
 
 def _torch_act(x: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
+    if name in ("gelu_tanh", "gelu_erf"):
+        return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
     return F.silu(x) if name == "silu" else x * torch.sigmoid(1.702 * x)
 
 
 def _c_act(x: torch.Tensor, up: torch.Tensor | None, out: torch.Tensor, name: str) -> bool:
     """out = act(x) (* up) by ocula's C kernel, if it takes these tensors (CPU, float32/bfloat16, contiguous)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
+        return False
+    if name == "gelu_erf" and x.dtype == torch.float32:  # ours is within 1.5e-7 of erf: float32 keeps torch's
         return False
     if up is not None and (up.dtype != x.dtype or up.shape != x.shape or not up.is_contiguous()):
         return False
@@ -48,10 +50,12 @@ def _c_act(x: torch.Tensor, up: torch.Tensor | None, out: torch.Tensor, name: st
     return True
 
 
-def act(x: torch.Tensor, name: str) -> torch.Tensor:
-    """silu / gelu_tanh / quick_gelu of x, a new tensor: one pass of ocula's C kernel on CPU float32 and
-    bfloat16 (torch's bf16 tanh-GELU took 23 ms on [512, 10240] on Zen 5, the kernel ~1 ms)."""
-    out = torch.empty_like(x)
+def act(x: torch.Tensor, name: str, inplace: bool = False) -> torch.Tensor:
+    """silu / gelu_tanh / quick_gelu / gelu_erf of x: one pass of ocula's C kernel on CPU
+    (float32 and bfloat16; gelu_erf bfloat16 only). On Zen 5 torch's bf16 GELUs took 23 ms (tanh, on
+    [512, 10240]) and 83-107 ms (erf, on [13325, 4096]); the kernel ~1 ms and ~15 ms in place (43 ms
+    into a new tensor, mostly its page faults). `inplace`: x may be overwritten (a fresh linear output)."""
+    out = x if inplace else torch.empty_like(x)
     return out if _c_act(x, None, out, name) else _torch_act(x, name)
 
 

@@ -22,8 +22,15 @@ static inline float exp_f32(float x) {
 }
 
 /* act 0: SiLU, x sigmoid(x); 1: GELU with the tanh approximation, 0.5 x (1 + tanh(z)) = x sigmoid(2 z)
- * with z = sqrt(2 / pi) (x + 0.044715 x^3); 2: quick GELU, x sigmoid(1.702 x). */
+ * with z = sqrt(2 / pi) (x + 0.044715 x^3); 2: quick GELU, x sigmoid(1.702 x); 3: GELU,
+ * 0.5 x (1 + erf(x / sqrt(2))), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7). */
 static inline float act_f32(float x, int act) {
+    if (act == 3) {
+        float z = x * 0.70710678118654752f, az = fabsf(z), t = 1.f / (1.f + 0.3275911f * az);
+        float e = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f)
+                  * t * exp_f32(-az * az);  /* erfc(|z|): 1 + erf(z) is 2 - e above 0, e below */
+        return 0.5f * x * (z >= 0.f ? 2.f - e : e);
+    }
     float z = act == 1 ? 1.5957691216057308f * (x + 0.044715f * x * x * x) : act == 2 ? 1.702f * x : x;
     return x / (1.f + exp_f32(-z));
 }
@@ -35,18 +42,26 @@ static inline uint16_t f32_bf16(float f) {  /* round to nearest even, as torch *
                                           : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
-/* y[i] = act(x[i]) * u[i] (u NULL: act(x[i])) for i in [a, z) */
-static void act_f32s(const float *x, const float *u, float *y, int64_t a, int64_t z, int act) {
-    if (u) for (int64_t i = a; i < z; i++) y[i] = act_f32(x[i], act) * u[i];
-    else for (int64_t i = a; i < z; i++) y[i] = act_f32(x[i], act);
-}
+/* y[i] = act(x[i]) * u[i] (u NULL: act(x[i])) for i in [a, z); one loop per activation, with the
+ * activation a constant, so that each vectorizes */
+#define ACT_LOOPS(LOAD, STORE)                                                                        \
+    switch (act) {                                                                                \
+    case 0: if (u) for (int64_t i = a; i < z; i++) y[i] = STORE(act_f32(LOAD(x[i]), 0) * LOAD(u[i])); \
+            else for (int64_t i = a; i < z; i++) y[i] = STORE(act_f32(LOAD(x[i]), 0)); break;          \
+    case 1: if (u) for (int64_t i = a; i < z; i++) y[i] = STORE(act_f32(LOAD(x[i]), 1) * LOAD(u[i])); \
+            else for (int64_t i = a; i < z; i++) y[i] = STORE(act_f32(LOAD(x[i]), 1)); break;          \
+    case 2: for (int64_t i = a; i < z; i++) y[i] = STORE(act_f32(LOAD(x[i]), 2)); break;               \
+    default: for (int64_t i = a; i < z; i++) y[i] = STORE(act_f32(LOAD(x[i]), 3)); break;              \
+    }
+#define SAME(v) (v)
+static void act_f32s(const float *x, const float *u, float *y, int64_t a, int64_t z, int act) { ACT_LOOPS(SAME, SAME) }
 static void act_bf16s(const uint16_t *x, const uint16_t *u, uint16_t *y, int64_t a, int64_t z, int act) {
-    if (u) for (int64_t i = a; i < z; i++) y[i] = f32_bf16(act_f32(bf16_f32(x[i]), act) * bf16_f32(u[i]));
-    else for (int64_t i = a; i < z; i++) y[i] = f32_bf16(act_f32(bf16_f32(x[i]), act));
+    ACT_LOOPS(bf16_f32, f32_bf16)
 }
+#undef SAME
 
-/* y[i] = act(x[i]) * u[i] (u NULL: act(x[i])) for n float32 (bf16 = 0) or bfloat16 values, computed
- * in float32 and rounded once; y may be x. */
+/* y[i] = act(x[i]) * u[i] (u NULL: act(x[i]); gated only for SiLU and tanh-GELU) for n float32 (bf16 =
+ * 0) or bfloat16 values, computed in float32 and rounded once; y may be x. */
 void ocula_act(const void *x, const void *u, void *y, int64_t n, int bf16, int act, int nthreads) {
     if (nthreads < 1 || n < (1 << 15)) nthreads = 1;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)

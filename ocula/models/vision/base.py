@@ -70,11 +70,10 @@ def read_vision_config(f: GGUFFile) -> VisionConfig:
 
 
 def activation(name: str):
-    """The tower's activation: "gelu" (tanh), "gelu_erf", "silu" or "quick_gelu"."""
-    if name == "gelu_erf":
-        return F.gelu
-    kernel = {"gelu": "gelu_tanh", "silu": "silu"}.get(name, "quick_gelu")
-    return lambda x: act(x, kernel)
+    """The tower's activation: "gelu" (tanh), "gelu_erf", "silu" or "quick_gelu". It may overwrite its
+    input: the towers apply it to fresh linear outputs."""
+    kernel = {"gelu": "gelu_tanh", "gelu_erf": "gelu_erf", "silu": "silu"}.get(name, "quick_gelu")
+    return lambda x: act(x, kernel, inplace=True)
 
 
 @dataclass

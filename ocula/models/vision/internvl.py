@@ -17,6 +17,7 @@ Numerical reference: HF transformers.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
 from ocula.media import to_rgb
-from ocula.models.layers import LayerNorm, RMSNorm, sdpa
+from ocula.models.layers import LayerNorm, RMSNorm, act, sdpa
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -126,7 +127,7 @@ class InternVLVision(VisionModel):
         self.max_tiles = int(cfg.get("clip.vision.preproc_max_tiles", 0) or DEFAULT_MAX_TILES)
 
         # HF's hidden_act "gelu" is the exact (erf) GELU; the projector's act (projector_hidden_act) is always "gelu".
-        self.act = F.silu if cfg.activation == "silu" else F.gelu
+        self.act = F.silu if cfg.activation == "silu" else partial(act, name="gelu_erf", inplace=True)
 
         self.v = nn.Module()
         self.v.patch_embd = nn.Module()
@@ -268,7 +269,7 @@ class InternVLVision(VisionModel):
         x = pixel_shuffle(x.reshape(b, side, side, d), self.factor)
         x = x.reshape(b, -1, x.shape[-1])
         mlp = self.mm.model.mlp
-        x = mlp["3"](F.gelu(mlp["1"](mlp["0"](x))))
+        x = mlp["3"](act(mlp["1"](mlp["0"](x)), "gelu_erf", inplace=True))
         return x.reshape(-1, x.shape[-1])
 
     def encode(self, image: ProcessedImage) -> torch.Tensor:

@@ -60,7 +60,7 @@ from torch.nn import functional as F
 from ocula.errors import GGUFError, UnsupportedError
 from ocula.gguf import GGUFFile
 from ocula.media import to_rgb
-from ocula.models.layers import LayerNorm, sdpa
+from ocula.models.layers import LayerNorm, act, sdpa
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -352,7 +352,7 @@ class LlavaVision(VisionModel):
         return out[:, 1:] if self.has_cls else out
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mm["2"](F.gelu(self.mm["0"](x)))
+        return self.mm["2"](act(self.mm["0"](x), "gelu_erf", inplace=True))
 
     def pack(self, tiles: torch.Tensor, image: ProcessedImage) -> torch.Tensor:
         """HF LlavaNext `pack_image_features` for one image: tiles [1 + rows*cols, g*g, C] -> [n_tokens, C]."""

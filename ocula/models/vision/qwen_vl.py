@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from ocula.errors import GGUFError, MediaError, RequestError
 from ocula.gguf import GGUFFile
 from ocula.media import to_rgb
-from ocula.models.layers import LayerNorm, RMSNorm, sdpa
+from ocula.models.layers import LayerNorm, RMSNorm, act, sdpa
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -358,7 +358,7 @@ class QwenVLVision(VisionModel):
             x = norm(x).reshape(-1, d * self.unit)
         else:  # post-shuffle norm over the concatenated 2x2 group
             x = norm(x.reshape(-1, d * self.unit))
-        return fc2(F.gelu(fc1(x)))
+        return fc2(act(fc1(x), "gelu_erf", inplace=True))
 
     # ------------------------------------------------------------ encoder + projector
 
