@@ -1,4 +1,4 @@
-"""Decode steps in one C call: every layer of the decoder for one new token of one sequence.
+"""Decode steps in one C call: every layer of the decoder for one new token of each sequence of a batch.
 
 A decode step through the torch modules is ~25 small ops and 7 mat-vec calls per layer, and on a
 small model that fixed cost is most of the step (SmolVLM-256M: ~0.4 ms of Python and dispatch per
@@ -8,8 +8,9 @@ layer against ~0.15 ms of weight reading). `FusedDecode` hands the whole stack t
 attention over the cache and the MLP, with float32 activations throughout.
 
 It takes the blocks it knows (the Llama/Qwen pre-norm block and Gemma 3's) on CPU, with native
-kernels on every projection; anything else (another block, CUDA, a torch or ggml kernel, batched
-decode, prefill chunks) runs the modules as before. ``OCULA_FUSED_DECODE=0`` turns it off.
+kernels on every projection, for up to 64 sequences (the mat-vecs' row limit) whose caches share
+a dtype; anything else (another block, CUDA, a torch or ggml kernel, prefill chunks, deepstack
+or image-group inputs) runs the modules as before. ``OCULA_FUSED_DECODE=0`` turns it off.
 """
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F
 
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
