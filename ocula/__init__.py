@@ -15,7 +15,30 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
-from ocula.errors import GGUFError, MediaError, OculaError, RequestError, UnsupportedError
+
+
+def _keep_freed_memory() -> bool:
+    """glibc malloc: serve blocks up to 32 MiB from the heap and keep freed heap memory (up to 1 GiB at
+    its top) for reuse, instead of mapping and unmapping an activation buffer per op. Each new mapping
+    is page faults on first touch: on 2 Zen 5 cores InternVL3-1B's bf16 pp512 went from 500-590 to
+    775-810 t/s with this and its peak RSS from 779-794 to 746-750 MiB (blocks are reused, not mapped
+    anew); Qwen2.5-VL-3B's from 91-99 to 102-114 t/s. The user's MALLOC_* settings win. Returns
+    whether it applied (not glibc: nothing to do)."""
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OCULA_NO_MALLOC_TUNING")):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+MALLOC_TUNED = _keep_freed_memory()
+
+from ocula.errors import GGUFError, MediaError, OculaError, RequestError, UnsupportedError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -403,10 +403,14 @@ def run_engine(engine: str, cfg: dict) -> dict:
     res = run_ocula(cfg) if engine == "ocula" else run_llamacpp(cfg)
     res.update(model=cfg["model"], mmproj=cfg.get("mmproj"), n_prompt=cfg["n_prompt"], n_gen=cfg["n_gen"],
                reps=cfg["reps"])
-    # OpenMP's wait policy changes both engines' speed (ocula's package sets a bounded spin, GOMP_SPINCOUNT,
-    # unless the environment says otherwise, and the llama.cpp worker imports ocula too)
+    # OpenMP's wait policy and glibc's malloc thresholds change both engines' speed (ocula's package sets a
+    # bounded spin, GOMP_SPINCOUNT, and keeps freed heap memory, unless the environment says otherwise; the
+    # llama.cpp worker imports ocula too)
+    import ocula  # noqa: PLC0415
+
     res["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     res["gomp_spincount"] = os.environ.get("GOMP_SPINCOUNT")
+    res["malloc_tuned"] = ocula.MALLOC_TUNED
     return res
 
 
