@@ -16,7 +16,6 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 
-
 def _keep_freed_memory() -> bool:
     """glibc malloc: serve blocks up to 32 MiB from the heap and keep freed heap memory (up to 1 GiB at
     its top) for reuse, instead of mapping and unmapping an activation buffer per op. Each new mapping

@@ -17,7 +17,7 @@ typedef struct {
 } ocula_attn;
 
 static inline float ld_elem(const void *p, int64_t i, int bf16) {
-    return bf16 ? f32_bits((uint32_t)((const uint16_t *)p)[i] << 16) : ((const float *)p)[i];
+    return bf16 ? bf16_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 /* one task: query rows [t0, t0 + AQ) of head h of batch b, against every visible key */

@@ -79,20 +79,13 @@ static void rope(float *x, int64_t heads, int64_t hd, int64_t n_rot, int neox, c
     }
 }
 
-/* round to nearest even, as torch converts float32 to bfloat16 */
-static inline uint16_t f2bf(float f) {
-    uint32_t u = bits_f32(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
 static void kv_store(void *cache, int type, int64_t at, const float *x, int64_t n) {
     if (type == 0) { memcpy((float *)cache + at, x, (size_t)n * 4); return; }
     uint16_t *p = (uint16_t *)cache + at;
 #ifdef __F16C__
     if (type == 1) { for (int64_t i = 0; i < n; i++) p[i] = _cvtss_sh(x[i], 0); return; }
 #endif
-    for (int64_t i = 0; i < n; i++) p[i] = f2bf(x[i]);
+    for (int64_t i = 0; i < n; i++) p[i] = f32_bf16(x[i]);
 }
 
 /* one cached row as float32: the cache itself for F32, else converted into buf */
@@ -104,7 +97,7 @@ static inline const float *kv_row(const void *cache, int type, int64_t at, int64
         u16x16 h; memcpy(&h, p + i, 32);
         stf(buf + i, type == 1 ? h2f16(h) : (f32x16)(__builtin_convertvector(h, u32x16) << 16));
     }
-    for (; i < n; i++) buf[i] = type == 1 ? h2f(p[i]) : f32_bits((uint32_t)p[i] << 16);
+    for (; i < n; i++) buf[i] = type == 1 ? h2f(p[i]) : bf16_f32(p[i]);
     return buf;
 }
 

@@ -1,5 +1,6 @@
-/* Element-wise kernels of the decoders' MLPs, appended to kernels.c by kernels.py. Plain loops that the
- * compiler vectorizes (no library calls inside). */
+/* Element-wise kernels of the decoders' MLPs, appended to kernels.c by kernels.py, with the exp and
+ * bfloat16 conversions that attention.c and decode_step.c (appended after it) use too. Plain loops
+ * that the compiler vectorizes (no library calls inside). */
 #include <math.h>
 
 /* e^x for float32, Cephes' expf method: x = n ln2 + f with |f| <= ln2 / 2, e^f by a degree-7
