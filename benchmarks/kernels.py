@@ -40,11 +40,15 @@ SET_BYTES = 384 << 20  # bytes of weight copies cycled per measurement (> L3)
 PROBE_C = r"""
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 typedef int64_t v8 __attribute__((vector_size(64)));
+/* unaligned loads: numpy's buffer is 16-byte aligned, and without AVX-512 a 64-byte vector is two
+ * aligned 32-byte moves */
+static inline v8 ld(const v8 *p) { v8 v; memcpy(&v, p, 64); return v; }
 int64_t stream_read(const v8 *p, size_t n, int nthreads) {
     v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
     #pragma omp parallel for num_threads(nthreads) reduction(+:s0, s1, s2, s3) schedule(static)
-    for (size_t i = 0; i < n; i += 4) { s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3]; }
+    for (size_t i = 0; i < n; i += 4) { s0 += ld(p + i); s1 += ld(p + i + 1); s2 += ld(p + i + 2); s3 += ld(p + i + 3); }
     v8 s = s0 + s1 + s2 + s3; int64_t t = 0;
     for (int i = 0; i < 8; i++) t += s[i];
     return t;

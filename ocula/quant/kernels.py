@@ -74,10 +74,12 @@ NATIVE_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30})
 GGML_TYPES = frozenset({1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29,
                         30, 34, 35, 39})
 
-# one library: the mat-vecs (kernels.c), the MLP activations (pointwise.c), attention for many queries
-# (attention.c) and the decoder step built on them (decode_step.c)
+# one library: the mat-vecs (kernels.c; matvec_avx2.c on CPUs without AVX-512; dispatch.c), the MLP
+# activations (pointwise.c), attention for many queries (attention.c) and the decoder step built on them
+# (decode_step.c)
 _C_SOURCE = "\n".join(Path(__file__).with_name(name).read_text()
-                      for name in ("kernels.c", "pointwise.c", "attention.c", "decode_step.c"))
+                      for name in ("kernels.c", "matvec_avx2.c", "dispatch.c", "pointwise.c", "attention.c",
+                                   "decode_step.c"))
 
 
 def _threads(w: "QuantizedWeight", rows_of_x: int) -> int:

@@ -1,0 +1,119 @@
+/* The dispatch: per GGML type the generic kernels, the fused mat-vec of this build's vector ISA (AVX-512
+ * in kernels.c, else AVX2 in matvec_avx2.c) and the layout it wants x in. */
+#ifdef FAST
+#define FASTFN(NAME, LAYOUT) , fmm_##NAME, LAYOUT
+#else
+#define FASTFN(NAME, LAYOUT) , 0, 0
+#endif
+
+typedef void (*mm_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float *);
+typedef void (*dq_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, void *, int);
+#define NOFAST , 0, 0
+static const struct { int type; mm_fn mm; dq_fn dq; mm_fn fast; int layout; } TABLE[] = {  /* GGML type ids */
+    {0, mm_f32, dq_rows_f32 NOFAST}, {1, mm_f16, dq_rows_f16 FASTFN(f16, X_NAT)},
+    {2, mm_q4_0, dq_rows_q4_0 FASTFN(q4_0, X_P16)}, {3, mm_q4_1, dq_rows_q4_1 FASTFN(q4_1, X_P16)},
+    {6, mm_q5_0, dq_rows_q5_0 FASTFN(q5_0, X_P16)}, {7, mm_q5_1, dq_rows_q5_1 FASTFN(q5_1, X_P16)},
+    {8, mm_q8_0, dq_rows_q8_0 FASTFN(q8_0, X_NAT)}, {10, mm_q2_k, dq_rows_q2_k NOFAST},
+    {11, mm_q3_k, dq_rows_q3_k NOFAST}, {12, mm_q4_k, dq_rows_q4_k FASTFN(q4_k, X_P32)},
+    {13, mm_q5_k, dq_rows_q5_k FASTFN(q5_k, X_P32)}, {14, mm_q6_k, dq_rows_q6_k FASTFN(q6_k, X_NAT)},
+    {30, mm_bf16, dq_rows_bf16 NOFAST},
+};
+static int find(int type) {
+    for (unsigned i = 0; i < sizeof TABLE / sizeof TABLE[0]; i++) if (TABLE[i].type == type) return (int)i;
+    return -1;
+}
+#ifdef PERMUTED_X
+/* x in a kernel's lane order, in a per-thread buffer that only grows */
+static __thread float *xbuf; static __thread int64_t xcap;
+static const float *x_in_layout(const float *X, int64_t n, int layout) {
+    if (layout == X_NAT) return X;
+    if (n > xcap) {
+        free(xbuf); xcap = 0;
+        if (!(xbuf = aligned_alloc(64, (size_t)(n + 15) / 16 * 64))) return NULL;
+        xcap = n;
+    }
+    permute_x(X, xbuf, n, layout);
+    return xbuf;
+}
+#elif defined(FAST)
+static const float *x_in_layout(const float *X, int64_t n, int layout) { (void)n; (void)layout; return X; }
+#endif
+int ocula_init(void) { init_tables(); return MAXT; }
+int ocula_supports(int type) { return find(type) >= 0; }
+
+/* Y[T, rows] = X[T, cols] @ W^T, W = `rows` rows of `rb` bytes of GGUF blocks; T <= MAXT. */
+int ocula_matmul(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb,
+                 const float *X, int64_t T, float *Y, int nthreads) {
+    int i = find(type);
+    if (i < 0 || T < 1 || T > MAXT) return -1;
+    mm_fn mm = TABLE[i].mm;
+#ifdef FAST
+    const float *Xl = TABLE[i].fast ? x_in_layout(X, T * cols, TABLE[i].layout) : NULL;
+    if (Xl) { mm = TABLE[i].fast; X = Xl; }
+#endif
+#ifdef _OPENMP
+    if (nthreads > 1) {  /* ~8 chunks of rows per thread, taken in turn: a thread slowed down by
+                            another process on its core gets fewer; multiples of 16 rows of Y */
+        int64_t chunk = ((rows + 8 * nthreads - 1) / (8 * nthreads) + 15) & ~(int64_t)15;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (int64_t a = 0; a < rows; a += chunk)
+            mm(W, rb, cols, rows, a, a + chunk < rows ? a + chunk : rows, X, T, Y);
+        return 0;
+    }
+#endif
+    mm(W, rb, cols, rows, 0, rows, X, T, Y);
+    return 0;
+}
+
+/* out[r - r0, :] = rows [r0, r1) of W dequantized to float32 (bf16 = 0) or bfloat16 (bf16 = 1). */
+int ocula_dequant(int type, const u8 *W, int64_t r0, int64_t r1, int64_t cols, int64_t rb,
+                  void *out, int bf16, int nthreads) {
+    int i = find(type);
+    if (i < 0) return -1;
+    dq_fn dq = TABLE[i].dq; const u8 *base = W + r0 * rb; int64_t rows = r1 - r0;
+#ifdef _OPENMP
+    if (nthreads > 1) {
+        #pragma omp parallel num_threads(nthreads)
+        {
+            int64_t n = omp_get_num_threads(), k = omp_get_thread_num(), step = (rows + n - 1) / n;
+            int64_t a = k * step, z = a + step < rows ? a + step : rows;
+            if (a < z) dq(base, rb, cols, a, z, out, bf16);
+        }
+        return 0;
+    }
+#endif
+    dq(base, rb, cols, 0, rows, out, bf16);
+    return 0;
+}
+
+/* Y[T, rows] ~= X[T, cols] @ W^T with x quantized to int8 (lossy, ~1e-2 relative: see kernels.py);
+ * nonzero when this build or type has no such kernel (the caller falls back to ocula_matmul). */
+int ocula_matmul_q8(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb,
+                    const float *X, int64_t T, float *Y, int nthreads) {
+#ifdef Q8
+    int i = q8_find(type); xq8 x;
+    if (i < 0 || T < 1 || T > MAXT || quantize_x(X, T, cols, Q8_TABLE[i].xfmt, &x)) return -1;
+    q8_fn mm = Q8_TABLE[i].mm;
+#ifdef _OPENMP
+    if (nthreads > 1) {  /* as in ocula_matmul */
+        int64_t chunk = ((rows + 8 * nthreads - 1) / (8 * nthreads) + 15) & ~(int64_t)15;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (int64_t a = 0; a < rows; a += chunk)
+            mm(W, rb, rows, a, a + chunk < rows ? a + chunk : rows, &x, T, Y);
+        return 0;
+    }
+#endif
+    mm(W, rb, rows, 0, rows, &x, T, Y);
+    return 0;
+#else
+    (void)type; (void)W; (void)rows; (void)cols; (void)rb; (void)X; (void)T; (void)Y; (void)nthreads;
+    return -1;
+#endif
+}
+int ocula_q8_supports(int type) {
+#ifdef Q8
+    return q8_find(type) >= 0;
+#else
+    (void)type; return 0;
+#endif
+}

@@ -1,0 +1,165 @@
+/* ==== AVX2 fused mat-vec, for x86 CPUs without AVX-512 (Zen 2-4 as some VMs expose them, most
+ * desktop Intel chips) ====
+ * The generic kernels above decode a block to memory and then multiply; here 8 weights at a time go
+ * from their bytes to a float register (zero-extend 8 bytes to dword lanes, mask/shift the field,
+ * convert) and straight into the FMAs, with x in its natural order. The weights are the dequantizer's
+ * values: sc * q - mn and D * q - 32 D are one rounding each, d * q is exact. Up to 4 rows of x per
+ * pass (16 ymm registers: 4 FMA chains per row of x, so 8 accumulators, the weights and x). */
+#if !defined(FAST) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define FAST 1
+enum { X_NAT, X_P32 = X_NAT, X_P16 = X_NAT };
+#ifndef PF_AHEAD
+#define PF_AHEAD 4096
+#endif
+#define PREFETCH(p, n) _Pragma("GCC unroll 4") for (int pf_ = 0; pf_ < (n); pf_ += 64) \
+    _mm_prefetch((const char *)(p) + PF_AHEAD + pf_, _MM_HINT_T1)
+#define KFN static inline __attribute__((always_inline)) void
+#define ROW_ARGS const u8 *W, int64_t rb, int64_t cols, int64_t rows, int64_t r0, int64_t r1, \
+                 const float *X, float *Y
+#define FOR_T _Pragma("GCC unroll 2") for (int t = 0; t < T; t++)
+/* four FMA chains per row of x whatever T is: a row's sum is the same alone or in a batch */
+#define ROW_BEGIN                                                                                \
+    for (int64_t r = r0; r < r1; r++) {                                                          \
+        const u8 *row = W + r * rb; __m256 acc[2][4];                                            \
+        FOR_T for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
+#define ROW_END                                                                                  \
+        FOR_T { __m256 a = _mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])); \
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));       \
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s)); s = _mm_add_ss(s, _mm_movehdup_ps(s));       \
+            Y[t * rows + r] = _mm_cvtss_f32(s); }                                                \
+    }
+/* acc chain c of every row of x += w * x[off .. off + 8) */
+#define FMA8(w, off, c) FOR_T acc[t][c] = _mm256_fmadd_ps((w), _mm256_loadu_ps(X + t * cols + (off)), acc[t][c])
+
+static inline __m256i bytes8(const u8 *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline __m256i sbytes8(const u8 *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline __m256 flt(__m256i v) { return _mm256_cvtepi32_ps(v); }
+static inline float half(const u8 *p) { uint16_t h; memcpy(&h, p, 2); return _cvtsh_ss(h); }
+
+KFN q8_0_rows(ROW_ARGS, const int T) {
+    ROW_BEGIN
+    for (int64_t b = 0; b < cols / 32; b++) {
+        const u8 *blk = row + 34 * b; const __m256 d = _mm256_set1_ps(half(blk));
+        PREFETCH(blk, 64);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+            FMA8(_mm256_mul_ps(d, flt(sbytes8(blk + 2 + 8 * k))), 32 * b + 8 * k, k);
+    }
+    ROW_END
+}
+
+KFN f16_rows(ROW_ARGS, const int T) {
+    ROW_BEGIN
+    for (int64_t b = 0; b < cols / 32; b++) {
+        const u8 *blk = row + 64 * b;
+        PREFETCH(blk, 64);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+            FMA8(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * k))), 32 * b + 8 * k, k);
+    }
+    ROW_END
+}
+
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1: weight j of a block is the low nibble of byte j, weight 16 + j the high
+ * nibble; Q5 adds bit j (16 + j) of qh as the fifth bit. w = d (q - 8 | 16), or d q + m. */
+KFN q4_rows(ROW_ARGS, const int T, const int bs, const int five, const int has_min) {
+    const __m256i low4 = _mm256_set1_epi32(15), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i sixteen = _mm256_set1_epi32(16);
+    ROW_BEGIN
+    for (int64_t b = 0; b < cols / 32; b++) {
+        const u8 *blk = row + bs * b, *qs = blk + (has_min ? 4 : 2) + (five ? 4 : 0);
+        const __m256 d = _mm256_set1_ps(half(blk));
+        /* has_min: w = d q + m; else w = d q - off d (off d exact: off is a power of two) */
+        const __m256 m = _mm256_set1_ps(has_min ? half(blk + 2) : -(five ? 16.f : 8.f) * half(blk));
+        __m256i qh = _mm256_setzero_si256();
+        if (five) { int32_t h; memcpy(&h, blk + (has_min ? 4 : 2), 4); qh = _mm256_set1_epi32(h); }
+        PREFETCH(blk, 64);
+        _Pragma("GCC unroll 2") for (int k = 0; k < 2; k++) {
+            __m256i v = bytes8(qs + 8 * k), lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi32(v, 4);
+            if (five) {
+                __m256i j = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * k));
+                lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(qh, j), _mm256_set1_epi32(1)), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(
+                    _mm256_srlv_epi32(qh, _mm256_add_epi32(j, sixteen)), _mm256_set1_epi32(1)), 4));
+            }
+            FMA8(_mm256_fmadd_ps(d, flt(lo), m), 32 * b + 8 * k, 2 * k);
+            FMA8(_mm256_fmadd_ps(d, flt(hi), m), 32 * b + 16 + 8 * k, 2 * k + 1);
+        }
+    }
+    ROW_END
+}
+
+/* Q4_K / Q5_K: 32 bytes of qs per pair of sub-blocks (low nibbles: sub-block 2c, high: 2c + 1);
+ * Q5_K's fifth bit of weight l of sub-block s is bit s of qh[l]. w = sc q - mn (k4_scales). */
+KFN k4_rows(ROW_ARGS, const int T, const int five) {
+    const __m256i low4 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1);
+    float sc[8], mn[8];
+    ROW_BEGIN
+    for (int64_t b = 0; b < cols / 256; b++) {
+        const u8 *blk = row + (five ? 176 : 144) * b, *qs = blk + (five ? 48 : 16);
+        PREFETCH(blk, 192);
+        k4_scales(blk, sc, mn);
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+            const __m256 sl = _mm256_set1_ps(sc[2 * c]), ml = _mm256_set1_ps(mn[2 * c]);
+            const __m256 sh = _mm256_set1_ps(sc[2 * c + 1]), mh = _mm256_set1_ps(mn[2 * c + 1]);
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                __m256i v = bytes8(qs + 32 * c + 8 * k), lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi32(v, 4);
+                if (five) {
+                    __m256i h = bytes8(blk + 16 + 8 * k);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c + 1), one), 4));
+                }
+                FMA8(_mm256_fmsub_ps(sl, flt(lo), ml), 256 * b + 64 * c + 8 * k, 2 * (k & 1));
+                FMA8(_mm256_fmsub_ps(sh, flt(hi), mh), 256 * b + 64 * c + 32 + 8 * k, 2 * (k & 1) + 1);
+            }
+        }
+    }
+    ROW_END
+}
+
+/* Q6_K: group g (16 weights) of half h = g / 8, quarter p = g / 2 % 4: nibble p / 2 of ql, bits 2p of
+ * qh, as dq_q6_k; w = D q - 32 D with D = d * scale[g] (32 D exact: one rounding, as D (q - 32)). */
+KFN q6_k_rows(ROW_ARGS, const int T) {
+    const __m256i low4 = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
+    ROW_BEGIN
+    for (int64_t b = 0; b < cols / 256; b++) {
+        const u8 *blk = row + 210 * b; const int8_t *scale = (const int8_t *)(blk + 192);
+        const float d = half(blk + 208);
+        PREFETCH(blk, 256);
+        _Pragma("GCC unroll 2") for (int g = 0; g < 16; g++) {
+            const int h = g >> 3, p = (g >> 1) & 3, k = g & 1;
+            const float D = d * (float)scale[g];
+            const __m256 vd = _mm256_set1_ps(D), v32 = _mm256_set1_ps(32.f * D);
+            _Pragma("GCC unroll 2") for (int i = 0; i < 16; i += 8) {
+                __m256i lo = _mm256_and_si256(_mm256_srli_epi32(bytes8(blk + 64 * h + 32 * (p & 1) + 16 * k + i), 4 * (p >> 1)), low4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi32(bytes8(blk + 128 + 32 * h + 16 * k + i), 2 * p), three);
+                FMA8(_mm256_fmsub_ps(vd, flt(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4))), v32),
+                     256 * b + 16 * g + i, 2 * (g & 1) + (i >> 3));
+            }
+        }
+    }
+    ROW_END
+}
+
+/* rows of x in pairs; with more than two, 16 rows of W at a time go through every pair while they
+ * are in L2, so W is read from memory once */
+#define FAST_MM(NAME, CALL)                                                                       \
+static void fmm_##NAME(const u8 *W, int64_t rb, int64_t cols, int64_t rows, int64_t r0, int64_t r1, \
+                       const float *X, int64_t T, float *Y) {                                      \
+    if (T == 1) { CALL(W, rb, cols, rows, r0, r1, X, Y, 1); return; }                             \
+    for (int64_t a = r0; a < r1; a += 16) {                                                      \
+        int64_t z = a + 16 < r1 ? a + 16 : r1;                                                   \
+        for (int64_t t0 = 0; t0 < T; t0 += 2) {                                                  \
+            if (T - t0 == 1) CALL(W, rb, cols, rows, a, z, X + t0 * cols, Y + t0 * rows, 1);     \
+            else CALL(W, rb, cols, rows, a, z, X + t0 * cols, Y + t0 * rows, 2);                 \
+        }                                                                                        \
+    }                                                                                            \
+}
+#define Q40(...) q4_rows(__VA_ARGS__, 18, 0, 0)
+#define Q41(...) q4_rows(__VA_ARGS__, 20, 0, 1)
+#define Q50(...) q4_rows(__VA_ARGS__, 22, 1, 0)
+#define Q51(...) q4_rows(__VA_ARGS__, 24, 1, 1)
+#define Q4K(...) k4_rows(__VA_ARGS__, 0)
+#define Q5K(...) k4_rows(__VA_ARGS__, 1)
+FAST_MM(q4_k, Q4K) FAST_MM(q5_k, Q5K) FAST_MM(q6_k, q6_k_rows) FAST_MM(q8_0, q8_0_rows)
+FAST_MM(f16, f16_rows) FAST_MM(q4_0, Q40) FAST_MM(q4_1, Q41) FAST_MM(q5_0, Q50) FAST_MM(q5_1, Q51)
+#endif /* AVX2 */
