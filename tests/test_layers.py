@@ -74,15 +74,19 @@ def test_gated_act_matches_torch(dtype, gelu):
 @pytest.mark.parametrize("shape", [  # B, H, Hk, T, S, D, causal
     (1, 16, 16, 130, 130, 64, False), (2, 4, 2, 100, 100, 72, True), (1, 8, 4, 37, 130, 80, False),
     (1, 4, 1, 64, 64, 256, True), (3, 2, 2, 17, 5, 128, False), (1, 6, 2, 70, 70, 40, True)])
-def test_sdpa_c_kernel_matches_float64(dtype, shape):
-    """ocula's C attention (taken for >= C_ATTENTION_MIN_T queries without a mask): block edges, GQA,
-    head sizes that are not multiples of 16 or 64, more keys than queries, batches; float32 to ~1e-6,
-    bfloat16 no worse than torch's own SDPA."""
+def test_sdpa_c_kernel_matches_float64(dtype, shape, monkeypatch):
+    """ocula's C attention (taken for >= C_ATTENTION_MIN_T queries without a mask; forced here on CPUs
+    where torch's is preferred): block edges, GQA, head sizes that are not multiples of 16 or 64, more
+    keys than queries, batches; float32 to ~1e-6, bfloat16 no worse than torch's own SDPA."""
+    from ocula.models import layers
     from ocula.models.layers import sdpa
     from ocula.quant.kernels import native_lib
 
     if native_lib() is None:
         pytest.skip("native kernels not built")
+    monkeypatch.setattr(layers, "C_ATTENTION_ALWAYS", True)
+    calls = []
+    monkeypatch.setattr(native_lib(), "ocula_attention", lambda *a, f=native_lib().ocula_attention: calls.append(1) or f(*a))
     B, H, Hk, T, S, D, causal = shape
     g = torch.Generator().manual_seed(T * D)
     q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype) for h, n in ((H, T), (Hk, S), (Hk, S)))
@@ -90,7 +94,7 @@ def test_sdpa_c_kernel_matches_float64(dtype, shape):
     ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
                                          v.double().repeat_interleave(rep, 1), is_causal=causal)
     got = sdpa(q, k, v, is_causal=causal, enable_gqa=rep > 1)
-    assert got.dtype == dtype and got.shape == ref.shape
+    assert got.dtype == dtype and got.shape == ref.shape and calls
     err = (got.double() - ref).abs().max().item()
     if dtype == torch.float32:
         assert err < 5e-6

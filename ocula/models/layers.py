@@ -324,15 +324,17 @@ class _AttnArgs(ctypes.Structure):  # ocula_attn in ocula/quant/attention.c
 
 # queries from which `sdpa` takes ocula's C attention (fewer: decode steps, which have their own paths)
 C_ATTENTION_MIN_T = 16
+# the C attention also where torch's is faster (builds without AVX-512: ocula_attention_preferred); tests
+C_ATTENTION_ALWAYS = False
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
          is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """F.scaled_dot_product_attention for q [B, H, T, D] (or [H, T, D]) and k/v [B, Hk, S, D].
 
-    Without a mask, on CPU in float32/bfloat16 with at least C_ATTENTION_MIN_T queries, it runs ocula's
-    C kernel (ocula/quant/attention.c: ~3x torch's CPU SDPA on the machines we measured, float32
-    arithmetic); everything else goes to torch. `is_causal` is torch's (query t sees keys s <= t),
+    Without a mask, on CPU in float32/bfloat16 with at least C_ATTENTION_MIN_T queries, on CPUs with
+    AVX-512, it runs ocula's C kernel (ocula/quant/attention.c: ~3x torch's CPU SDPA there, float32
+    arithmetic; with AVX2 only, torch's is ~2x faster); everything else goes to torch. `is_causal` is torch's (query t sees keys s <= t),
     so the C kernel takes it only for T == S."""
     lib = _c_attention_lib(q, k, v, attn_mask, is_causal)
     if lib is None:
@@ -367,7 +369,8 @@ def _c_attention_lib(q, k, v, mask, causal):
         return None
     from ocula.quant.kernels import native_lib  # noqa: PLC0415
 
-    return native_lib()
+    lib = native_lib()
+    return lib if lib is not None and (C_ATTENTION_ALWAYS or lib.ocula_attention_preferred()) else None
 
 
 def _attend(q, k, v, mask, scale, softcap):

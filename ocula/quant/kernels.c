@@ -21,7 +21,17 @@ static inline u8x16 shr(u8x16 v, int s) { return (u8x16)((u16x8)v >> s) & (u8)(0
 static inline f32x16 ldf(const float *p) { f32x16 v; memcpy(&v, p, 64); return v; }
 static inline void stf(float *p, f32x16 v) { memcpy(p, &v, 64); }
 /* byte vectors -> float (unsigned; signed bytes are flipped to unsigned and shifted back, exact) */
+#ifdef __AVX2__
+#include <immintrin.h>
+/* GCC lowers 16-lane conversions to scalar code without AVX-512: two 8-lane halves by hand */
+static inline f32x16 join8(__m256 lo, __m256 hi) { f32x16 r; memcpy(&r, &lo, 32); memcpy((char *)&r + 32, &hi, 32); return r; }
+static inline f32x16 fu(u8x16 v) {
+    __m128i b; memcpy(&b, &v, 16);
+    return join8(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
+}
+#else
 static inline f32x16 fu(u8x16 v) { return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16); }
+#endif
 static inline f32x16 fi(u8x16 v) { return fu(v ^ 0x80) - 128; }
 static inline f32x16 bc(float s) { return (f32x16){0} + s; }
 
@@ -39,6 +49,18 @@ static inline float h2f(uint16_t h) {
     return f32_bits(sign | (two_w < (1u << 27) ? bits_f32(denorm) : bits_f32(norm)));
 }
 #endif
+#if defined(__AVX2__) && defined(__F16C__)
+static inline f32x16 h2f16(u16x16 h) {
+    __m128i a, b; memcpy(&a, &h, 16); memcpy(&b, (char *)&h + 16, 16);
+    return join8(_mm256_cvtph_ps(a), _mm256_cvtph_ps(b));
+}
+static inline f32x16 bf2f16(u16x16 h) {
+    __m128i a, b; memcpy(&a, &h, 16); memcpy(&b, (char *)&h + 16, 16);
+    return join8(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16)),
+                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)));
+}
+#else
+static inline f32x16 bf2f16(u16x16 h) { return (f32x16)(__builtin_convertvector(h, u32x16) << 16); }
 static inline f32x16 h2f16(u16x16 h) {
     u32x16 w = __builtin_convertvector(h, u32x16) << 16, sign = w & 0x80000000u, two_w = w + w;
     f32x16 norm = (f32x16)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
@@ -46,6 +68,7 @@ static inline f32x16 h2f16(u16x16 h) {
     u32x16 small = (u32x16)(two_w < (1u << 27));
     return (f32x16)(sign | (small & (u32x16)denorm) | (~small & (u32x16)norm));
 }
+#endif
 static inline float rdh(const u8 *p) { uint16_t h; memcpy(&h, p, 2); return h2f(h); }
 
 /* byte -> 8 bytes; byte i is 16 when bit i is set: the fifth bit of Q5_0 / Q5_1 values */
@@ -143,8 +166,7 @@ static inline void dq_f16(const u8 *b, float *y) {
 }
 static inline void dq_bf16(const u8 *b, float *y) {
     u16x16 h0, h1; memcpy(&h0, b, 32); memcpy(&h1, b + 32, 32);
-    stf(y, (f32x16)(__builtin_convertvector(h0, u32x16) << 16));
-    stf(y + 16, (f32x16)(__builtin_convertvector(h1, u32x16) << 16));
+    stf(y, bf2f16(h0)); stf(y + 16, bf2f16(h1));
 }
 
 /* ---- rows [r0, r1) of Y[t, r] = sum_k X[t, k] W[r, k]; two 16-lane accumulators per t ---- */

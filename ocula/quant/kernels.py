@@ -78,7 +78,7 @@ GGML_TYPES = frozenset({1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20
 # activations (pointwise.c), attention for many queries (attention.c) and the decoder step built on them
 # (decode_step.c)
 _C_SOURCE = "\n".join(Path(__file__).with_name(name).read_text()
-                      for name in ("kernels.c", "matvec_avx2.c", "dispatch.c", "pointwise.c", "attention.c",
+                      for name in ("kernels.c", "matvec_avx2.c", "matvec_q8_avx2.c", "dispatch.c", "pointwise.c", "attention.c",
                                    "decode_step.c"))
 
 
@@ -109,9 +109,14 @@ def _cpu_id() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
+# -fno-trapping-math: FP exceptions are never looked at, and without it GCC keeps selects (the clamps
+# of exp_f32) as branches, so the loops around them stay scalar
+CFLAGS = ("-O3", "-std=gnu11", "-fno-trapping-math", "-shared", "-fPIC")
+
+
 def _compile(cc: str, src: Path, out: Path) -> str | None:
     """Build `out` from `src`, dropping OpenMP, then -march=native, if the compiler refuses them."""
-    base = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
+    base = list(CFLAGS)
     last = ""
     for extra in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
         try:
@@ -133,7 +138,7 @@ def native_lib() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None
-    key = hashlib.sha256(f"{_C_SOURCE}\0{cc}\0{_cpu_id()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_C_SOURCE}\0{cc}\0{CFLAGS}\0{_cpu_id()}".encode()).hexdigest()[:16]
     path = _cache_dir() / f"ocula_kernels_{key}.so"
     try:
         if not path.exists():
@@ -160,6 +165,7 @@ def native_lib() -> ctypes.CDLL | None:
     lib.ocula_act.argtypes = [p, p, p, i64, i32, i32, i32]
     lib.ocula_act.restype = None
     lib.ocula_attention.argtypes = [p, i64, i32]
+    lib.ocula_attention_preferred.argtypes = []
     if lib.ocula_init() < FUSED_MAX_T:
         return None
     return lib

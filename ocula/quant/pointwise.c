@@ -7,7 +7,8 @@
  * polynomial, 2^n put into the exponent bits; ~1 ulp. x is clamped to [-87.34, 88.38], where both
  * e^x and 2^n stay normal numbers. */
 static inline float exp_f32(float x) {
-    x = x < -87.336544f ? -87.336544f : x > 88.376259f ? 88.376259f : x;
+    x = x < -87.336544f ? -87.336544f : x;  /* two selects, not one nested: GCC if-converts (vectorizes) these */
+    x = x > 88.376259f ? 88.376259f : x;
     float t = x * 1.44269504088896341f + 12582912.f;  /* 1.5 * 2^23: rounds x log2(e) to an integer */
     int32_t n = (int32_t)(bits_f32(t) - bits_f32(12582912.f));
     float nf = t - 12582912.f;

@@ -1,0 +1,235 @@
+/* ==== AVX2 int8-activation mat-vec (lossy), for x86 CPUs without AVX-512 VNNI ====
+ * The same contract as the VNNI kernels: each row of x is quantized alone to int8 (scale amax / 127
+ * per 256 values for K types, per 32 for Q4_0 / Q5_0 / Q8_0, round half to even), products and their
+ * sums are exact integers, and only the block scales are applied in float. Integer products by
+ * vpmaddubsw (unsigned x signed bytes, pairs summed to int16) and vpmaddwd (int16 pairs times int16
+ * scales, or ones, to int32):
+ * K types: weights unsigned (Q4_K 0..15, Q6_K 0..63: |pair| <= 2 * 63 * 127 fits in int16), x signed;
+ *          the mins (Q4_K) and Q6_K's - 32 come off through the sums of x per 16 values.
+ * 32-value blocks: weights signed (q - 8, q - 16, q); vpmaddubsw takes |w| and x with w's sign
+ *          (x is never -128, so the sign flip cannot overflow). */
+#if !defined(Q8) && defined(FAST) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define Q8 1
+typedef struct {
+    int64_t cols;
+    int8_t *q;       /* row t at q + t * qstride, in x's order */
+    int64_t qstride, dstride;
+    float *d;        /* scale per 256 (K) or per 32 values */
+    int16_t *bsum;   /* K: sums of 16 quantized values */
+} xq8;
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+static inline float hsum_f32(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* n (a multiple of 32) values of x -> int8 with one scale per `group` values; bsum: sums per 16 */
+static void quant_x(const float *x, int64_t n, int group, int8_t *q, float *d, int16_t *bsum) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t g = 0; g < n; g += group) {
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < group; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + g + i)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const __m256 id = _mm256_set1_ps(amax > 0 ? 127.f / amax : 0.f);
+        d[g / group] = amax / 127.f;
+        for (int i = 0; i < group; i += 32) {
+            __m256i v[4];
+            for (int k = 0; k < 4; k++) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + g + i + 8 * k), id));
+            if (bsum) {
+                bsum[(g + i) / 16] = (int16_t)hsum_i32(_mm256_add_epi32(v[0], v[1]));
+                bsum[(g + i) / 16 + 1] = (int16_t)hsum_i32(_mm256_add_epi32(v[2], v[3]));
+            }
+            /* packs work per 128-bit lane: the dwords come out in order 0 4 1 5 2 6 3 7 */
+            __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            _mm256_storeu_si256((__m256i *)(q + g + i), _mm256_permutevar8x32_epi32(b, order));
+        }
+    }
+}
+
+#define Q8_ARGS const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1, const xq8 *X, int64_t t0, float *Y
+#define XQ(t) (X->q + (t0 + (t)) * X->qstride)
+#define XD(t, b) (X->d[(t0 + (t)) * X->dstride + (b)])
+#define XB(t, b) ((const __m256i *)(X->bsum + (t0 + (t)) * (X->cols / 16) + 16 * (b)))
+#define FOR_T4 _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+static inline __m256i ld32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+/* int16 lanes 0-7 = a, 8-15 = b */
+static inline __m256i two_words(int a, int b) { return _mm256_setr_m128i(_mm_set1_epi16((short)a), _mm_set1_epi16((short)b)); }
+
+/* Q4_K / Q5_K: 32 bytes of qs per pair of sub-blocks: low nibbles sub-block 2c, high 2c + 1 */
+KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
+    const int64_t nb = X->cols / 256, bs = five ? 176 : 144;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    int sc[8], mn[8];
+    for (int64_t r = r0; r < r1; r++) {
+        const u8 *row = W + r * rb;
+        __m256 acc[4], accm[4];
+        FOR_T4 acc[t] = accm[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const u8 *blk = row + bs * b, *qs = blk + (five ? 48 : 16), *s = blk + 4;
+            PREFETCH(blk, 192);
+            for (int j = 0; j < 4; j++) {
+                sc[j] = s[j] & 63; mn[j] = s[j + 4] & 63;
+                sc[j + 4] = (s[j + 8] & 15) | ((s[j] >> 2) & 0x30);
+                mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
+            }
+            /* mins per 16 values of x: sub-block s covers bsum[2s], bsum[2s + 1] */
+            const __m256i mins = _mm256_setr_epi16(mn[0], mn[0], mn[1], mn[1], mn[2], mn[2], mn[3], mn[3],
+                                                   mn[4], mn[4], mn[5], mn[5], mn[6], mn[6], mn[7], mn[7]);
+            const __m256i qh = five ? ld32(blk + 16) : _mm256_setzero_si256();
+            __m256i isum[4];
+            FOR_T4 isum[t] = _mm256_setzero_si256();
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+                __m256i v = ld32(qs + 32 * c);
+                __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                if (five) {  /* bit s of qh[l]: the fifth bit of weight l of sub-block s */
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), bit4));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), bit4));
+                }
+                const __m256i sl = _mm256_set1_epi16((short)sc[2 * c]), sh = _mm256_set1_epi16((short)sc[2 * c + 1]);
+                FOR_T4 {
+                    const int8_t *x = XQ(t) + 256 * b + 64 * c;
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld32(x)), sl);
+                    p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld32(x + 32)), sh));
+                    isum[t] = _mm256_add_epi32(isum[t], p);
+                }
+            }
+            const float d = half(blk), dmin = half(blk + 2);
+            FOR_T4 {
+                const float dx = XD(t, b);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, _mm256_loadu_si256(XB(t, b)))), accm[t]);
+            }
+        }
+        FOR_T4 Y[t * rows + r] = hsum_f32(acc[t]) - hsum_f32(accm[t]);
+    }
+}
+
+/* Q6_K: 32 weights 128h + 32p + j: nibble p / 2 of ql[64h + 32(p % 2) + j], bits 2p of qh[32h + j];
+ * groups of 16 (scale index 8h + 2p + j / 16); q 0..63 unsigned, the - 32 through the sums of x */
+KFN q6_k_q8_rows(Q8_ARGS, const int T) {
+    const int64_t nb = X->cols / 256;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
+    for (int64_t r = r0; r < r1; r++) {
+        const u8 *row = W + r * rb;
+        __m256 acc[4];
+        FOR_T4 acc[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const u8 *blk = row + 210 * b; const int8_t *sc = (const int8_t *)(blk + 192);
+            PREFETCH(blk, 256);
+            const __m256i sc32 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)), 5);
+            __m256i isum[4];
+            FOR_T4 isum[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(sc32, _mm256_loadu_si256(XB(t, b))));
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+                const __m256i l0 = ld32(blk + 64 * h), l1 = ld32(blk + 64 * h + 32), qh = ld32(blk + 128 + 32 * h);
+                _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) {
+                    __m256i l = p & 1 ? l1 : l0;
+                    __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
+                    __m256i hi = _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4), pair);
+                    __m256i q = _mm256_or_si256(lo, hi);
+                    const __m256i s = two_words(sc[8 * h + 2 * p], sc[8 * h + 2 * p + 1]);
+                    FOR_T4 isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(q, ld32(XQ(t) + 256 * b + 128 * h + 32 * p)), s));
+                }
+            }
+            const float d = half(blk + 208);
+            FOR_T4 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * XD(t, b)), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+        }
+        FOR_T4 Y[t * rows + r] = hsum_f32(acc[t]);
+    }
+}
+
+/* Q4_0 / Q5_0 / Q8_0 (bs 18 / 22 / 34): the 32 signed weights of a block */
+static inline __m256i w32(const u8 *blk, const int bs) {
+    if (bs == 34) return ld32(blk + 2);
+    __m128i q = _mm_loadu_si128((const __m128i *)(blk + (bs == 22 ? 6 : 2)));
+    __m256i v = _mm256_and_si256(_mm256_setr_m128i(q, _mm_srli_epi16(q, 4)), _mm256_set1_epi8(0x0F));
+    if (bs == 22) {  /* bit j of qh is the fifth bit of weight j: byte j takes byte j / 8, tests bit j % 8 */
+        uint32_t h; memcpy(&h, blk + 2, 4);
+        const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                              2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+        const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
+        __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), pick), bit), bit);
+        v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+    }
+    return _mm256_sub_epi8(v, _mm256_set1_epi8(bs == 22 ? 16 : 8));
+}
+
+KFN q32_q8_rows(Q8_ARGS, const int T, const int bs) {
+    const int64_t nb = X->cols / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t r = r0; r < r1; r++) {
+        const u8 *row = W + r * rb;
+        __m256 acc[4];
+        FOR_T4 acc[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const u8 *blk = row + bs * b;
+            PREFETCH(blk, 64);
+            const __m256i w = w32(blk, bs), aw = _mm256_sign_epi8(w, w);
+            const float d = half(blk);
+            FOR_T4 {
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(ld32(XQ(t) + 32 * b), w)), ones);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * XD(t, b)), _mm256_cvtepi32_ps(p), acc[t]);
+            }
+        }
+        FOR_T4 Y[t * rows + r] = hsum_f32(acc[t]);
+    }
+}
+
+/* rows of x in chunks of up to 4; with more, 16 rows of W at a time go through every chunk while
+ * they are in L2 */
+#define Q8_MM(NAME, CALL)                                                                          \
+static void q8mm_##NAME(const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1,            \
+                        const xq8 *X, int64_t T, float *Y) {                                       \
+    for (int64_t a = r0; a < r1; a += 16) {                                                      \
+        int64_t z = a + 16 < r1 ? a + 16 : r1;                                                   \
+        for (int64_t t0 = 0; t0 < T; t0 += 4) switch (T - t0 < 4 ? T - t0 : 4) {                 \
+            case 1: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 1); break;                     \
+            case 2: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 2); break;                     \
+            case 3: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 3); break;                     \
+            default: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 4); break;                    \
+        }                                                                                        \
+    }                                                                                            \
+}
+#define Q4K8(...) k4_q8_rows(__VA_ARGS__, 0)
+#define Q5K8(...) k4_q8_rows(__VA_ARGS__, 1)
+#define Q408(...) q32_q8_rows(__VA_ARGS__, 18)
+#define Q508(...) q32_q8_rows(__VA_ARGS__, 22)
+#define Q808(...) q32_q8_rows(__VA_ARGS__, 34)
+Q8_MM(q4_k, Q4K8) Q8_MM(q5_k, Q5K8) Q8_MM(q6_k, q6_k_q8_rows) Q8_MM(q4_0, Q408) Q8_MM(q5_0, Q508)
+Q8_MM(q8_0, Q808)
+
+typedef void (*q8_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, const xq8 *, int64_t, float *);
+/* xfmt: 0 = a scale per 32 values, 1 = per 256 with sums per 16 */
+static const struct { int type; q8_fn mm; int xfmt; } Q8_TABLE[] = {
+    {2, q8mm_q4_0, 0}, {6, q8mm_q5_0, 0}, {8, q8mm_q8_0, 0}, {12, q8mm_q4_k, 1}, {13, q8mm_q5_k, 1}, {14, q8mm_q6_k, 1},
+};
+static int q8_find(int type) {
+    for (unsigned i = 0; i < sizeof Q8_TABLE / sizeof Q8_TABLE[0]; i++) if (Q8_TABLE[i].type == type) return (int)i;
+    return -1;
+}
+static __thread void *qbuf; static __thread size_t qcap;
+static int quantize_x(const float *X, int64_t T, int64_t cols, int xfmt, xq8 *x) {
+    x->cols = cols; x->qstride = cols; x->dstride = cols / (xfmt ? 256 : 32);
+    size_t nq = (size_t)(T * cols + 63) & ~(size_t)63, nd = (size_t)(T * x->dstride * 4 + 63) & ~(size_t)63;
+    size_t need = nq + nd + (size_t)T * (cols / 16) * 2;
+    if (need > qcap) {
+        free(qbuf); qcap = 0;
+        if (!(qbuf = aligned_alloc(64, (need + 63) & ~(size_t)63))) return -1;
+        qcap = need;
+    }
+    x->q = qbuf; x->d = (float *)((char *)qbuf + nq); x->bsum = (int16_t *)((char *)qbuf + nq + nd);
+    for (int64_t t = 0; t < T; t++)
+        quant_x(X + t * cols, cols, xfmt ? 256 : 32, x->q + t * cols, x->d + t * x->dstride,
+                xfmt ? x->bsum + t * (cols / 16) : NULL);
+    return 0;
+}
+#endif /* AVX2 int8 */
