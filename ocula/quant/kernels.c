@@ -29,6 +29,20 @@ static inline f32x16 fu(u8x16 v) {
     __m128i b; memcpy(&b, &v, 16);
     return join8(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
 }
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1: a block's 32 unsigned values as bytes: weight j is the low nibble of
+ * qs[j], weight 16 + j the high one; with qh (Q5), bit j of it is bit 4 of weight j */
+static inline __m256i q4_block_bytes(const u8 *qs, const u8 *qh) {
+    __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    __m256i v = _mm256_and_si256(_mm256_setr_m128i(q, _mm_srli_epi16(q, 4)), _mm256_set1_epi8(0x0F));
+    if (!qh) return v;
+    /* byte j takes qh's byte j / 8 and tests its bit j % 8 */
+    uint32_t h; memcpy(&h, qh, 4);
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), pick), bit), bit);
+    return _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+}
 #else
 static inline f32x16 fu(u8x16 v) { return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16); }
 #endif

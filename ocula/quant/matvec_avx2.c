@@ -59,31 +59,20 @@ KFN f16_rows(ROW_ARGS, const int T) {
     ROW_END
 }
 
-/* Q4_0 / Q4_1 / Q5_0 / Q5_1: weight j of a block is the low nibble of byte j, weight 16 + j the high
- * nibble; Q5 adds bit j (16 + j) of qh as the fifth bit. w = d (q - 8 | 16), or d q + m. */
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1: the block's values as bytes (q4_block_bytes), widened 8 at a time from a
+ * stack copy; w = d (q - 8 | 16), or d q + m */
 KFN q4_rows(ROW_ARGS, const int T, const int bs, const int five, const int has_min) {
-    const __m256i low4 = _mm256_set1_epi32(15), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i sixteen = _mm256_set1_epi32(16);
+    u8 qb[32] __attribute__((aligned(32)));
     ROW_BEGIN
     for (int64_t b = 0; b < cols / 32; b++) {
-        const u8 *blk = row + bs * b, *qs = blk + (has_min ? 4 : 2) + (five ? 4 : 0);
+        const u8 *blk = row + bs * b, *qh = blk + (has_min ? 4 : 2);
         const __m256 d = _mm256_set1_ps(half(blk));
         /* has_min: w = d q + m; else w = d q - off d (off d exact: off is a power of two) */
         const __m256 m = _mm256_set1_ps(has_min ? half(blk + 2) : -(five ? 16.f : 8.f) * half(blk));
-        __m256i qh = _mm256_setzero_si256();
-        if (five) { int32_t h; memcpy(&h, blk + (has_min ? 4 : 2), 4); qh = _mm256_set1_epi32(h); }
         PREFETCH(blk, 64);
-        _Pragma("GCC unroll 2") for (int k = 0; k < 2; k++) {
-            __m256i v = bytes8(qs + 8 * k), lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi32(v, 4);
-            if (five) {
-                __m256i j = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * k));
-                lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(qh, j), _mm256_set1_epi32(1)), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(
-                    _mm256_srlv_epi32(qh, _mm256_add_epi32(j, sixteen)), _mm256_set1_epi32(1)), 4));
-            }
-            FMA8(_mm256_fmadd_ps(d, flt(lo), m), 32 * b + 8 * k, 2 * k);
-            FMA8(_mm256_fmadd_ps(d, flt(hi), m), 32 * b + 16 + 8 * k, 2 * k + 1);
-        }
+        _mm256_store_si256((__m256i *)qb, q4_block_bytes(qh + (five ? 4 : 0), five ? qh : NULL));
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+            FMA8(_mm256_fmadd_ps(d, flt(bytes8(qb + 8 * k)), m), 32 * b + 8 * k, k);
     }
     ROW_END
 }
@@ -116,24 +105,33 @@ KFN k4_rows(ROW_ARGS, const int T, const int five) {
     ROW_END
 }
 
-/* Q6_K: group g (16 weights) of half h = g / 8, quarter p = g / 2 % 4: nibble p / 2 of ql, bits 2p of
- * qh, as dq_q6_k; w = D q - 32 D with D = d * scale[g] (32 D exact: one rounding, as D (q - 32)). */
+/* Q6_K: the 6-bit values of 32 weights 128h + 32p + j (nibble p / 2 of ql[64h + 32(p % 2) + j], bits 2p
+ * of qh[32h + j], as dq_q6_k) are put together as bytes, 32 at a time, then widened 8 at a time from a
+ * stack copy; w = D q - 32 D with D = d * scale[g] per 16 (32 D exact: one rounding, as D (q - 32)). */
 KFN q6_k_rows(ROW_ARGS, const int T) {
-    const __m256i low4 = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
+    u8 qb[32] __attribute__((aligned(32)));
     ROW_BEGIN
     for (int64_t b = 0; b < cols / 256; b++) {
         const u8 *blk = row + 210 * b; const int8_t *scale = (const int8_t *)(blk + 192);
         const float d = half(blk + 208);
         PREFETCH(blk, 256);
-        _Pragma("GCC unroll 2") for (int g = 0; g < 16; g++) {
-            const int h = g >> 3, p = (g >> 1) & 3, k = g & 1;
-            const float D = d * (float)scale[g];
-            const __m256 vd = _mm256_set1_ps(D), v32 = _mm256_set1_ps(32.f * D);
-            _Pragma("GCC unroll 2") for (int i = 0; i < 16; i += 8) {
-                __m256i lo = _mm256_and_si256(_mm256_srli_epi32(bytes8(blk + 64 * h + 32 * (p & 1) + 16 * k + i), 4 * (p >> 1)), low4);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi32(bytes8(blk + 128 + 32 * h + 16 * k + i), 2 * p), three);
-                FMA8(_mm256_fmsub_ps(vd, flt(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4))), v32),
-                     256 * b + 16 * g + i, 2 * (g & 1) + (i >> 3));
+        _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) {
+                __m256i l = p & 1 ? l1 : l0;
+                __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
+                __m256i hi = _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4), pair);
+                _mm256_store_si256((__m256i *)qb, _mm256_or_si256(lo, hi));
+                _Pragma("GCC unroll 2") for (int k = 0; k < 2; k++) {
+                    const float D = d * (float)scale[8 * h + 2 * p + k];
+                    const __m256 vd = _mm256_set1_ps(D), v32 = _mm256_set1_ps(32.f * D);
+                    _Pragma("GCC unroll 2") for (int i = 0; i < 16; i += 8)
+                        FMA8(_mm256_fmsub_ps(vd, flt(bytes8(qb + 16 * k + i)), v32),
+                             256 * b + 128 * h + 32 * p + 16 * k + i, 2 * k + (i >> 3));
+                }
             }
         }
     }

@@ -150,16 +150,7 @@ KFN q6_k_q8_rows(Q8_ARGS, const int T) {
 /* Q4_0 / Q5_0 / Q8_0 (bs 18 / 22 / 34): the 32 signed weights of a block */
 static inline __m256i w32(const u8 *blk, const int bs) {
     if (bs == 34) return ld32(blk + 2);
-    __m128i q = _mm_loadu_si128((const __m128i *)(blk + (bs == 22 ? 6 : 2)));
-    __m256i v = _mm256_and_si256(_mm256_setr_m128i(q, _mm_srli_epi16(q, 4)), _mm256_set1_epi8(0x0F));
-    if (bs == 22) {  /* bit j of qh is the fifth bit of weight j: byte j takes byte j / 8, tests bit j % 8 */
-        uint32_t h; memcpy(&h, blk + 2, 4);
-        const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                              2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-        const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
-        __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), pick), bit), bit);
-        v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
-    }
+    __m256i v = q4_block_bytes(blk + (bs == 22 ? 6 : 2), bs == 22 ? blk + 2 : NULL);
     return _mm256_sub_epi8(v, _mm256_set1_epi8(bs == 22 ? 16 : 8));
 }
 
