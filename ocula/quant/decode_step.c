@@ -45,12 +45,13 @@ static int lin(const ocula_lin *l, const float *x, int64_t B, float *y, const oc
         for (int64_t b = 0; b < B; b++) for (int64_t i = 0; i < l->rows; i++) y[b * l->rows + i] += l->bias[i];
     return rc;
 }
+/* fvec, VL, ldv, stv, bcv: attention.c's vectors of the machine's width */
 static inline float dot(const float *a, const float *b, int64_t n) {
-    f32x16 acc = {0};
+    fvec acc = {0};
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += ldf(a + i) * ldf(b + i);
+    for (; i + VL <= n; i += VL) acc += ldv(a + i) * ldv(b + i);
     float s = 0.f;
-    for (int j = 0; j < 16; j++) s += acc[j];
+    for (int j = 0; j < VL; j++) s += acc[j];
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -95,7 +96,7 @@ static inline const float *kv_row(const void *cache, int type, int64_t at, int64
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         u16x16 h; memcpy(&h, p + i, 32);
-        stf(buf + i, type == 1 ? h2f16(h) : (f32x16)(__builtin_convertvector(h, u32x16) << 16));
+        stf(buf + i, type == 1 ? h2f16(h) : bf2f16(h));
     }
     for (; i < n; i++) buf[i] = type == 1 ? h2f(p[i]) : bf16_f32(p[i]);
     return buf;
@@ -118,7 +119,7 @@ static void attend_head(const ocula_step *st, const void *kc, const void *vc, in
         const float *v = kv_row(vc, st->kv_type, base + s * hd, hd, buf);
         float p = scores[s];
         int64_t i = 0;
-        for (; i + 16 <= hd; i += 16) stf(out + i, ldf(out + i) + bc(p) * ldf(v + i));
+        for (; i + VL <= hd; i += VL) stv(out + i, ldv(out + i) + bcv(p) * ldv(v + i));
         for (; i < hd; i++) out[i] += p * v[i];
     }
     for (int64_t i = 0; i < hd; i++) out[i] /= sum;
