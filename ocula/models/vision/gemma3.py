@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
-from ocula.models.layers import LayerNorm, RMSNorm
+from ocula.models.layers import LayerNorm, RMSNorm, patch_embed
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -110,8 +110,7 @@ class Gemma3Vision(VisionModel):
     def vit(self, pixels: torch.Tensor) -> torch.Tensor:
         """[1, 3, S, S] → last hidden state after post_ln, [P*P, d] in row-major patch order."""
         dtype = self.v.patch_embd.weight.dtype
-        x = F.conv2d(pixels.to(dtype), self.v.patch_embd.weight, self.v.patch_embd.bias, stride=self.cfg.patch_size)
-        x = x.flatten(2)[0].transpose(0, 1)  # [N, d]
+        x = patch_embed(pixels.to(dtype), self.v.patch_embd.weight, self.v.patch_embd.bias, self.cfg.patch_size)[0]  # [N, d]
         x = x + self.v.position_embd.weight.to(x.dtype)
         for blk in self.v.blk:
             x = blk(x)

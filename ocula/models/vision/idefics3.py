@@ -45,11 +45,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F
 
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
-from ocula.models.layers import LayerNorm
+from ocula.models.layers import LayerNorm, patch_embed
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -237,8 +236,7 @@ class Idefics3Vision(VisionModel):
         """[B, 3, S, S] → last hidden state after post_ln, [B, P*P, d] in row-major patch order."""
         dtype = self.v.patch_embd.weight.dtype
         bias = getattr(self.v.patch_embd, "bias", None)
-        x = F.conv2d(pixels.to(dtype), self.v.patch_embd.weight, bias, stride=self.cfg.patch_size)
-        x = x.flatten(2).transpose(1, 2)  # [B, N, d]
+        x = patch_embed(pixels.to(dtype), self.v.patch_embd.weight, bias, self.cfg.patch_size)  # [B, N, d]
         x = x + self.v.position_embd.weight[self.position_ids].to(x.dtype)
         out = []
         for h in x:  # tiles are independent sequences

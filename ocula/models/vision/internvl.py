@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
 from ocula.media import to_rgb
-from ocula.models.layers import LayerNorm, RMSNorm, act, sdpa
+from ocula.models.layers import LayerNorm, RMSNorm, act, patch_embed, sdpa
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -249,9 +249,9 @@ class InternVLVision(VisionModel):
         """[B, 3, S, S] → last hidden states [B, 1 + patches, d] (CLS first)."""
         w = self.v.patch_embd.weight
         bias = getattr(self.v.patch_embd, "bias", None)
-        x = F.conv2d(pixels.to(w.dtype), w, bias, stride=self.cfg.patch_size)  # [B, d, gh, gw]
-        b, d, gh, gw = x.shape
-        x = x.flatten(2).transpose(1, 2)
+        x = patch_embed(pixels.to(w.dtype), w, bias, self.cfg.patch_size)  # [B, gh * gw, d]
+        b, d = x.shape[0], x.shape[2]
+        gh, gw = pixels.shape[2] // self.cfg.patch_size, pixels.shape[3] // self.cfg.patch_size
         cls = self.v.class_embd.reshape(1, 1, d).to(x.dtype).expand(b, -1, -1)
         x = torch.cat([cls, x], dim=1)
         pos = self._positions(gh, gw, x.dtype)

@@ -55,12 +55,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F
 
 from ocula.errors import GGUFError, UnsupportedError
 from ocula.gguf import GGUFFile
 from ocula.media import to_rgb
-from ocula.models.layers import LayerNorm, act, sdpa
+from ocula.models.layers import LayerNorm, act, patch_embed, sdpa
 from ocula.models.vision.base import (
     ImageOptions,
     ProcessedImage,
@@ -335,9 +334,8 @@ class LlavaVision(VisionModel):
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> selected hidden states [B, patches, d * n_layers] (CLS removed)."""
         w = self.v.patch_embd.weight
-        x = F.conv2d(pixels.to(w.dtype), w, getattr(self.v.patch_embd, "bias", None), stride=self.cfg.patch_size)
-        b, d = x.shape[:2]
-        x = x.flatten(2).transpose(1, 2)
+        x = patch_embed(pixels.to(w.dtype), w, getattr(self.v.patch_embd, "bias", None), self.cfg.patch_size)
+        b, d = x.shape[0], x.shape[2]
         if self.has_cls:
             x = torch.cat([self.v.class_embd.reshape(1, 1, d).to(x.dtype).expand(b, -1, -1), x], dim=1)
         if hasattr(self.v, "position_embd"):
