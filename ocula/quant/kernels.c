@@ -43,6 +43,19 @@ static inline __m256i q4_block_bytes(const u8 *qs, const u8 *qh) {
     __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), pick), bit), bit);
     return _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
 }
+/* Q4_K / Q5_K: the 8 6-bit sub-block scales (bytes 0-7) and mins (8-15) of a block's 12 scale bytes:
+ * j < 4: scale s[j] & 63, min s[j + 4] & 63; j >= 4: scale s[j + 4] & 15 | (s[j - 4] >> 6) << 4,
+ * min s[j + 4] >> 4 | (s[j] >> 6) << 4, worked 4 bytes at a time in 32-bit words */
+static inline __m128i k4_scales_mins(const u8 *b) {
+    uint32_t w[3], out[4];
+    memcpy(w, b + 4, 12);
+    const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, top2 = 0x03030303u;
+    out[0] = w[0] & low6;
+    out[1] = (w[2] & low4) | ((w[0] >> 6) & top2) << 4;
+    out[2] = w[1] & low6;
+    out[3] = ((w[2] >> 4) & low4) | ((w[1] >> 6) & top2) << 4;
+    return _mm_loadu_si128((const __m128i *)out);
+}
 #else
 static inline f32x16 fu(u8x16 v) { return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16); }
 #endif

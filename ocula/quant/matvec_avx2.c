@@ -81,15 +81,18 @@ KFN q4_rows(ROW_ARGS, const int T, const int bs, const int five, const int has_m
  * Q5_K's fifth bit of weight l of sub-block s is bit s of qh[l]. w = sc q - mn (k4_scales). */
 KFN k4_rows(ROW_ARGS, const int T, const int five) {
     const __m256i low4 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1);
-    float sc[8], mn[8];
+    float sm[16] __attribute__((aligned(32)));  /* d * scale (0-7), dmin * min (8-15), as k4_scales */
     ROW_BEGIN
     for (int64_t b = 0; b < cols / 256; b++) {
         const u8 *blk = row + (five ? 176 : 144) * b, *qs = blk + (five ? 48 : 16);
         PREFETCH(blk, 192);
-        k4_scales(blk, sc, mn);
+        const __m128i ints = k4_scales_mins(blk);
+        _mm256_store_ps(sm, _mm256_mul_ps(_mm256_set1_ps(half(blk)), flt(_mm256_cvtepu8_epi32(ints))));
+        _mm256_store_ps(sm + 8, _mm256_mul_ps(_mm256_set1_ps(half(blk + 2)), flt(_mm256_cvtepu8_epi32(_mm_srli_si128(ints, 8)))));
+        __asm__ volatile("" ::: "memory");  /* broadcast the scales from memory, not by shuffles */
         _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-            const __m256 sl = _mm256_set1_ps(sc[2 * c]), ml = _mm256_set1_ps(mn[2 * c]);
-            const __m256 sh = _mm256_set1_ps(sc[2 * c + 1]), mh = _mm256_set1_ps(mn[2 * c + 1]);
+            const __m256 sl = _mm256_set1_ps(sm[2 * c]), ml = _mm256_set1_ps(sm[8 + 2 * c]);
+            const __m256 sh = _mm256_set1_ps(sm[2 * c + 1]), mh = _mm256_set1_ps(sm[9 + 2 * c]);
             _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
                 __m256i v = bytes8(qs + 32 * c + 8 * k), lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi32(v, 4);
                 if (five) {

@@ -68,22 +68,17 @@ static inline __m256i two_words(int a, int b) { return _mm256_setr_m128i(_mm_set
 KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
     const int64_t nb = X->cols / 256, bs = five ? 176 : 144;
     const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
-    int sc[8], mn[8];
     for (int64_t r = r0; r < r1; r++) {
         const u8 *row = W + r * rb;
         __m256 acc[4], accm[4];
         FOR_T4 acc[t] = accm[t] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
-            const u8 *blk = row + bs * b, *qs = blk + (five ? 48 : 16), *s = blk + 4;
+            const u8 *blk = row + bs * b, *qs = blk + (five ? 48 : 16);
             PREFETCH(blk, 192);
-            for (int j = 0; j < 4; j++) {
-                sc[j] = s[j] & 63; mn[j] = s[j + 4] & 63;
-                sc[j + 4] = (s[j + 8] & 15) | ((s[j] >> 2) & 0x30);
-                mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
-            }
-            /* mins per 16 values of x: sub-block s covers bsum[2s], bsum[2s + 1] */
-            const __m256i mins = _mm256_setr_epi16(mn[0], mn[0], mn[1], mn[1], mn[2], mn[2], mn[3], mn[3],
-                                                   mn[4], mn[4], mn[5], mn[5], mn[6], mn[6], mn[7], mn[7]);
+            const __m128i sm = k4_scales_mins(blk);
+            /* int16 sub-block scales in both 128-bit lanes; mins doubled per 16 values of x */
+            const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+            const __m256i mn = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
             const __m256i qh = five ? ld32(blk + 16) : _mm256_setzero_si256();
             __m256i isum[4];
             FOR_T4 isum[t] = _mm256_setzero_si256();
@@ -94,7 +89,9 @@ KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
                     lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), bit4));
                     hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), bit4));
                 }
-                const __m256i sl = _mm256_set1_epi16((short)sc[2 * c]), sh = _mm256_set1_epi16((short)sc[2 * c + 1]);
+                /* every word = scale 2c (2c + 1): its two bytes picked from both lanes' copy */
+                const __m256i sl = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c))));
+                const __m256i sh = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c + 1))));
                 FOR_T4 {
                     const int8_t *x = XQ(t) + 256 * b + 64 * c;
                     __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld32(x)), sl);
@@ -106,7 +103,7 @@ KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
             FOR_T4 {
                 const float dx = XD(t, b);
                 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, _mm256_loadu_si256(XB(t, b)))), accm[t]);
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_madd_epi16(mn, _mm256_loadu_si256(XB(t, b)))), accm[t]);
             }
         }
         FOR_T4 Y[t * rows + r] = hsum_f32(acc[t]) - hsum_f32(accm[t]);
