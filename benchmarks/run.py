@@ -1,7 +1,7 @@
 """Produce the rows of benchmarks/README.md: synthesize the preset files, then run
 `ocula bench --compare llama.cpp --json` for each row and keep the JSON in benchmarks/results/.
 
-    python benchmarks/run.py [--models DIR] [--threads 2] [--only NAME ...] [--list]
+    python benchmarks/run.py [--models DIR] [--threads 2] [--only NAME ...] [--results DIR] [--list]
     python benchmarks/table.py            # renders the table from benchmarks/results/*.json
 
 Needs llama-cpp-python (pip install 'ocula[bench]', built with CMAKE_ARGS="-DGGML_NATIVE=ON").
@@ -68,10 +68,12 @@ def main() -> int:
                     help="environment for both engines (e.g. OMP_WAIT_POLICY=PASSIVE); the row name gets a suffix")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="ocula's compute dtype; bfloat16 rows get the suffix -bf16")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where the JSON goes (a folder per machine kind: see README.md)")
     args = ap.parse_args()
     models = Path(args.models)
     models.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     for name, preset, quant, images, n_p, n_g, reps, warmup, rounds in ROWS:
         if args.list:
             print(name)
@@ -82,7 +84,7 @@ def main() -> int:
         env.update(kv.split("=", 1) for kv in args.env)
         tag = "".join("-" + kv.split("=", 1)[1].lower() for kv in args.env)
         tag += "-bf16" if args.dtype == "bfloat16" else ""
-        out = RESULTS / f"{name}{tag}.json"
+        out = args.results / f"{name}{tag}.json"
         if out.exists() and not args.force:
             continue
         synth = [sys.executable, "-m", "ocula", "synth", "--preset", preset, "--quant", quant or "Q4_K_M",

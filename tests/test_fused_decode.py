@@ -63,7 +63,7 @@ def test_fused_step_reads_and_writes_half_caches(tmp_path, monkeypatch, kv_dtype
 
 
 @pytest.mark.skipif(not kernels.q8_supported(int(Q.Q8_0)),
-                    reason="int8-activation kernels need the native build on an AVX-512 VNNI CPU")
+                    reason="int8-activation kernels need the native build on an x86 CPU with AVX2 or VNNI")
 @torch.inference_mode()
 def test_fused_step_with_int8_kernels_in_bfloat16(tmp_path, monkeypatch):
     """bf16 compute with the int8-activation kernels: the fused step keeps float32 activations where

@@ -99,7 +99,7 @@ def decode_along(model, ids, tokens):
 
 
 def test_bfloat16_decode_follows_the_reference(model):
-    """bf16 decode (kernels="auto": int8 activations on AVX-512 VNNI CPUs, ffn_down exact, bf16 KV
+    """bf16 decode (kernels="auto": int8 activations on AVX2 / AVX-512 VNNI CPUs, ffn_down exact, bf16 KV
     cache, bf16 prefill), fed HF's 32 greedy tokens of each prompt: against the float32 path (which
     generates HF's greedy tokens exactly, above) every step's max |Δlogit| stays within the
     documented 5e-2 of the logit range, the mean over steps within 2.5e-2, and the top-1 is HF's

@@ -8,13 +8,18 @@ Tolerances, relative to max |reference output|:
   ~1e-6 of max |y| (float32 sums of 512-800 products); a decoding slip would be ~1e-1.
 - native, bfloat16 activations (tiles + bf16 GEMM, T > FUSED_MAX_T): 1e-2, bf16 rounding of the output.
 - ggml: 5e-2. ggml quantizes the activations to 8 bit (Q8_0 / Q8_K) before its integer dot products.
-- native_q8 (int8 activations, our VNNI kernels): 3e-2 against the float64 product x @ W.T; observed
+- native_q8 (int8 activations, our VNNI / AVX2 kernels): 3e-2 against the float64 product x @ W.T; observed
   8e-3..1.1e-2 (Q4_0 8.3e-3, Q5_0 9.2e-3, Q8_0 8.0e-3, Q4_K 1.06e-2, Q5_K 9.7e-3, Q6_K 1.0e-2) on
   these random blocks, all of it the rounding of x to int8. Against x rounded the same way in torch
   (float64 product) the kernels agree to 2e-6 (observed <= 2.3e-7): the integer arithmetic is exact,
   only the float32 scale products and sums round.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +43,7 @@ GGML = [t for t in sorted(map(QT, kernels.GGML_TYPES), key=int) if t in F16_FIEL
 
 needs_native = pytest.mark.skipif(kernels.native_lib() is None, reason="no C compiler: native kernels unavailable")
 needs_q8 = pytest.mark.skipif(not kernels.q8_supported(int(QT.Q4_K)),
-                              reason="int8-activation kernels need the native build on an AVX-512 VNNI CPU")
+                              reason="int8-activation kernels need the native build on an x86 CPU with AVX2 or VNNI")
 needs_ggml = pytest.mark.skipif(kernels.ggml_module() is None, reason="ggml-python not installed (ocula[fast])")
 
 
@@ -159,12 +164,19 @@ def test_native_dequant_is_bit_identical(qtype):
 @needs_native
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("T", [1, 37])
-def test_native_bfloat16_and_batched_shapes(qtype, T):
+@pytest.mark.parametrize("half_native", [True, False])
+def test_native_bfloat16_and_batched_shapes(qtype, T, half_native, monkeypatch):
+    """bf16 compute: tiles in bf16, or in float32 on CPUs without bf16 matrix instructions (then the
+    product is the float32 one rounded once to bf16)."""
+    monkeypatch.setattr(kernels, "half_gemm_is_native", lambda dt: half_native)
     w = random_weight(qtype)
     x = torch.randn(2, T, COLS).bfloat16()  # leading batch dim, bf16 compute dtype
     got = kernels.native_linear(x, w, None)
     assert got.shape == (2, T, ROWS) and got.dtype == torch.bfloat16
-    assert rel_err(got, tiled_linear(x.float(), w, None)) < 1e-2
+    ref = tiled_linear(x.float(), w, None)
+    assert rel_err(got, ref) < 1e-2
+    if not half_native and T > kernels.FUSED_MAX_T:
+        assert torch.equal(got, kernels.native_linear(x.float(), w, None).bfloat16())
 
 
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16], ids=lambda t: t.name)
@@ -344,3 +356,30 @@ def test_qlinear_default_and_configured_kernels(fresh_selection):
     counts = linear.use_kernels(layer, torch.float32, "exact")
     assert sum(counts.values()) == 1 and layer.kernel is not None
     assert rel_err(layer(x), ref) < 2e-6
+
+
+def _lower_isa_flags() -> str | None:
+    """Compiler flags for the build one ISA level below this CPU's: AVX2 kernels on AVX-512 CPUs, the
+    generic C on AVX2 CPUs (None elsewhere)."""
+    flags = kernels._cpu_id().split()
+    return "-mno-avx512f" if "avx512f" in flags else "-mno-avx2" if "avx2" in flags else None
+
+
+@needs_native
+@pytest.mark.skipif(_lower_isa_flags() is None or bool(os.environ.get("OCULA_NATIVE_FLAGS")),
+                    reason="not an x86 CPU with AVX2, or already a lower-ISA build")
+def test_lower_isa_build_passes_the_kernel_tests(tmp_path):
+    """The library built for the ISA level below this CPU's (-mno-avx512f: the AVX2 mat-vecs, int8
+    kernels and attention of CPUs without AVX-512; -mno-avx2: the generic C) passes this file's tests,
+    the fused decode step's and the C attention's, in a fresh process: CI covers the code paths of
+    the CPUs it does not run on."""
+    tests = Path(__file__).parent
+    env = dict(os.environ, OCULA_NATIVE_FLAGS=_lower_isa_flags(), OCULA_CACHE=str(tmp_path))
+    check = ("from ocula.quant import kernels; lib = kernels.native_lib(); "
+             "assert lib and not lib.ocula_attention_preferred()")
+    assert subprocess.run([sys.executable, "-c", check], env=env).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(tests / "test_kernels.py"), str(tests / "test_fused_decode.py"),
+                        str(tests / "test_layers.py"), "-k", "not ggml"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ocula.models.layers import CAUSAL, GROUPED_MAX_T, act, attend, attention_mask, causal_mask, gated_act
+from ocula.models.layers import (CAUSAL, GROUPED_MAX_T, act, attend, attention_mask, causal_mask, gated_act,
+                                 patch_embed)
 
 
 def reference(q, k, v, mask, scale, softcap=None):
@@ -123,3 +124,24 @@ def test_unary_act_matches_torch(dtype, name):
         torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-6)
     else:
         torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("half_native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_embed_is_the_strided_conv(dtype, half_native, monkeypatch):
+    """One GEMM over the patches = conv2d with stride = kernel (a ragged edge dropped as conv2d does),
+    batches, with or without bias; bf16 as bf16 GEMM or, on CPUs without bf16 matrix instructions, in
+    float32 and rounded back."""
+    from ocula.quant import kernels
+
+    monkeypatch.setattr(kernels, "half_gemm_is_native", lambda dt: half_native)
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn(2, 3, 45, 31, generator=g)
+    w, b = torch.randn(16, 3, 7, 7, generator=g), torch.randn(16, generator=g)
+    for bias in (b, None):
+        b64 = None if bias is None else bias.to(dtype).double()
+        ref = F.conv2d(pixels.to(dtype).double(), w.to(dtype).double(), b64, stride=7)
+        got = patch_embed(pixels.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype), 7)
+        assert got.dtype == dtype and got.shape == (2, 6 * 4, 16)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.double(), ref.flatten(2).transpose(1, 2), rtol=tol, atol=tol)

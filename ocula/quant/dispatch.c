@@ -6,16 +6,44 @@
 #define FASTFN(NAME, LAYOUT) , 0, 0
 #endif
 
+#ifdef Q8
+/* the int8-activation kernels of matvec_q8_avx512.c or matvec_q8_avx2.c, one function per type */
+#define Q4K8(...) k4_q8_rows(__VA_ARGS__, 0)
+#define Q5K8(...) k4_q8_rows(__VA_ARGS__, 1)
+#define Q408(...) q32_q8_rows(__VA_ARGS__, 18)
+#define Q508(...) q32_q8_rows(__VA_ARGS__, 22)
+#define Q808(...) q32_q8_rows(__VA_ARGS__, 34)
+Q8_MM(q4_k, Q4K8) Q8_MM(q5_k, Q5K8) Q8_MM(q6_k, q6_k_q8_rows) Q8_MM(q4_0, Q408) Q8_MM(q5_0, Q508)
+Q8_MM(q8_0, Q808)
+
+typedef void (*q8_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, const xq8 *, int64_t, float *);
+/* xfmt: how quantize_x lays out x: 0 = a scale per 32 values, 1 = per 256, Q4K_XFMT = the kernel's
+ * choice for Q4_K / Q5_K */
+static const struct { int type; q8_fn mm; int xfmt; } Q8_TABLE[] = {
+    {2, q8mm_q4_0, 0}, {6, q8mm_q5_0, 0}, {8, q8mm_q8_0, 0}, {12, q8mm_q4_k, Q4K_XFMT}, {13, q8mm_q5_k, Q4K_XFMT},
+    {14, q8mm_q6_k, 1},
+};
+static int q8_find(int type) {
+    for (unsigned i = 0; i < sizeof Q8_TABLE / sizeof Q8_TABLE[0]; i++) if (Q8_TABLE[i].type == type) return (int)i;
+    return -1;
+}
+#endif
+
 typedef void (*mm_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float *);
 typedef void (*dq_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, void *, int);
 #define NOFAST , 0, 0
+#ifdef FAST_DEQUANT  /* matvec_avx2.c's row decoders, for the types it has */
+#define DQ(NAME) fdq_##NAME
+#else
+#define DQ(NAME) dq_rows_##NAME
+#endif
 static const struct { int type; mm_fn mm; dq_fn dq; mm_fn fast; int layout; } TABLE[] = {  /* GGML type ids */
-    {0, mm_f32, dq_rows_f32 NOFAST}, {1, mm_f16, dq_rows_f16 FASTFN(f16, X_NAT)},
-    {2, mm_q4_0, dq_rows_q4_0 FASTFN(q4_0, X_P16)}, {3, mm_q4_1, dq_rows_q4_1 FASTFN(q4_1, X_P16)},
-    {6, mm_q5_0, dq_rows_q5_0 FASTFN(q5_0, X_P16)}, {7, mm_q5_1, dq_rows_q5_1 FASTFN(q5_1, X_P16)},
-    {8, mm_q8_0, dq_rows_q8_0 FASTFN(q8_0, X_NAT)}, {10, mm_q2_k, dq_rows_q2_k NOFAST},
-    {11, mm_q3_k, dq_rows_q3_k NOFAST}, {12, mm_q4_k, dq_rows_q4_k FASTFN(q4_k, X_P32)},
-    {13, mm_q5_k, dq_rows_q5_k FASTFN(q5_k, X_P32)}, {14, mm_q6_k, dq_rows_q6_k FASTFN(q6_k, X_NAT)},
+    {0, mm_f32, dq_rows_f32 NOFAST}, {1, mm_f16, DQ(f16) FASTFN(f16, X_NAT)},
+    {2, mm_q4_0, DQ(q4_0) FASTFN(q4_0, X_P16)}, {3, mm_q4_1, DQ(q4_1) FASTFN(q4_1, X_P16)},
+    {6, mm_q5_0, DQ(q5_0) FASTFN(q5_0, X_P16)}, {7, mm_q5_1, DQ(q5_1) FASTFN(q5_1, X_P16)},
+    {8, mm_q8_0, DQ(q8_0) FASTFN(q8_0, X_NAT)}, {10, mm_q2_k, dq_rows_q2_k NOFAST},
+    {11, mm_q3_k, dq_rows_q3_k NOFAST}, {12, mm_q4_k, DQ(q4_k) FASTFN(q4_k, X_P32)},
+    {13, mm_q5_k, DQ(q5_k) FASTFN(q5_k, X_P32)}, {14, mm_q6_k, DQ(q6_k) FASTFN(q6_k, X_NAT)},
     {30, mm_bf16, dq_rows_bf16 NOFAST},
 };
 static int find(int type) {

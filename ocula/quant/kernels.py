@@ -15,11 +15,12 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
 ``native_q8`` The same C library's int8-activation mat-vec (`ocula_matmul_q8`), the llama.cpp approach
             without ggml: each row of x is quantized once per call to int8 (one scale per 256 values
             for K-quants, per 32 for Q4_0/Q5_0/Q8_0), then integer dot products on the weight blocks
-            (AVX-512 VNNI) with the block scales applied in float. LOSSY like ggml, ≈1e-2 of max |y|
+            (AVX-512 VNNI, or AVX2 vpmaddubsw) with the block scales applied in float. LOSSY like ggml,
+            ≈1e-2 of max |y|
             on random data (see tests/test_kernels.py); ~2-3x the exact kernel's speed for decode.
             Decode steps only: T <= Q8_MAX_T rows, or up to Q8_MAX_ROWS sequences of a batch
             decoding one token each; prefill chunks go to native (exact). Types: Q4_0 Q5_0 Q8_0
-            Q4_K Q5_K Q6_K, on CPUs with AVX-512 VNNI (others use native).
+            Q4_K Q5_K Q6_K, on x86 CPUs with AVX-512 VNNI or AVX2 (others use native).
 ``ggml``    ggml's own CPU mat-mul through the optional ``ggml-python`` package (``pip install
             'ocula[fast]'``), zero-copy on the mmap'd blocks. LOSSY: like llama.cpp it quantizes the
             activations to 8 bit (Q8_0/Q8_K) first, ≈1e-2 relative error. Used for T <= GGML_MAX_T;
@@ -28,8 +29,8 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
 Modes (``ocula.load(..., kernels=...)``): ``"exact"`` native, else torch; ``"q8"`` native_q8, else
 exact; ``"ggml"`` ggml, else exact; ``"torch"`` torch only; ``"auto"``: float32 compute dtype ->
 exact (float32 results always stay exact); other dtypes -> ggml when ggml-python is installed,
-else native_q8 (where it has the type and the CPU has VNNI), else exact; `use_kernels` keeps the
-layers of `linear.EXACT_IN_AUTO` (ffn_down) exact in "auto".
+else native_q8 (where it has the type and the CPU has AVX2 or VNNI), else exact; `use_kernels` keeps
+the layers of `linear.EXACT_IN_AUTO` (ffn_down) exact in "auto".
 """
 from __future__ import annotations
 
@@ -74,12 +75,12 @@ NATIVE_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30})
 GGML_TYPES = frozenset({1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29,
                         30, 34, 35, 39})
 
-# one library: the mat-vecs (kernels.c; matvec_avx2.c on CPUs without AVX-512; dispatch.c), the MLP
-# activations (pointwise.c), attention for many queries (attention.c) and the decoder step built on them
-# (decode_step.c)
-_C_SOURCE = "\n".join(Path(__file__).with_name(name).read_text()
-                      for name in ("kernels.c", "matvec_avx2.c", "matvec_q8_avx2.c", "dispatch.c", "pointwise.c", "attention.c",
-                                   "decode_step.c"))
+# one library, in this order: the mat-vecs (kernels.c: generic; matvec[_q8]_avx512.c: AVX-512 (VNNI);
+# matvec[_q8]_avx2.c: AVX2 where AVX-512 is absent; dispatch.c: the entry points), the MLP activations
+# (pointwise.c), attention for many queries (attention.c) and the decoder step built on them (decode_step.c)
+C_FILES = ("kernels.c", "matvec_avx512.c", "matvec_q8_avx512.c", "matvec_avx2.c", "matvec_q8_avx2.c",
+           "dispatch.c", "pointwise.c", "attention.c", "decode_step.c")
+_C_SOURCE = "\n".join(Path(__file__).with_name(name).read_text() for name in C_FILES)
 
 
 def _threads(w: "QuantizedWeight", rows_of_x: int) -> int:
@@ -114,14 +115,20 @@ def _cpu_id() -> str:
 CFLAGS = ("-O3", "-std=gnu11", "-fno-trapping-math", "-shared", "-fPIC")
 
 
+def _extra_flags() -> list[str]:
+    """$OCULA_NATIVE_FLAGS, after -march=native: e.g. "-mno-avx512f" builds the AVX2 kernels on an
+    AVX-512 CPU (tests/test_kernels.py runs them so; also for comparing the two)."""
+    return os.environ.get("OCULA_NATIVE_FLAGS", "").split()
+
+
 def _compile(cc: str, src: Path, out: Path) -> str | None:
     """Build `out` from `src`, dropping OpenMP, then -march=native, if the compiler refuses them."""
     base = list(CFLAGS)
     last = ""
     for extra in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
         try:
-            r = subprocess.run([cc, *base, *extra, "-o", str(out), str(src), "-lm"], capture_output=True,
-                               text=True, timeout=120)
+            cmd = [cc, *base, *extra, *_extra_flags(), "-o", str(out), str(src), "-lm"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             return str(e)
         if r.returncode == 0:
@@ -138,7 +145,7 @@ def native_lib() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None
-    key = hashlib.sha256(f"{_C_SOURCE}\0{cc}\0{CFLAGS}\0{_cpu_id()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_C_SOURCE}\0{cc}\0{CFLAGS}{_extra_flags()}\0{_cpu_id()}".encode()).hexdigest()[:16]
     path = _cache_dir() / f"ocula_kernels_{key}.so"
     try:
         if not path.exists():
@@ -267,7 +274,7 @@ def _fused(entry, x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | No
 
 @lru_cache(maxsize=None)
 def q8_supported(qtype: int) -> bool:
-    """Whether the compiled library has an int8-activation kernel for `qtype` (needs AVX-512 VNNI)."""
+    """Whether the compiled library has an int8-activation kernel for `qtype` (AVX-512 VNNI or AVX2)."""
     lib = native_lib()
     return lib is not None and bool(lib.ocula_q8_supports(qtype))
 

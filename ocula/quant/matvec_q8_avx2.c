@@ -187,23 +187,7 @@ static void q8mm_##NAME(const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64
         }                                                                                        \
     }                                                                                            \
 }
-#define Q4K8(...) k4_q8_rows(__VA_ARGS__, 0)
-#define Q5K8(...) k4_q8_rows(__VA_ARGS__, 1)
-#define Q408(...) q32_q8_rows(__VA_ARGS__, 18)
-#define Q508(...) q32_q8_rows(__VA_ARGS__, 22)
-#define Q808(...) q32_q8_rows(__VA_ARGS__, 34)
-Q8_MM(q4_k, Q4K8) Q8_MM(q5_k, Q5K8) Q8_MM(q6_k, q6_k_q8_rows) Q8_MM(q4_0, Q408) Q8_MM(q5_0, Q508)
-Q8_MM(q8_0, Q808)
-
-typedef void (*q8_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, const xq8 *, int64_t, float *);
-/* xfmt: 0 = a scale per 32 values, 1 = per 256 with sums per 16 */
-static const struct { int type; q8_fn mm; int xfmt; } Q8_TABLE[] = {
-    {2, q8mm_q4_0, 0}, {6, q8mm_q5_0, 0}, {8, q8mm_q8_0, 0}, {12, q8mm_q4_k, 1}, {13, q8mm_q5_k, 1}, {14, q8mm_q6_k, 1},
-};
-static int q8_find(int type) {
-    for (unsigned i = 0; i < sizeof Q8_TABLE / sizeof Q8_TABLE[0]; i++) if (Q8_TABLE[i].type == type) return (int)i;
-    return -1;
-}
+#define Q4K_XFMT 1  /* quantize_x's format for Q4_K / Q5_K rows (dispatch.c: Q8_TABLE) */
 static __thread void *qbuf; static __thread size_t qcap;
 static int quantize_x(const float *X, int64_t T, int64_t cols, int xfmt, xq8 *x) {
     x->cols = cols; x->qstride = cols; x->dstride = cols / (xfmt ? 256 : 32);
