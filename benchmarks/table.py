@@ -2,6 +2,7 @@
 
     python benchmarks/table.py [results-dir]            # print
     python benchmarks/table.py --readme                  # rewrite the results section of README.md
+    python benchmarks/table.py --readme results/NAME     # ... the section of a machine's folder
 """
 from __future__ import annotations
 
@@ -132,17 +133,31 @@ def render(results_dir: Path) -> str:
 BEGIN, END = "<!-- results:begin (benchmarks/table.py --readme) -->", "<!-- results:end -->"
 
 
+def markers(results_dir: Path) -> tuple[str, str]:
+    """README.md's markers around the tables of `results_dir`: the plain pair for results/, one with
+    the folder's name for a machine's folder (results/2026-12-03-zen4-avx2: `--readme` with that path)."""
+    if results_dir.resolve() == (HERE / "results").resolve():
+        return BEGIN, END
+    name = results_dir.name
+    return (f"<!-- results:begin {name} (benchmarks/table.py --readme results/{name}) -->",
+            f"<!-- results:end {name} -->")
+
+
 def update_readme(results_dir: Path, readme: Path = HERE / "README.md") -> None:
     """Replace the text between the results markers of README.md with the rendered tables."""
+    begin, end = markers(results_dir)
     text = readme.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    readme.write_text(f"{head}{BEGIN}\n{render(results_dir)}\n{END}{tail}")
+    if begin not in text:
+        raise SystemExit(f"README.md has no marker {begin}")
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    readme.write_text(f"{head}{begin}\n{render(results_dir)}\n{end}{tail}")
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--readme"]
-    results = Path(args[0]) if args else HERE / "results"
+    results = (Path(args[0]) if Path(args[0]).is_absolute() or Path(args[0]).exists() else HERE / args[0]) \
+        if args else HERE / "results"
     if "--readme" in sys.argv:
         update_readme(results)
     else:
