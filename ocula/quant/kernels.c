@@ -22,15 +22,10 @@ static inline u8x16 ld8(const u8 *p) { u8x16 v; memcpy(&v, p, 16); return v; }
 static inline u8x16 shr(u8x16 v, int s) { return (u8x16)((u16x8)v >> s) & (u8)(0xFF >> s); }
 static inline f32x16 ldf(const float *p) { f32x16 v; memcpy(&v, p, 64); return v; }
 static inline void stf(float *p, f32x16 v) { memcpy(p, &v, 64); }
-/* byte vectors -> float (unsigned; signed bytes are flipped to unsigned and shifted back, exact) */
 #ifdef __AVX2__
 #include <immintrin.h>
-/* GCC lowers 16-lane conversions to scalar code without AVX-512: two 8-lane halves by hand */
+/* without AVX-512 GCC lowers 16-lane conversions to scalar code: fu and h2f16 go by 8-lane halves */
 static inline f32x16 join8(__m256 lo, __m256 hi) { f32x16 r; memcpy(&r, &lo, 32); memcpy((char *)&r + 32, &hi, 32); return r; }
-static inline f32x16 fu(u8x16 v) {
-    __m128i b; memcpy(&b, &v, 16);
-    return join8(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
-}
 /* Q4_0 / Q4_1 / Q5_0 / Q5_1: a block's 32 unsigned values as bytes: weight j is the low nibble of
  * qs[j], weight 16 + j the high one; with qh (Q5), bit j of it is bit 4 of weight j */
 static inline __m256i q4_block_bytes(const u8 *qs, const u8 *qh) {
@@ -58,6 +53,13 @@ static inline __m128i k4_scales_mins(const u8 *b) {
     out[3] = ((w[2] >> 4) & low4) | ((w[1] >> 6) & top2) << 4;
     return _mm_loadu_si128((const __m128i *)out);
 }
+#endif
+/* byte vectors -> float (unsigned; signed bytes are flipped to unsigned and shifted back, exact) */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static inline f32x16 fu(u8x16 v) {
+    __m128i b; memcpy(&b, &v, 16);
+    return join8(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
+}
 #else
 static inline f32x16 fu(u8x16 v) { return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16); }
 #endif
@@ -78,7 +80,7 @@ static inline float h2f(uint16_t h) {
     return f32_bits(sign | (two_w < (1u << 27) ? bits_f32(denorm) : bits_f32(norm)));
 }
 #endif
-#if defined(__AVX2__) && defined(__F16C__)
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__AVX512F__)
 static inline f32x16 h2f16(u16x16 h) {
     __m128i a, b; memcpy(&a, &h, 16); memcpy(&b, (char *)&h + 16, 16);
     return join8(_mm256_cvtph_ps(a), _mm256_cvtph_ps(b));
