@@ -102,25 +102,61 @@ static inline const float *kv_row(const void *cache, int type, int64_t at, int64
     return buf;
 }
 
-/* out[hd] = softmax(q . K[first..pos] * scale) V, for query head h over its shared key/value head */
+/* VL cached values from index `at` as float32, converted in registers (F16 needs F16C) */
+static inline fvec ld_kv(const void *cache, int type, int64_t at) {
+    if (type == 0) return ldv((const float *)cache + at);
+    const uint16_t *p = (const uint16_t *)cache + at;
+    fvec r;
+#if defined(__AVX512F__)
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    __m512 f = type == 1 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    memcpy(&r, &f, sizeof r);
+#elif defined(__AVX2__) && defined(__F16C__)
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    __m256 f = type == 1 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    memcpy(&r, &f, sizeof r);
+#else
+    for (int i = 0; i < VL; i++) r[i] = type == 1 ? h2f(p[i]) : bf16_f32(p[i]);
+#endif
+    return r;
+}
+
+/* out[hd] = softmax(q . K[first..pos] * scale) V, for query head h over its shared key/value head.
+ * Head sizes that are a multiple of VL read the cache in registers (ld_kv), others a row at a time
+ * through kv_row; the sums are the same either way (dot's VL lanes). */
 static void attend_head(const ocula_step *st, const void *kc, const void *vc, int64_t cap, int64_t first,
                         int64_t pos, int64_t kvh, const float *q, float *scores, float *out) {
     int64_t hd = st->head_dim, S = pos - first + 1, base = (kvh * cap + first) * hd;
+    const int type = st->kv_type, direct = hd % VL == 0;
     float buf[hd + 16], mx = -INFINITY, sum = 0.f;
     for (int64_t s = 0; s < S; s++) {
-        float v = dot(q, kv_row(kc, st->kv_type, base + s * hd, hd, buf), hd) * st->scale;
+        float v;
+        if (direct) {
+            fvec acc = {0};
+            for (int64_t i = 0; i < hd; i += VL) acc += ldv(q + i) * ld_kv(kc, type, base + s * hd + i);
+            v = 0.f;
+            for (int j = 0; j < VL; j++) v += acc[j];
+        } else {
+            v = dot(q, kv_row(kc, type, base + s * hd, hd, buf), hd);
+        }
+        v *= st->scale;
         if (st->softcap > 0.f) v = tanhf(v / st->softcap) * st->softcap;
         scores[s] = v;
         if (v > mx) mx = v;
     }
-    for (int64_t s = 0; s < S; s++) sum += (scores[s] = exp_f32(scores[s] - mx));
+    for (int64_t s = 0; s < S; s++) scores[s] = exp_f32(scores[s] - mx);  /* vectorized */
+    for (int64_t s = 0; s < S; s++) sum += scores[s];
     memset(out, 0, (size_t)hd * 4);
     for (int64_t s = 0; s < S; s++) {
-        const float *v = kv_row(vc, st->kv_type, base + s * hd, hd, buf);
-        float p = scores[s];
+        const fvec p = bcv(scores[s]);
+        if (direct) {
+            for (int64_t i = 0; i < hd; i += VL) stv(out + i, ldv(out + i) + p * ld_kv(vc, type, base + s * hd + i));
+            continue;
+        }
+        const float *v = kv_row(vc, type, base + s * hd, hd, buf);
         int64_t i = 0;
-        for (; i + VL <= hd; i += VL) stv(out + i, ldv(out + i) + bcv(p) * ldv(v + i));
-        for (; i < hd; i++) out[i] += p * v[i];
+        for (; i + VL <= hd; i += VL) stv(out + i, ldv(out + i) + p * ldv(v + i));
+        for (; i < hd; i++) out[i] += scores[s] * v[i];
     }
     for (int64_t i = 0; i < hd; i++) out[i] /= sum;
 }
