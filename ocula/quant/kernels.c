@@ -28,17 +28,21 @@ static inline void stf(float *p, f32x16 v) { memcpy(p, &v, 64); }
 static inline f32x16 join8(__m256 lo, __m256 hi) { f32x16 r; memcpy(&r, &lo, 32); memcpy((char *)&r + 32, &hi, 32); return r; }
 /* Q4_0 / Q4_1 / Q5_0 / Q5_1: a block's 32 unsigned values as bytes: weight j is the low nibble of
  * qs[j], weight 16 + j the high one; with qh (Q5), bit j of it is bit 4 of weight j */
-static inline __m256i q4_block_bytes(const u8 *qs, const u8 *qh) {
+static inline __m256i nibble_bytes(const u8 *qs) {
     __m128i q = _mm_loadu_si128((const __m128i *)qs);
-    __m256i v = _mm256_and_si256(_mm256_setr_m128i(q, _mm_srli_epi16(q, 4)), _mm256_set1_epi8(0x0F));
-    if (!qh) return v;
-    /* byte j takes qh's byte j / 8 and tests its bit j % 8 */
+    return _mm256_and_si256(_mm256_setr_m128i(q, _mm_srli_epi16(q, 4)), _mm256_set1_epi8(0x0F));
+}
+/* the 32 bits of qh as bytes: 0xFF where bit j is set (byte j takes qh's byte j / 8, tests bit j % 8) */
+static inline __m256i bit_bytes(const u8 *qh) {
     uint32_t h; memcpy(&h, qh, 4);
     const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
-    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), pick), bit), bit);
-    return _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+    return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), pick), bit), bit);
+}
+static inline __m256i q4_block_bytes(const u8 *qs, const u8 *qh) {
+    __m256i v = nibble_bytes(qs);
+    return qh ? _mm256_or_si256(v, _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10))) : v;
 }
 /* Q4_K / Q5_K: the 8 6-bit sub-block scales (bytes 0-7) and mins (8-15) of a block's 12 scale bytes:
  * j < 4: scale s[j] & 63, min s[j + 4] & 63; j >= 4: scale s[j + 4] & 15 | (s[j - 4] >> 6) << 4,

@@ -147,8 +147,9 @@ KFN q6_k_q8_rows(Q8_ARGS, const int T) {
 /* Q4_0 / Q5_0 / Q8_0 (bs 18 / 22 / 34): the 32 signed weights of a block */
 static inline __m256i w32(const u8 *blk, const int bs) {
     if (bs == 34) return ld32(blk + 2);
-    __m256i v = q4_block_bytes(blk + (bs == 22 ? 6 : 2), bs == 22 ? blk + 2 : NULL);
-    return _mm256_sub_epi8(v, _mm256_set1_epi8(bs == 22 ? 16 : 8));
+    if (bs == 18) return _mm256_sub_epi8(nibble_bytes(blk + 2), _mm256_set1_epi8(8));
+    /* Q5_0: q - 16 is the nibble with the fifth bit clear, the nibble - 16 (its bits | 0xF0) without */
+    return _mm256_or_si256(nibble_bytes(blk + 6), _mm256_andnot_si256(bit_bytes(blk + 2), _mm256_set1_epi8((char)0xF0)));
 }
 
 KFN q32_q8_rows(Q8_ARGS, const int T, const int bs) {
