@@ -87,7 +87,8 @@ def test_sdpa_c_kernel_matches_float64(dtype, shape, monkeypatch):
         pytest.skip("native kernels not built")
     monkeypatch.setattr(layers, "C_ATTENTION_ALWAYS", True)
     calls = []
-    monkeypatch.setattr(native_lib(), "ocula_attention", lambda *a, f=native_lib().ocula_attention: calls.append(1) or f(*a))
+    c_attention = native_lib().ocula_attention
+    monkeypatch.setattr(native_lib(), "ocula_attention", lambda *a: calls.append(1) or c_attention(*a))
     B, H, Hk, T, S, D, causal = shape
     g = torch.Generator().manual_seed(T * D)
     q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype) for h, n in ((H, T), (Hk, S), (Hk, S)))

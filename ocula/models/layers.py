@@ -327,16 +327,13 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     the non-overlapping patches: [B, C, H, W] -> [B, (H / p) * (W / p), d], patches in row-major order.
     In weight's dtype, except bfloat16/float16 on CPUs without half-precision matrix instructions,
     which multiply in float32 (torch's bf16 conv took 1.2 s for one 448x448 InternViT image there)."""
-    from ocula.quant.kernels import half_gemm_is_native  # noqa: PLC0415
+    from ocula.quant.kernels import gemm_dtype  # noqa: PLC0415
 
     B, C, H, W = pixels.shape
     d, gh, gw = weight.shape[0], H // patch, W // patch
     x = pixels[:, :, : gh * patch, : gw * patch].reshape(B, C, gh, patch, gw, patch)
-    x = x.permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * patch * patch)
-    dtype = weight.dtype
-    compute = dtype
-    if dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and not half_gemm_is_native(dtype):
-        compute = torch.float32
+    x = x.permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * patch * patch).to(weight.dtype)
+    dtype, compute = weight.dtype, gemm_dtype(x)
     y = F.linear(x.to(compute), weight.reshape(d, -1).to(compute), None if bias is None else bias.to(compute))
     return y.to(dtype).reshape(B, gh * gw, d)
 
@@ -353,8 +350,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
 
     Without a mask, on CPU in float32/bfloat16 with at least C_ATTENTION_MIN_T queries, on CPUs with
     AVX-512, it runs ocula's C kernel (ocula/quant/attention.c: ~3x torch's CPU SDPA there, float32
-    arithmetic; with AVX2 only, torch's is ~2x faster); everything else goes to torch. `is_causal` is torch's (query t sees keys s <= t),
-    so the C kernel takes it only for T == S."""
+    arithmetic; with AVX2 only, torch's is ~2x faster); everything else goes to torch. `is_causal` is
+    torch's (query t sees keys s <= t), so the C kernel takes it only for T == S."""
     lib = _c_attention_lib(q, k, v, attn_mask, is_causal)
     if lib is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,

@@ -1,5 +1,5 @@
-/* The dispatch: per GGML type the generic kernels, the fused mat-vec of this build's vector ISA (AVX-512
- * in kernels.c, else AVX2 in matvec_avx2.c) and the layout it wants x in. */
+/* The dispatch: per GGML type the generic kernels (kernels.c), the fused mat-vec and row decoder of this
+ * build's vector ISA (matvec_avx512.c, else matvec_avx2.c) and the layout it wants x in. */
 #ifdef FAST
 #define FASTFN(NAME, LAYOUT) , fmm_##NAME, LAYOUT
 #else

@@ -16,8 +16,8 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
             without ggml: each row of x is quantized once per call to int8 (one scale per 256 values
             for K-quants, per 32 for Q4_0/Q5_0/Q8_0), then integer dot products on the weight blocks
             (AVX-512 VNNI, or AVX2 vpmaddubsw) with the block scales applied in float. LOSSY like ggml,
-            ≈1e-2 of max |y|
-            on random data (see tests/test_kernels.py); ~2-3x the exact kernel's speed for decode.
+            ≈1e-2 of max |y| on random data (see tests/test_kernels.py); ~2-3x the exact kernel's
+            speed for decode.
             Decode steps only: T <= Q8_MAX_T rows, or up to Q8_MAX_ROWS sequences of a batch
             decoding one token each; prefill chunks go to native (exact). Types: Q4_0 Q5_0 Q8_0
             Q4_K Q5_K Q6_K, on x86 CPUs with AVX-512 VNNI or AVX2 (others use native).
@@ -226,10 +226,18 @@ def half_gemm_is_native(dtype: torch.dtype) -> bool:
         return True
 
 
+def gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype to multiply x in: its own, but float32 for bfloat16/float16 on CPUs without matrix
+    instructions for it (the result is then rounded back to x's dtype)."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and not half_gemm_is_native(x.dtype):
+        return torch.float32
+    return x.dtype
+
+
 def tiles_gemm(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T for many rows of x: C-decoded row tiles (in x's float32/bfloat16) times torch GEMM
-    (float32 for bfloat16 x on CPUs without bfloat16 matrix instructions, rounded back to bfloat16)."""
-    if x.dtype == torch.bfloat16 and not half_gemm_is_native(x.dtype):
+    (in gemm_dtype(x), rounded back)."""
+    if gemm_dtype(x) != x.dtype:
         return tiles_gemm(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     rows, cols = w.shape
     step = max(1, min(rows, TILE_ELEMS // cols))

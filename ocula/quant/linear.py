@@ -67,10 +67,8 @@ class QuantizedWeight:
 
 
 def tiled_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T (+ bias), dequantizing W one row tile at a time (bf16/f16 x on CPUs without such matrix
-    instructions: in float32, rounded back, as kernels.tiles_gemm does)."""
-    if (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
-            and not kernels.half_gemm_is_native(x.dtype)):
+    """x @ W.T (+ bias), dequantizing W one row tile at a time (in kernels.gemm_dtype(x), rounded back)."""
+    if kernels.gemm_dtype(x) != x.dtype:
         return tiled_linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     step = w.tile_rows(x.dtype)
     if step >= w.shape[0]:

@@ -110,7 +110,8 @@ class Gemma3Vision(VisionModel):
     def vit(self, pixels: torch.Tensor) -> torch.Tensor:
         """[1, 3, S, S] → last hidden state after post_ln, [P*P, d] in row-major patch order."""
         dtype = self.v.patch_embd.weight.dtype
-        x = patch_embed(pixels.to(dtype), self.v.patch_embd.weight, self.v.patch_embd.bias, self.cfg.patch_size)[0]  # [N, d]
+        x = patch_embed(pixels.to(dtype), self.v.patch_embd.weight, self.v.patch_embd.bias,
+                        self.cfg.patch_size)[0]  # [N, d]
         x = x + self.v.position_embd.weight.to(x.dtype)
         for blk in self.v.blk:
             x = blk(x)
