@@ -2,12 +2,13 @@
 
     python benchmarks/kernels.py                                  # default types and shapes, 2 threads
     python benchmarks/kernels.py --types Q4_K,Q6_K --shapes 2048x11008 --T 1,4
-    python benchmarks/kernels.py --kernel exact,q8                # also the int8-activation kernels
+    python benchmarks/kernels.py --kernel exact,q8,q16            # also the int8 / int16-activation kernels
     python benchmarks/kernels.py --source old.c                   # also time another build of kernels.c
     git show HEAD~1:ocula/quant/kernels.c > /tmp/old.c            # (e.g. the previous kernel)
 
 `--kernel`: exact = `ocula_matmul` (float32 x, exact weights), q8 = `ocula_matmul_q8` (x quantized to
-int8, lossy); types a build has no q8 kernel for show "-".
+int8, lossy), q16 = `ocula_matmul_q16` (x quantized to int16); types a build has no such kernel for
+show "-".
 
 Shapes are rows x cols of the weight (y = W x: 2048x11008 is ffn_down of a 3B model). Each weight
 is random blocks with finite scales; enough copies are cycled that the set exceeds the last-level
@@ -66,11 +67,15 @@ def build(source: str, name: str, tmp: Path) -> ctypes.CDLL:
     return lib
 
 
+ENTRY = {"exact": "ocula_matmul", "q8": "ocula_matmul_q8", "q16": "ocula_matmul_q16"}
+
+
 def setup_kernels(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ocula_matmul.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
-    if hasattr(lib, "ocula_matmul_q8"):
-        lib.ocula_matmul_q8.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
+    for name in ENTRY.values():
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
     lib.ocula_init()
     return lib
 
@@ -91,11 +96,10 @@ def random_blocks(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> 
     return raw.reshape(rows, -1)
 
 
-ENTRY = {"exact": "ocula_matmul", "q8": "ocula_matmul_q8"}
 
 
 def time_calls(fn, qtype, weights, cols, x, y, T, threads, reps) -> list[float] | None:
-    """Seconds per call, or None when `fn` has no kernel for this type (q8)."""
+    """Seconds per call, or None when `fn` has no kernel for this type (q8, q16)."""
     rows, rb = weights[0].shape
     times = []
     for rep in range(reps + 1):
@@ -128,7 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--T", default="1", help="rows of x per call, comma-separated")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--kernel", default="exact", help="exact, q8 or both (exact,q8), per build")
+    ap.add_argument("--kernel", default="exact", help="exact, q8, q16 or several (exact,q8), per build")
     ap.add_argument("--source", action="append", default=[], help="another kernels.c to time too")
     ap.add_argument("--best", action="store_true", help="fastest call instead of the median (busy machines)")
     ap.add_argument("--cached", action="store_true", help="one copy of each weight: cache-resident when "

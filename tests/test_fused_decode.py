@@ -1,4 +1,5 @@
 """The one-call C decode step (ocula.models.text.fused_decode) gives what the torch modules give."""
+import numpy as np
 import pytest
 import torch
 from tiny import Q, write_tiny_model
@@ -9,7 +10,7 @@ from ocula.models.text import build_text_model
 from ocula.models.text.base import StepInput
 from ocula.models.weights import load_gguf_weights
 from ocula.quant import kernels
-from ocula.quant.linear import use_kernels
+from ocula.quant.linear import QuantizedWeight, use_kernels
 
 pytestmark = pytest.mark.skipif(kernels.native_lib() is None, reason="native kernels not built (no C compiler)")
 
@@ -70,12 +71,38 @@ def test_fused_step_with_int8_kernels_in_bfloat16(tmp_path, monkeypatch):
     the modules round each op's output to bf16, so the two agree to bf16 precision, not bitwise."""
     model = load(write_tiny_model(tmp_path / "llama.gguf", "llama", qtype=Q.Q8_0), torch.bfloat16, "q8")
     fused = model.fused_decode()
-    assert fused is not None and {lin.q8 for layer in fused.layers for lin in (layer.attn_q, layer.ffn_down)} == {1}
+    assert fused is not None and {lin.xbits for layer in fused.layers for lin in (layer.attn_q, layer.ffn_down)} == {8}
     prompt, steps = [5, 9, 200, 31], [40, 41, 250]
     ref = decode_logits(model, monkeypatch, False, prompt, steps)
     got = decode_logits(model, monkeypatch, True, prompt, steps)
     scale = ref.abs().max()
     assert (got - ref).abs().max() < 0.05 * scale
+
+
+def random_q6_k(rows: int, cols: int, seed: int) -> QuantizedWeight:
+    """Random Q6_K blocks (gguf-py cannot quantize to K types) with weights of magnitude ~0.1-1."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows * cols // 256, 210), dtype=np.uint8)
+    raw[:, 208:210] = (rng.uniform(2e-4, 5e-4, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2))
+    return QuantizedWeight(torch.from_numpy(raw), int(Q.Q6_K), (rows, cols))
+
+
+@pytest.mark.skipif(not kernels.q16_supported(int(Q.Q6_K)),
+                    reason="int16-activation kernels need the native build on an AVX2 CPU without AVX-512")
+@torch.inference_mode()
+def test_fused_step_with_int16_ffn_down_in_bfloat16(tmp_path, monkeypatch):
+    """ffn_down on the int16-activation kernel (as "auto" gives it), the rest int8: the step passes
+    each projection its own kernel."""
+    model = load(write_tiny_model(tmp_path / "llama.gguf", "llama", qtype=Q.Q8_0, n_ff=256), torch.bfloat16, "q8")
+    for i, blk in enumerate(model.blk):
+        blk.ffn_down.weight = random_q6_k(64, 256, i)
+        use_kernels(blk.ffn_down, torch.bfloat16, "q16")
+    fused = model.fused_decode()
+    assert fused is not None and {(layer.attn_q.xbits, layer.ffn_down.xbits) for layer in fused.layers} == {(8, 16)}
+    prompt, steps = [5, 9, 200, 31], [40, 41, 250]
+    ref = decode_logits(model, monkeypatch, False, prompt, steps)
+    got = decode_logits(model, monkeypatch, True, prompt, steps)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 @torch.inference_mode()

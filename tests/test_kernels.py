@@ -13,11 +13,14 @@ Tolerances, relative to max |reference output|:
   these random blocks, all of it the rounding of x to int8. Against x rounded the same way in torch
   (float64 product) the kernels agree to 2e-6 (observed <= 2.3e-7): the integer arithmetic is exact,
   only the float32 scale products and sums round.
+- native_q16 (int16 activations, AVX2 builds): 3e-4 against the float64 product; observed 7.5e-5..8.4e-5
+  (Q4_K, Q5_K, Q6_K), and 2e-6 (observed 1.3e-7) against x rounded as the C does.
 """
 from __future__ import annotations
 
 import os
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -39,11 +42,14 @@ F16_FIELDS = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT
               QT.IQ2_XS: (0,), QT.IQ2_S: (0,), QT.IQ3_XXS: (0,), QT.IQ3_S: (0,), QT.IQ1_S: (0,), QT.MXFP4: ()}
 NATIVE = sorted(map(QT, kernels.NATIVE_TYPES), key=int)
 Q8 = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]  # types with an int8-activation kernel
+Q16 = [QT.Q4_K, QT.Q5_K, QT.Q6_K]  # ... and with an int16 one
 GGML = [t for t in sorted(map(QT, kernels.GGML_TYPES), key=int) if t in F16_FIELDS or t in FLOATS]
 
 needs_native = pytest.mark.skipif(kernels.native_lib() is None, reason="no C compiler: native kernels unavailable")
 needs_q8 = pytest.mark.skipif(not kernels.q8_supported(int(QT.Q4_K)),
                               reason="int8-activation kernels need the native build on an x86 CPU with AVX2 or VNNI")
+needs_q16 = pytest.mark.skipif(not kernels.q16_supported(int(QT.Q4_K)),
+                               reason="int16-activation kernels need the native build on an AVX2 CPU without AVX-512")
 needs_ggml = pytest.mark.skipif(kernels.ggml_module() is None, reason="ggml-python not installed (ocula[fast])")
 
 
@@ -68,11 +74,11 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.fixture
 def fresh_selection():
-    kernels.kernel_name.cache_clear()
-    kernels.q8_supported.cache_clear()
+    for cached in (kernels.kernel_name, kernels.q8_supported, kernels.q16_supported):
+        cached.cache_clear()
     yield
-    kernels.kernel_name.cache_clear()
-    kernels.q8_supported.cache_clear()
+    for cached in (kernels.kernel_name, kernels.q8_supported, kernels.q16_supported):
+        cached.cache_clear()
 
 
 # ----------------------------------------------------------------------------------- native
@@ -91,7 +97,7 @@ def test_native_matches_tiled_linear(qtype, T):
 
 
 def c_matmul(entry: str, w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
-    """A C mat-vec (`ocula_matmul` or `ocula_matmul_q8`) called directly, for any number of rows of x
+    """A C mat-vec (`ocula_matmul`, `ocula_matmul_q8` or `_q16`) called directly, for any number of rows of x
     (they take <= 64)."""
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], w.shape[0])
@@ -218,13 +224,14 @@ def q8_matmul(w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Te
     return c_matmul("ocula_matmul_q8", w, x, threads)
 
 
-def q8_rounded(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x as the C code quantizes it (float32 scale 127 / max |x| per group, round half to even),
-    back in float64: d * q."""
+def q8_rounded(x: torch.Tensor, group: int, qmax: int = 127) -> torch.Tensor:
+    """x as the C code quantizes it (float32 scale qmax / max |x| per group, round half to even),
+    back in float64: d * q. (torch's `qmax / amax` multiplies by a reciprocal: one ulp off the C's
+    division, enough to round an x the other way.)"""
     g = x.float().reshape(x.shape[0], -1, group)
     amax = g.abs().amax(-1, keepdim=True)
-    q = torch.round(g * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
-    return (q.double() * (amax / 127).double()).reshape(x.shape)
+    q = torch.round(g * torch.where(amax > 0, torch.full_like(amax, qmax) / amax, torch.zeros_like(amax)))
+    return (q.double() * (amax / qmax).double()).reshape(x.shape)
 
 
 @needs_q8
@@ -256,19 +263,59 @@ def test_q8_kernel_edge_rows_of_x():
     assert rel_err(got[1], x[1].double() @ w.dequantize(torch.float32).double().T) < 1e-5
 
 
-@needs_q8
-def test_q8_linear_bias_dtype_and_large_T():
+@pytest.mark.parametrize("linear_fn, tol", [pytest.param(kernels.q8_linear, 3e-2, marks=needs_q8, id="q8"),
+                                             pytest.param(kernels.q16_linear, 1e-2, marks=needs_q16, id="q16")])
+def test_quantized_x_linear_bias_dtype_and_large_T(linear_fn, tol):
+    """(q16's tolerance: the bf16 rounding of x and of the output)"""
     w = random_weight(QT.Q4_K)
     bias = torch.randn(ROWS)
-    x = torch.randn(2, 3, COLS).bfloat16()  # leading batch dim, 6 rows: the int8 kernel
-    got = kernels.q8_linear(x, w, bias)
+    x = torch.randn(2, 3, COLS).bfloat16()  # leading batch dim, 6 rows: the quantized-x kernel
+    got = linear_fn(x, w, bias)
     assert got.shape == (2, 3, ROWS) and got.dtype == torch.bfloat16
-    assert rel_err(got, tiled_linear(x.float(), w, bias)) < 3e-2
+    assert rel_err(got, tiled_linear(x.float(), w, bias)) < tol
     big = torch.randn(kernels.Q8_MAX_T + 1, COLS)  # a prefill chunk: the exact path
-    assert rel_err(kernels.q8_linear(big, w, None), tiled_linear(big, w, None)) < 2e-6
-    w2 = random_weight(QT.Q2_K)  # no int8 kernel: exact
+    assert rel_err(linear_fn(big, w, None), tiled_linear(big, w, None)) < 2e-6
+    w2 = random_weight(QT.Q2_K)  # no such kernel: exact
     x1 = torch.randn(1, COLS)
-    assert rel_err(kernels.q8_linear(x1, w2, None), tiled_linear(x1, w2, None)) < 2e-6
+    assert rel_err(linear_fn(x1, w2, None), tiled_linear(x1, w2, None)) < 2e-6
+
+
+# ----------------------------------------------------------------------------------- native_q16
+
+@needs_q16
+@pytest.mark.parametrize("qtype", Q16, ids=lambda t: t.name)
+def test_q16_kernel_error(qtype):
+    """Every row count 1..8 (chunks of 4 and the rest), 3 super-blocks, 1 and 2 threads."""
+    w = random_weight(qtype, cols=768)
+    wd = w.dequantize(torch.float32).double()
+    for T in range(1, 9):
+        x = torch.randn(T, 768, generator=torch.Generator().manual_seed(T))
+        ref, ref_rounded = x.double() @ wd.T, q8_rounded(x, 256, 16383) @ wd.T
+        for threads in (1, 2):
+            got = c_matmul("ocula_matmul_q16", w, x, threads)
+            assert rel_err(got, ref) < 3e-4, (T, threads)
+            assert rel_err(got, ref_rounded) < 2e-6, (T, threads)
+
+
+@needs_q16
+@pytest.mark.parametrize("qtype", Q16, ids=lambda t: t.name)
+def test_q16_kernel_largest_blocks_stay_exact(qtype):
+    """Weights and sub-block scales at the format's largest magnitude (Q4_K / Q5_K: q 15 / 31 with
+    scale 63; Q6_K: q - 32 = -32 with scale -128) times x at the largest int16 value, all of one sign:
+    each int32 lane sums 32 products of up to 4096 * 16383, just under 2^31. A zero row of x gives 0."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.zeros((ROWS * 512 // block, size), dtype=np.uint8)
+    if qtype == QT.Q6_K:
+        raw[:, 192:208] = 0x80  # scales -128, ql = qh = 0: q = 0
+        raw[:, 208:210] = np.array([1e-3], np.float16).view(np.uint8)
+    else:
+        raw[:, 4:] = 0xFF  # every scale and min 63, every q 15 (Q5_K: 31)
+        raw[:, 0:2] = np.array([1e-3], np.float16).view(np.uint8)  # d; dmin = 0
+    w = QuantizedWeight(torch.from_numpy(raw), int(qtype), (ROWS, 512))
+    x = torch.stack([torch.zeros(512), torch.ones(512), torch.full((512,), -3.0)])
+    got = c_matmul("ocula_matmul_q16", w, x)
+    assert torch.equal(got[0], torch.zeros(ROWS))
+    assert rel_err(got, x.double() @ w.dequantize(torch.float32).double().T) < 1e-6
 
 
 # ----------------------------------------------------------------------------------- ggml
@@ -301,6 +348,7 @@ def test_selection_rules(fresh_selection):
     have = kernels.available()
     native = "native" if have["native"] else "torch"
     q8 = "native_q8" if have["native_q8"] else native
+    q16 = "native_q16" if have["native_q16"] else native
     ggml = "ggml" if have["ggml"] else q8
     f32, bf16 = torch.float32, torch.bfloat16
     assert kernels.kernel_name(int(QT.Q4_K), "cuda", f32, "auto") == "torch"
@@ -312,16 +360,34 @@ def test_selection_rules(fresh_selection):
     assert kernels.kernel_name(int(QT.Q4_K), "cpu", bf16, "auto") == ggml
     assert kernels.kernel_name(int(QT.Q6_K), "cpu", torch.float16, "q8") == q8
     assert kernels.kernel_name(int(QT.Q2_K), "cpu", bf16, "q8") == native  # no int8 kernel for Q2_K
+    assert kernels.kernel_name(int(QT.Q6_K), "cpu", bf16, "q16") == q16
+    assert kernels.kernel_name(int(QT.Q8_0), "cpu", bf16, "q16") == native  # no int16 kernel for Q8_0
     assert kernels.kernel_name(int(QT.IQ2_XS), "cpu", f32, "exact") == "torch"  # no native IQ kernel
     with pytest.raises(UnsupportedError):
         kernels.check_mode("fastest")
 
 
+def test_auto_gives_ffn_down_int16_activations(fresh_selection):
+    """linear.FINE_IN_AUTO: in "auto", ffn_down takes the int16 kernels (or exact where there are
+    none) while the other layers take the int8 ones; float32 stays exact everywhere."""
+    have = kernels.available()
+    native = "native" if have["native"] else "torch"
+    fast = "ggml" if have["ggml"] else "native_q8" if have["native_q8"] else native
+    fine = "native_q16" if have["native_q16"] else native
+    block = torch.nn.Module()
+    block.ffn_up, block.ffn_down = QLinear(COLS, ROWS), QLinear(COLS, ROWS)
+    block.ffn_up.weight = block.ffn_down.weight = random_weight(QT.Q4_K)
+    assert linear.use_kernels(block, torch.bfloat16, "auto") == Counter([fast, fine])
+    assert block.ffn_down.kernel is kernels.KERNELS[fine]
+    assert linear.use_kernels(block, torch.float32, "auto") == {native: 2}
+
+
 def test_fallback_without_native_or_ggml(monkeypatch, fresh_selection):
     monkeypatch.setattr(kernels, "native_lib", lambda: None)
     monkeypatch.setattr(kernels, "ggml_module", lambda: None)
-    assert kernels.available() == {"torch": True, "native": False, "native_q8": False, "ggml": False}
-    for mode in ("auto", "exact", "q8"):
+    assert kernels.available() == {"torch": True, "native": False, "native_q8": False, "native_q16": False,
+                                   "ggml": False}
+    for mode in ("auto", "exact", "q8", "q16"):
         assert kernels.kernel_name(int(QT.Q8_0), "cpu", torch.bfloat16, mode) == "torch"
     with pytest.raises(UnsupportedError, match="ggml-python"):
         kernels.check_mode("ggml")

@@ -1,10 +1,10 @@
 /* One decode step of a pre-norm decoder (Llama / Qwen2 / Qwen3 / Gemma 3 blocks) for one new token of
  * each of B sequences, every layer in one call: appended to kernels.c and pointwise.c by kernels.py,
- * driven by ocula/models/text/fused_decode.py. The mat-vecs are ocula_matmul (exact) or
- * ocula_matmul_q8; activations stay float32; keys/values are written to and read from the caller's
+ * driven by ocula/models/text/fused_decode.py. The mat-vecs are ocula_matmul (exact),
+ * ocula_matmul_q8 or ocula_matmul_q16 (by each projection's xbits); activations stay float32; keys/values are written to and read from the caller's
  * KV cache in place. */
 
-typedef struct { int type, q8; const u8 *w; int64_t rows, cols, rb; const float *bias; } ocula_lin;
+typedef struct { int type, xbits; const u8 *w; int64_t rows, cols, rb; const float *bias; } ocula_lin;
 
 typedef struct {
     ocula_lin q, k, v, o, gate, up, down;
@@ -39,8 +39,8 @@ int ocula_step_supports_kv(int type) {
 /* y[B, rows] = x[B, cols] W^T (+ bias) */
 static int lin(const ocula_lin *l, const float *x, int64_t B, float *y, const ocula_step *st) {
     int n = l->rows * l->cols * B >= st->par_min ? st->nthreads : 1;
-    int rc = l->q8 ? ocula_matmul_q8(l->type, l->w, l->rows, l->cols, l->rb, x, B, y, n)
-                   : ocula_matmul(l->type, l->w, l->rows, l->cols, l->rb, x, B, y, n);
+    int rc = (l->xbits == 8 ? ocula_matmul_q8 : l->xbits == 16 ? ocula_matmul_q16 : ocula_matmul)(
+        l->type, l->w, l->rows, l->cols, l->rb, x, B, y, n);
     if (!rc && l->bias)
         for (int64_t b = 0; b < B; b++) for (int64_t i = 0; i < l->rows; i++) y[b * l->rows + i] += l->bias[i];
     return rc;

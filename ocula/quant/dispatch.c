@@ -28,6 +28,10 @@ static int q8_find(int type) {
     return -1;
 }
 #endif
+#ifdef Q16
+typedef void (*q16_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, const xq16 *, int64_t, float *);
+static q16_fn q16_find(int type) { return type == 12 ? q16mm_q4_k : type == 13 ? q16mm_q5_k : type == 14 ? q16mm_q6_k : 0; }
+#endif
 
 typedef void (*mm_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float *);
 typedef void (*dq_fn)(const u8 *, int64_t, int64_t, int64_t, int64_t, void *, int);
@@ -50,6 +54,21 @@ static int find(int type) {
     for (unsigned i = 0; i < sizeof TABLE / sizeof TABLE[0]; i++) if (TABLE[i].type == type) return (int)i;
     return -1;
 }
+/* CALL for rows [a, z) of Y covering [0, rows): with nthreads > 1, ~8 chunks of rows per thread,
+ * taken in turn (a thread slowed down by another process on its core gets fewer), multiples of 16 rows */
+#ifdef _OPENMP
+#define ROW_CHUNKS(rows, nthreads, CALL) do {                                                     \
+        if ((nthreads) > 1) {                                                                    \
+            int64_t chunk_ = (((rows) + 8 * (nthreads) - 1) / (8 * (nthreads)) + 15) & ~(int64_t)15; \
+            _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")               \
+            for (int64_t a = 0; a < (rows); a += chunk_) {                                       \
+                int64_t z = a + chunk_ < (rows) ? a + chunk_ : (rows); CALL;                      \
+            }                                                                                    \
+        } else { int64_t a = 0, z = (rows); CALL; }                                              \
+    } while (0)
+#else
+#define ROW_CHUNKS(rows, nthreads, CALL) do { int64_t a = 0, z = (rows); (void)(nthreads); CALL; } while (0)
+#endif
 #ifdef PERMUTED_X
 /* x in a kernel's lane order, in a per-thread buffer that only grows */
 static __thread float *xbuf; static __thread int64_t xcap;
@@ -79,17 +98,7 @@ int ocula_matmul(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb,
     const float *Xl = TABLE[i].fast ? x_in_layout(X, T * cols, TABLE[i].layout) : NULL;
     if (Xl) { mm = TABLE[i].fast; X = Xl; }
 #endif
-#ifdef _OPENMP
-    if (nthreads > 1) {  /* ~8 chunks of rows per thread, taken in turn: a thread slowed down by
-                            another process on its core gets fewer; multiples of 16 rows of Y */
-        int64_t chunk = ((rows + 8 * nthreads - 1) / (8 * nthreads) + 15) & ~(int64_t)15;
-        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int64_t a = 0; a < rows; a += chunk)
-            mm(W, rb, cols, rows, a, a + chunk < rows ? a + chunk : rows, X, T, Y);
-        return 0;
-    }
-#endif
-    mm(W, rb, cols, rows, 0, rows, X, T, Y);
+    ROW_CHUNKS(rows, nthreads, mm(W, rb, cols, rows, a, z, X, T, Y));
     return 0;
 }
 
@@ -122,16 +131,7 @@ int ocula_matmul_q8(int type, const u8 *W, int64_t rows, int64_t cols, int64_t r
     int i = q8_find(type); xq8 x;
     if (i < 0 || T < 1 || T > MAXT || quantize_x(X, T, cols, Q8_TABLE[i].xfmt, &x)) return -1;
     q8_fn mm = Q8_TABLE[i].mm;
-#ifdef _OPENMP
-    if (nthreads > 1) {  /* as in ocula_matmul */
-        int64_t chunk = ((rows + 8 * nthreads - 1) / (8 * nthreads) + 15) & ~(int64_t)15;
-        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int64_t a = 0; a < rows; a += chunk)
-            mm(W, rb, rows, a, a + chunk < rows ? a + chunk : rows, &x, T, Y);
-        return 0;
-    }
-#endif
-    mm(W, rb, rows, 0, rows, &x, T, Y);
+    ROW_CHUNKS(rows, nthreads, mm(W, rb, rows, a, z, &x, T, Y));
     return 0;
 #else
     (void)type; (void)W; (void)rows; (void)cols; (void)rb; (void)X; (void)T; (void)Y; (void)nthreads;
@@ -141,6 +141,29 @@ int ocula_matmul_q8(int type, const u8 *W, int64_t rows, int64_t cols, int64_t r
 int ocula_q8_supports(int type) {
 #ifdef Q8
     return q8_find(type) >= 0;
+#else
+    (void)type; return 0;
+#endif
+}
+
+/* Y[T, rows] ~= X[T, cols] @ W^T with x quantized to int16 per 256 values (matvec_q16_avx2.c); nonzero
+ * when this build or type has no such kernel (the caller falls back to ocula_matmul). */
+int ocula_matmul_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb,
+                     const float *X, int64_t T, float *Y, int nthreads) {
+#ifdef Q16
+    xq16 x;
+    q16_fn mm = q16_find(type);
+    if (!mm || T < 1 || T > MAXT || cols % 256 || quantize_x16(X, T, cols, &x)) return -1;
+    ROW_CHUNKS(rows, nthreads, mm(W, rb, rows, a, z, &x, T, Y));
+    return 0;
+#else
+    (void)type; (void)W; (void)rows; (void)cols; (void)rb; (void)X; (void)T; (void)Y; (void)nthreads;
+    return -1;
+#endif
+}
+int ocula_q16_supports(int type) {
+#ifdef Q16
+    return q16_find(type) != 0;
 #else
     (void)type; return 0;
 #endif

@@ -21,16 +21,20 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
             Decode steps only: T <= Q8_MAX_T rows, or up to Q8_MAX_ROWS sequences of a batch
             decoding one token each; prefill chunks go to native (exact). Types: Q4_0 Q5_0 Q8_0
             Q4_K Q5_K Q6_K, on x86 CPUs with AVX-512 VNNI or AVX2 (others use native).
+``native_q16`` The same with x quantized to int16 (one scale per 256 values; `ocula_matmul_q16`):
+            its rounding of x is about bfloat16's, ≈1e-4 of max |y|. On AVX2 CPUs without AVX-512,
+            where the exact kernels convert every weight to float and run at half the int8 speed.
+            Types: Q4_K Q5_K Q6_K; the same row limits as native_q8.
 ``ggml``    ggml's own CPU mat-mul through the optional ``ggml-python`` package (``pip install
             'ocula[fast]'``), zero-copy on the mmap'd blocks. LOSSY: like llama.cpp it quantizes the
             activations to 8 bit (Q8_0/Q8_K) first, ≈1e-2 relative error. Used for T <= GGML_MAX_T;
             larger T goes to the native/torch tile path.
 
 Modes (``ocula.load(..., kernels=...)``): ``"exact"`` native, else torch; ``"q8"`` native_q8, else
-exact; ``"ggml"`` ggml, else exact; ``"torch"`` torch only; ``"auto"``: float32 compute dtype ->
-exact (float32 results always stay exact); other dtypes -> ggml when ggml-python is installed,
-else native_q8 (where it has the type and the CPU has AVX2 or VNNI), else exact; `use_kernels` keeps
-the layers of `linear.EXACT_IN_AUTO` (ffn_down) exact in "auto".
+exact; ``"q16"`` native_q16, else exact; ``"ggml"`` ggml, else exact; ``"torch"`` torch only;
+``"auto"``: float32 compute dtype -> exact (float32 results always stay exact); other dtypes -> ggml
+when ggml-python is installed, else native_q8 (where it has the type and the CPU has AVX2 or VNNI),
+else exact; `use_kernels` gives the layers of `linear.FINE_IN_AUTO` (ffn_down) "q16" instead.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ from ocula.errors import UnsupportedError
 if TYPE_CHECKING:
     from ocula.quant.linear import QuantizedWeight
 
-MODES = ("auto", "exact", "q8", "ggml", "torch")
+MODES = ("auto", "exact", "q8", "q16", "ggml", "torch")
 # native: fused decode+dot up to this many rows of x, tiles + GEMM above. Measured on Q4_K/Q6_K/Q8_0
 # 11008 x 2048 (Intel Xeon with AMX, 2 threads), fused vs tiles ms: 8 rows 2.9-3.4 vs 7.5-10 (bf16 tiles)
 # and 11.5 (f32); 16 rows 5.5-5.8 vs 7.6-9.6 / 11.5; 32 rows 10.6-11.2 vs 8.0-10.2 / 13.1. The tile
@@ -76,10 +80,10 @@ GGML_TYPES = frozenset({1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20
                         30, 34, 35, 39})
 
 # one library, in this order: the mat-vecs (kernels.c: generic; matvec[_q8]_avx512.c: AVX-512 (VNNI);
-# matvec[_q8]_avx2.c: AVX2 where AVX-512 is absent; dispatch.c: the entry points), the MLP activations
+# matvec[_q8|_q16]_avx2.c: AVX2 where AVX-512 is absent; dispatch.c: the entry points), the MLP activations
 # (pointwise.c), attention for many queries (attention.c) and the decoder step built on them (decode_step.c)
 C_FILES = ("kernels.c", "matvec_avx512.c", "matvec_q8_avx512.c", "matvec_avx2.c", "matvec_q8_avx2.c",
-           "dispatch.c", "pointwise.c", "attention.c", "decode_step.c")
+           "matvec_q16_avx2.c", "dispatch.c", "pointwise.c", "attention.c", "decode_step.c")
 _C_SOURCE = "\n".join(Path(__file__).with_name(name).read_text() for name in C_FILES)
 
 
@@ -167,6 +171,8 @@ def native_lib() -> ctypes.CDLL | None:
     lib.ocula_dequant.argtypes = [i32, p, i64, i64, i64, i64, p, i32, i32]
     lib.ocula_matmul_q8.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
     lib.ocula_q8_supports.argtypes = [i32]
+    lib.ocula_matmul_q16.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
+    lib.ocula_q16_supports.argtypes = [i32]
     lib.ocula_step_supports_kv.argtypes = [i32]
     lib.ocula_decode_step.argtypes = [p, p, i32, p, i64, p]
     lib.ocula_act.argtypes = [p, p, p, i64, i32, i32, i32]
@@ -287,17 +293,34 @@ def q8_supported(qtype: int) -> bool:
     return lib is not None and bool(lib.ocula_q8_supports(qtype))
 
 
+@lru_cache(maxsize=None)
+def q16_supported(qtype: int) -> bool:
+    """Whether the compiled library has an int16-activation kernel for `qtype` (AVX2 builds)."""
+    lib = native_lib()
+    return lib is not None and bool(lib.ocula_q16_supports(qtype))
+
+
+def _quantized_x_linear(entry_name: str, supported: Callable[[int], bool], x: torch.Tensor,
+                        w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
+    cols = w.shape[1]
+    n = x.numel() // cols
+    one_token_each = x.dim() >= 3 and x.shape[-2] == 1
+    if n == 0 or n > (Q8_MAX_ROWS if one_token_each else Q8_MAX_T) or not supported(w.qtype):
+        return native_linear(x, w, bias)
+    return _fused(getattr(native_lib(), entry_name), x, w, bias, n)
+
+
 def q8_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T (+ bias) with x quantized to int8 (lossy, ≈1e-2) for decode steps: up to Q8_MAX_T
     rows of x, or up to Q8_MAX_ROWS when x is [..., 1, cols] (one new token for each of a batch of
     sequences). Each row is quantized on its own, so a sequence decoded in a batch gets what it gets
     alone. Prefill chunks (and types without a q8 kernel) go to the exact `native_linear`."""
-    cols = w.shape[1]
-    n = x.numel() // cols
-    one_token_each = x.dim() >= 3 and x.shape[-2] == 1
-    if n == 0 or n > (Q8_MAX_ROWS if one_token_each else Q8_MAX_T) or not q8_supported(w.qtype):
-        return native_linear(x, w, bias)
-    return _fused(native_lib().ocula_matmul_q8, x, w, bias, n)
+    return _quantized_x_linear("ocula_matmul_q8", q8_supported, x, w, bias)
+
+
+def q16_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
+    """As `q8_linear`, with x quantized to int16 (≈1e-4 of max |y|: about what bfloat16 x costs)."""
+    return _quantized_x_linear("ocula_matmul_q16", q16_supported, x, w, bias)
 
 
 # --------------------------------------------------------------------------------- ggml (optional)
@@ -380,13 +403,14 @@ def _torch_tiled(x, w, bias):
 
 
 KERNELS: dict[str, Callable] = {"torch": _torch_tiled, "native": native_linear, "native_q8": q8_linear,
-                                 "ggml": ggml_linear}
+                                 "native_q16": q16_linear, "ggml": ggml_linear}
 
 
 def available() -> dict[str, bool]:
-    """Which backends this process can use (native_q8: for its types, see `q8_supported`)."""
+    """Which backends this process can use (native_q8 / native_q16: for their types, see
+    `q8_supported`, `q16_supported`)."""
     return {"torch": True, "native": native_lib() is not None, "native_q8": q8_supported(12),
-            "ggml": ggml_module() is not None}
+            "native_q16": q16_supported(12), "ggml": ggml_module() is not None}
 
 
 def check_mode(mode: str) -> str:
@@ -400,7 +424,8 @@ def check_mode(mode: str) -> str:
 
 @lru_cache(maxsize=None)
 def kernel_name(qtype: int, device: str, dtype: torch.dtype, mode: str = "auto") -> str:
-    """The backend for one weight: "ggml", "native_q8", "native" or "torch" (see the module docstring).
+    """The backend for one weight: "ggml", "native_q8", "native_q16", "native" or "torch" (see the
+    module docstring).
 
     `device` is a device type ("cpu", "cuda"). Cached: call `kernel_name.cache_clear()` after
     changing what is available (tests do)."""
@@ -412,6 +437,8 @@ def kernel_name(qtype: int, device: str, dtype: torch.dtype, mode: str = "auto")
         return "ggml"
     if mode == "q8" and q8_supported(qtype):
         return "native_q8"
+    if mode == "q16" and q16_supported(qtype):
+        return "native_q16"
     if qtype in NATIVE_TYPES and native_lib() is not None:
         return "native"
     return "torch"

@@ -99,23 +99,26 @@ linear_kernel: LinearKernel = default_linear
 kernel_epoch = 0  # bumped by every `use_kernels`: whoever caches the layers' kernels rebuilds
 
 
-# Layers that mode "auto" keeps on the exact kernels. ffn_down multiplies the MLP's gated product, whose
-# heavy tails int8 activations round worst: decoding Gemma 3 270M in bf16 along HF's greedy tokens, the
+# Layers that mode "auto" gives int16 activations ("q16": about bfloat16's rounding of x; exact where
+# the CPU has no such kernel) instead of int8. ffn_down multiplies the MLP's gated product, whose heavy
+# tails int8 activations round worst: decoding Gemma 3 270M in bf16 along HF's greedy tokens, the
 # logits' max error against float32 is 2.3% of their range on average with every layer on int8, 1.4%
-# with ffn_down exact (each other layer alone: 2.2-2.5%), for 5-8% of decode speed.
-EXACT_IN_AUTO = ("ffn_down",)
+# with ffn_down exact (each other layer alone: 2.2-2.5%), for 5-8% of decode speed on AVX-512 VNNI
+# CPUs, but ~30% on AVX2 ones, where the int16 kernels exist.
+FINE_IN_AUTO = ("ffn_down",)
 
 
 def use_kernels(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> Counter:
     """Give every loaded QLinear of `model` its kernel for compute dtype `dtype` and `mode`
-    ("auto", "exact", "q8", "ggml", "torch"); returns how many layers got each backend."""
+    ("auto", "exact", "q8", "q16", "ggml", "torch"); returns how many layers got each backend."""
     global kernel_epoch
     kernels.check_mode(mode)
     kernel_epoch += 1
     chosen: Counter = Counter()
     for path, mod in model.named_modules():
         if isinstance(mod, QLinear) and mod.weight is not None:
-            layer_mode = "exact" if mode == "auto" and path.rsplit(".", 1)[-1] in EXACT_IN_AUTO else mode
+            fine = mode == "auto" and dtype != torch.float32 and path.rsplit(".", 1)[-1] in FINE_IN_AUTO
+            layer_mode = "q16" if fine else mode
             name = kernels.weight_kernel_name(mod.weight, dtype, layer_mode)
             mod.kernel = kernels.KERNELS[name]
             chosen[name] += 1

@@ -29,6 +29,12 @@ static inline float hsum_f32(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+static inline float hsum_max(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 /* n (a multiple of 32) values of x -> int8 with one scale per `group` values; bsum: sums per 16 */
 static void quant_x(const float *x, int64_t n, int group, int8_t *q, float *d, int16_t *bsum) {
     const __m256 sign = _mm256_set1_ps(-0.f);
@@ -36,9 +42,7 @@ static void quant_x(const float *x, int64_t n, int group, int8_t *q, float *d, i
     for (int64_t g = 0; g < n; g += group) {
         __m256 m = _mm256_setzero_ps();
         for (int i = 0; i < group; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + g + i)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float amax = hsum_max(m);
         const __m256 id = _mm256_set1_ps(amax > 0 ? 127.f / amax : 0.f);
         d[g / group] = amax / 127.f;
         for (int i = 0; i < group; i += 32) {

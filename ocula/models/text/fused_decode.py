@@ -3,8 +3,8 @@
 A decode step through the torch modules is ~25 small ops and 7 mat-vec calls per layer, and on a
 small model that fixed cost is most of the step (SmolVLM-256M: ~0.4 ms of Python and dispatch per
 layer against ~0.15 ms of weight reading). `FusedDecode` hands the whole stack to `ocula_decode_step`
-(ocula/quant/decode_step.c): RMSNorms, the layers' own mat-vec kernels (exact `native` or int8
-`native_q8`, whichever `use_kernels` gave each QLinear), q/k norms, RoPE, the KV-cache write,
+(ocula/quant/decode_step.c): RMSNorms, the layers' own mat-vec kernels (exact `native`, int8
+`native_q8` or int16 `native_q16`, whichever `use_kernels` gave each QLinear), q/k norms, RoPE, the KV-cache write,
 attention over the cache and the MLP, with float32 activations throughout.
 
 It takes the blocks it knows (the Llama/Qwen pre-norm block and Gemma 3's) on CPU, with native
@@ -31,7 +31,7 @@ NORMS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_
 
 
 class _Lin(ctypes.Structure):
-    _fields_ = [("type", c_int), ("q8", c_int), ("w", c_void_p), ("rows", c_int64), ("cols", c_int64),
+    _fields_ = [("type", c_int), ("xbits", c_int), ("w", c_void_p), ("rows", c_int64), ("cols", c_int64),
                 ("rb", c_int64), ("bias", c_void_p)]
 
 
@@ -111,12 +111,13 @@ class FusedDecode:
         if mod.kernel is None and linear.linear_kernel is not linear.default_linear:
             raise _Unsupported("the module-wide linear kernel is replaced")
         kernel = mod.kernel or kernels.select_kernel(w, dtype, linear.DEFAULT_MODE)
-        q8 = kernel is kernels.q8_linear and kernels.q8_supported(w.qtype)
-        if kernel not in (kernels.native_linear, kernels.q8_linear) or kernels.weight_kernel_name(
+        xbits = (8 if kernel is kernels.q8_linear and kernels.q8_supported(w.qtype)
+                 else 16 if kernel is kernels.q16_linear and kernels.q16_supported(w.qtype) else 0)
+        if kernel not in (kernels.native_linear, kernels.q8_linear, kernels.q16_linear) or kernels.weight_kernel_name(
                 w, torch.float32, "exact") != "native":
             raise _Unsupported(f"{getattr(kernel, '__name__', kernel)} kernel on a {w.shape} weight")
         bias = None if mod.bias is None else self._f32(mod.bias)
-        return _Lin(w.qtype, int(q8), w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1], bias)
+        return _Lin(w.qtype, xbits, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1], bias)
 
     def accepts(self, caches: list[KVCache]) -> bool:
         """Whether the C step can use these caches (on CPU, all in one dtype it reads and writes)."""

@@ -1,0 +1,160 @@
+/* ==== AVX2 int16-activation mat-vec, for the layers whose activations int8 rounds too coarsely ====
+ * Each row of x is quantized alone to int16, one scale per 256 values (amax / 16383, round half to
+ * even): the rounding error is amax / 32766 per value, about what rounding x to bfloat16 costs, and
+ * 129x less than int8's. The weights are widened to int16 and multiplied by their sub-block scale
+ * (Q4_K <= 15 * 63, Q5_K <= 31 * 63, Q6_K |q - 32| * |scale| <= 4096), then vpmaddwd multiplies them
+ * by x: a lane sums 32 products per 256 values, at most 32 * 4096 * 16383 < 2^31, so integer sums
+ * are exact and only d, dmin and x's scale are applied in float. The exact AVX2 kernels convert every
+ * weight to float; this needs a third fewer instructions per weight (Q4_K 2048 x 11008: see
+ * benchmarks/kernels.py). x is stored per 32 values in the order the byte -> word unpacks leave the
+ * weights in: 0-7, 16-23, 8-15, 24-31. */
+#if defined(Q8) && !defined(PERMUTED_X)
+#define Q16 1
+#define Q16_MAX 16383
+typedef struct {
+    int64_t cols;
+    int16_t *q;      /* row t at q + t * cols, in the unpack order */
+    float *d;        /* scale per 256 values */
+    int32_t *sum32;  /* sums of 32 quantized values (the Q4_K / Q5_K mins) */
+} xq16;
+
+static void quant_x16(const float *x, int64_t n, int16_t *q, float *d, int32_t *sum32) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t g = 0; g < n; g += 256) {
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < 256; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + g + i)));
+        const float amax = hsum_max(m);
+        const __m256 id = _mm256_set1_ps(amax > 0 ? Q16_MAX / amax : 0.f);
+        d[g / 256] = amax / Q16_MAX;
+        for (int i = 0; i < 256; i += 32) {
+            __m256i v[4];
+            for (int k = 0; k < 4; k++) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + g + i + 8 * k), id));
+            sum32[(g + i) / 32] = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3])));
+            /* packs per 128-bit lane: qwords (0-3, 16-19, 4-7, 20-23) -> (0-3, 4-7, 16-19, 20-23) */
+            _mm256_storeu_si256((__m256i *)(q + g + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[2]), 0xD8));
+            _mm256_storeu_si256((__m256i *)(q + g + i + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(v[1], v[3]), 0xD8));
+        }
+    }
+}
+
+#define Q16_ARGS const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1, const xq16 *X, int64_t t0, float *Y
+#define X16(t) (X->q + (t0 + (t)) * X->cols)
+#define XD16(t, b) (X->d[(t0 + (t)) * (X->cols / 256) + (b)])
+/* the products of 32 widened weights (lo: words of bytes 0-7 / 16-23, hi: 8-15 / 24-31) with x */
+#define MADD32(acc, lo, hi, x) (acc) = _mm256_add_epi32((acc), _mm256_add_epi32(                  \
+    _mm256_madd_epi16((lo), _mm256_loadu_si256((const __m256i *)(x))),                             \
+    _mm256_madd_epi16((hi), _mm256_loadu_si256((const __m256i *)((x) + 16)))))
+
+/* Q4_K / Q5_K: 32 bytes of qs per pair of sub-blocks: low nibbles sub-block 2c, high 2c + 1 */
+KFN k4_q16_rows(Q16_ARGS, const int T, const int five) {
+    const int64_t nb = X->cols / 256, bs = five ? 176 : 144;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10), zero = _mm256_setzero_si256();
+    for (int64_t r = r0; r < r1; r++) {
+        const u8 *row = W + r * rb;
+        __m256 acc[4], accm[4];
+        FOR_T4 acc[t] = accm[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const u8 *blk = row + bs * b, *qs = blk + (five ? 48 : 16);
+            PREFETCH(blk, 192);
+            const __m128i sm = k4_scales_mins(blk);
+            const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  /* 8 words, both lanes */
+            const __m256i mn = _mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8));
+            const __m256i qh = five ? ld32(blk + 16) : zero;
+            __m256i isum[4];
+            FOR_T4 isum[t] = zero;
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+                __m256i v = ld32(qs + 32 * c);
+                __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                if (five) {  /* bit s of qh[l]: the fifth bit of weight l of sub-block s */
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), bit4));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), bit4));
+                }
+                const __m256i sl = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c))));
+                const __m256i sh = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c + 1))));
+                const __m256i w0 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(lo, zero), sl);
+                const __m256i w1 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(lo, zero), sl);
+                const __m256i w2 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(hi, zero), sh);
+                const __m256i w3 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(hi, zero), sh);
+                FOR_T4 {
+                    const int16_t *x = X16(t) + 256 * b + 64 * c;
+                    MADD32(isum[t], w0, w1, x);
+                    MADD32(isum[t], w2, w3, x + 32);
+                }
+            }
+            const float d = half(blk), dmin = half(blk + 2);
+            FOR_T4 {
+                const float dx = XD16(t, b);
+                const __m256i xs = _mm256_loadu_si256((const __m256i *)(X->sum32 + (t0 + t) * (X->cols / 32) + 8 * b));
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, xs)), accm[t]);
+            }
+        }
+        FOR_T4 Y[t * rows + r] = hsum_f32(acc[t]) - hsum_f32(accm[t]);
+    }
+}
+
+/* Q6_K: q - 32 as signed bytes (assembled as in q6_k_q8_rows), widened with their sign */
+KFN q6_k_q16_rows(Q16_ARGS, const int T) {
+    const int64_t nb = X->cols / 256;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t r = r0; r < r1; r++) {
+        const u8 *row = W + r * rb;
+        __m256 acc[4];
+        FOR_T4 acc[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const u8 *blk = row + 210 * b; const int8_t *sc = (const int8_t *)(blk + 192);
+            PREFETCH(blk, 256);
+            __m256i isum[4];
+            FOR_T4 isum[t] = zero;
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+                const __m256i l0 = ld32(blk + 64 * h), l1 = ld32(blk + 64 * h + 32), qh = ld32(blk + 128 + 32 * h);
+                _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) {
+                    __m256i l = p & 1 ? l1 : l0;
+                    __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
+                    __m256i hi = _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4), pair);
+                    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), off), neg = _mm256_cmpgt_epi8(zero, q);
+                    const __m256i s = two_words(sc[8 * h + 2 * p], sc[8 * h + 2 * p + 1]);
+                    const __m256i w0 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(q, neg), s);
+                    const __m256i w1 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(q, neg), s);
+                    FOR_T4 MADD32(isum[t], w0, w1, X16(t) + 256 * b + 128 * h + 32 * p);
+                }
+            }
+            const float d = half(blk + 208);
+            FOR_T4 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * XD16(t, b)), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+        }
+        FOR_T4 Y[t * rows + r] = hsum_f32(acc[t]);
+    }
+}
+
+#define Q16_MM(NAME, CALL)                                                                         \
+static void q16mm_##NAME(const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1,           \
+                         const xq16 *X, int64_t T, float *Y) {                                     \
+    for (int64_t a = r0; a < r1; a += 16) {                                                      \
+        int64_t z = a + 16 < r1 ? a + 16 : r1;                                                   \
+        for (int64_t t0 = 0; t0 < T; t0 += 4) switch (T - t0 < 4 ? T - t0 : 4) {                 \
+            case 1: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 1); break;                     \
+            case 2: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 2); break;                     \
+            case 3: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 3); break;                     \
+            default: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 4); break;                    \
+        }                                                                                        \
+    }                                                                                            \
+}
+#define Q4K16(...) k4_q16_rows(__VA_ARGS__, 0)
+#define Q5K16(...) k4_q16_rows(__VA_ARGS__, 1)
+Q16_MM(q4_k, Q4K16) Q16_MM(q5_k, Q5K16) Q16_MM(q6_k, q6_k_q16_rows)
+
+static __thread void *q16buf; static __thread size_t q16cap;
+static int quantize_x16(const float *X, int64_t T, int64_t cols, xq16 *x) {
+    const size_t nq = (size_t)T * cols * 2, nd = (size_t)T * (cols / 256) * 4, need = nq + nd + (size_t)T * (cols / 32) * 4;
+    if (need > q16cap) {
+        free(q16buf); q16cap = 0;
+        if (!(q16buf = aligned_alloc(64, (need + 63) & ~(size_t)63))) return -1;
+        q16cap = need;
+    }
+    x->cols = cols; x->q = q16buf; x->d = (float *)((char *)q16buf + nq); x->sum32 = (int32_t *)((char *)q16buf + nq + nd);
+    for (int64_t t = 0; t < T; t++)
+        quant_x16(X + t * cols, cols, x->q + t * cols, x->d + t * (cols / 256), x->sum32 + t * (cols / 32));
+    return 0;
+}
+#endif /* AVX2 int16 */
