@@ -301,8 +301,8 @@ def test_q16_kernel_error(qtype):
 @pytest.mark.parametrize("qtype", Q16, ids=lambda t: t.name)
 def test_q16_kernel_largest_blocks_stay_exact(qtype):
     """Weights and sub-block scales at the format's largest magnitude (Q4_K / Q5_K: q 15 / 31 with
-    scale 63; Q6_K: q - 32 = -32 with scale -128) times x at the largest int16 value, all of one sign:
-    each int32 lane sums 32 products of up to 4096 * 16383, just under 2^31. A zero row of x gives 0."""
+    scale 63; Q6_K: q - 32 = -32 with scale -128) times x at the largest int16 value, all of one sign
+    (Q6_K: an int32 lane sums 32 products of 4096 * 16383, just under 2^31). A zero row of x gives 0."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = np.zeros((ROWS * 512 // block, size), dtype=np.uint8)
     if qtype == QT.Q6_K:

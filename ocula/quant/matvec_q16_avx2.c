@@ -1,13 +1,14 @@
 /* ==== AVX2 int16-activation mat-vec, for the layers whose activations int8 rounds too coarsely ====
  * Each row of x is quantized alone to int16, one scale per 256 values (amax / 16383, round half to
  * even): the rounding error is amax / 32766 per value, about what rounding x to bfloat16 costs, and
- * 129x less than int8's. The weights are widened to int16 and multiplied by their sub-block scale
- * (Q4_K <= 15 * 63, Q5_K <= 31 * 63, Q6_K |q - 32| * |scale| <= 4096), then vpmaddwd multiplies them
- * by x: a lane sums 32 products per 256 values, at most 32 * 4096 * 16383 < 2^31, so integer sums
- * are exact and only d, dmin and x's scale are applied in float. The exact AVX2 kernels convert every
- * weight to float; this needs a third fewer instructions per weight (Q4_K 2048 x 11008: see
- * benchmarks/kernels.py). x is stored per 32 values in the order the byte -> word unpacks leave the
- * weights in: 0-7, 16-23, 8-15, 24-31. */
+ * 129x less than int8's. The weights are widened to int16 and vpmaddwd multiplies them by x; all
+ * integer sums are exact:
+ * Q4_K / Q5_K: a sub-block's 32 products (<= 31 * 16383 each) summed in int32, then scaled in float.
+ * Q6_K: q - 32 times its sub-block scale first (|(q - 32) * scale| <= 4096 fits a word); a lane sums
+ *       32 products per 256 values, at most 32 * 4096 * 16383 < 2^31, then d and x's scale in float.
+ * The exact AVX2 kernels convert every weight to float; this takes about a third fewer instructions
+ * per weight (benchmarks/kernels.py --kernel exact,q16). x is stored per 32 values in the order the
+ * byte -> word unpacks leave the weights in: 0-7, 16-23, 8-15, 24-31. */
 #if defined(Q8) && !defined(PERMUTED_X)
 #define Q16 1
 #define Q16_MAX 16383
@@ -45,23 +46,31 @@ static void quant_x16(const float *x, int64_t n, int16_t *q, float *d, int32_t *
     _mm256_madd_epi16((lo), _mm256_loadu_si256((const __m256i *)(x))),                             \
     _mm256_madd_epi16((hi), _mm256_loadu_si256((const __m256i *)((x) + 16)))))
 
-/* Q4_K / Q5_K: 32 bytes of qs per pair of sub-blocks: low nibbles sub-block 2c, high 2c + 1 */
+/* Q4_K / Q5_K: 32 bytes of qs per pair of sub-blocks: low nibbles sub-block 2c, high 2c + 1. Each
+ * sub-block's integer sum is scaled in float (d * scale * x's scale), two FMA chains per row of x. */
 KFN k4_q16_rows(Q16_ARGS, const int T, const int five) {
     const int64_t nb = X->cols / 256, bs = five ? 176 : 144;
     const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10), zero = _mm256_setzero_si256();
+    float dsc[4][8] __attribute__((aligned(32)));  /* per row of x: d * scale_j * x's scale */
     for (int64_t r = r0; r < r1; r++) {
         const u8 *row = W + r * rb;
-        __m256 acc[4], accm[4];
-        FOR_T4 acc[t] = accm[t] = _mm256_setzero_ps();
+        __m256 acc[4][2];
+        FOR_T4 acc[t][0] = acc[t][1] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const u8 *blk = row + bs * b, *qs = blk + (five ? 48 : 16);
             PREFETCH(blk, 192);
             const __m128i sm = k4_scales_mins(blk);
-            const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  /* 8 words, both lanes */
+            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(half(blk)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
             const __m256i mn = _mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8));
+            const float dmin = half(blk + 2);
+            FOR_T4 {  /* the mins: - dmin * m_j * (sum of x over sub-block j) */
+                const float dx = XD16(t, b);
+                const __m256i xs = _mm256_loadu_si256((const __m256i *)(X->sum32 + (t0 + t) * (X->cols / 32) + 8 * b));
+                _mm256_store_ps(dsc[t], _mm256_mul_ps(sc, _mm256_set1_ps(dx)));
+                acc[t][1] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, xs)), acc[t][1]);
+            }
+            __asm__ volatile("" ::: "memory");  /* broadcast the scales from memory */
             const __m256i qh = five ? ld32(blk + 16) : zero;
-            __m256i isum[4];
-            FOR_T4 isum[t] = zero;
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
                 __m256i v = ld32(qs + 32 * c);
                 __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
@@ -69,27 +78,19 @@ KFN k4_q16_rows(Q16_ARGS, const int T, const int five) {
                     lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), bit4));
                     hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), bit4));
                 }
-                const __m256i sl = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c))));
-                const __m256i sh = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c + 1))));
-                const __m256i w0 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(lo, zero), sl);
-                const __m256i w1 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(lo, zero), sl);
-                const __m256i w2 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(hi, zero), sh);
-                const __m256i w3 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(hi, zero), sh);
+                const __m256i w0 = _mm256_unpacklo_epi8(lo, zero), w1 = _mm256_unpackhi_epi8(lo, zero);
+                const __m256i w2 = _mm256_unpacklo_epi8(hi, zero), w3 = _mm256_unpackhi_epi8(hi, zero);
                 FOR_T4 {
                     const int16_t *x = X16(t) + 256 * b + 64 * c;
-                    MADD32(isum[t], w0, w1, x);
-                    MADD32(isum[t], w2, w3, x + 32);
+                    __m256i sl = zero, sh = zero;
+                    MADD32(sl, w0, w1, x);
+                    MADD32(sh, w2, w3, x + 32);
+                    acc[t][0] = _mm256_fmadd_ps(_mm256_set1_ps(dsc[t][2 * c]), _mm256_cvtepi32_ps(sl), acc[t][0]);
+                    acc[t][1] = _mm256_fmadd_ps(_mm256_set1_ps(dsc[t][2 * c + 1]), _mm256_cvtepi32_ps(sh), acc[t][1]);
                 }
             }
-            const float d = half(blk), dmin = half(blk + 2);
-            FOR_T4 {
-                const float dx = XD16(t, b);
-                const __m256i xs = _mm256_loadu_si256((const __m256i *)(X->sum32 + (t0 + t) * (X->cols / 32) + 8 * b));
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, xs)), accm[t]);
-            }
         }
-        FOR_T4 Y[t * rows + r] = hsum_f32(acc[t]) - hsum_f32(accm[t]);
+        FOR_T4 Y[t * rows + r] = hsum_f32(_mm256_add_ps(acc[t][0], acc[t][1]));
     }
 }
 
@@ -105,7 +106,8 @@ KFN q6_k_q16_rows(Q16_ARGS, const int T) {
         for (int64_t b = 0; b < nb; b++) {
             const u8 *blk = row + 210 * b; const int8_t *sc = (const int8_t *)(blk + 192);
             PREFETCH(blk, 256);
-            __m256i isum[4];
+            __m256i isum[4], scw[2];
+            q6_scale_words(sc, scw);
             FOR_T4 isum[t] = zero;
             _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
                 const __m256i l0 = ld32(blk + 64 * h), l1 = ld32(blk + 64 * h + 32), qh = ld32(blk + 128 + 32 * h);
@@ -114,7 +116,7 @@ KFN q6_k_q16_rows(Q16_ARGS, const int T) {
                     __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
                     __m256i hi = _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4), pair);
                     const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), off), neg = _mm256_cmpgt_epi8(zero, q);
-                    const __m256i s = two_words(sc[8 * h + 2 * p], sc[8 * h + 2 * p + 1]);
+                    const __m256i s = q6_scale_pair(scw[h], p);
                     const __m256i w0 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(q, neg), s);
                     const __m256i w1 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(q, neg), s);
                     FOR_T4 MADD32(isum[t], w0, w1, X16(t) + 256 * b + 128 * h + 32 * p);

@@ -65,8 +65,17 @@ static void quant_x(const float *x, int64_t n, int group, int8_t *q, float *d, i
 #define XB(t, b) ((const __m256i *)(X->bsum + (t0 + (t)) * (X->cols / 16) + 16 * (b)))
 #define FOR_T4 _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
 static inline __m256i ld32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
-/* int16 lanes 0-7 = a, 8-15 = b */
-static inline __m256i two_words(int a, int b) { return _mm256_setr_m128i(_mm_set1_epi16((short)a), _mm_set1_epi16((short)b)); }
+/* Q6_K's 16 int8 scales as words: scales 8h .. 8h + 7 in both 128-bit lanes of out[h] */
+static inline void q6_scale_words(const int8_t *sc, __m256i out[2]) {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+    out[0] = _mm256_permute2x128_si256(w, w, 0x00);
+    out[1] = _mm256_permute2x128_si256(w, w, 0x11);
+}
+/* from q6_scale_words' out[h]: words 0-7 = scale 8h + 2p, 8-15 = scale 8h + 2p + 1 (p constant) */
+static inline __m256i q6_scale_pair(__m256i s, const int p) {
+    return _mm256_shuffle_epi8(s, _mm256_setr_m128i(_mm_set1_epi16((short)(0x0100 + 0x0202 * (2 * p))),
+                                                    _mm_set1_epi16((short)(0x0100 + 0x0202 * (2 * p + 1)))));
+}
 
 /* Q4_K / Q5_K: 32 bytes of qs per pair of sub-blocks: low nibbles sub-block 2c, high 2c + 1 */
 KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
@@ -127,6 +136,8 @@ KFN q6_k_q8_rows(Q8_ARGS, const int T) {
             const u8 *blk = row + 210 * b; const int8_t *sc = (const int8_t *)(blk + 192);
             PREFETCH(blk, 256);
             const __m256i sc32 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)), 5);
+            __m256i scw[2];
+            q6_scale_words(sc, scw);
             __m256i isum[4];
             FOR_T4 isum[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(sc32, _mm256_loadu_si256(XB(t, b))));
             _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
@@ -136,7 +147,7 @@ KFN q6_k_q8_rows(Q8_ARGS, const int T) {
                     __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
                     __m256i hi = _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4), pair);
                     __m256i q = _mm256_or_si256(lo, hi);
-                    const __m256i s = two_words(sc[8 * h + 2 * p], sc[8 * h + 2 * p + 1]);
+                    const __m256i s = q6_scale_pair(scw[h], p);
                     FOR_T4 isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(
                         _mm256_maddubs_epi16(q, ld32(XQ(t) + 256 * b + 128 * h + 32 * p)), s));
                 }
