@@ -273,7 +273,10 @@ def test_quantized_x_linear_bias_dtype_and_large_T(linear_fn, tol):
     got = linear_fn(x, w, bias)
     assert got.shape == (2, 3, ROWS) and got.dtype == torch.bfloat16
     assert rel_err(got, tiled_linear(x.float(), w, bias)) < tol
-    big = torch.randn(kernels.Q8_MAX_T + 1, COLS)  # a prefill chunk: the exact path
+    chunk = torch.randn(kernels.Q8_MAX_T + 1, COLS)  # a short prefill chunk: int16 kernels, else exact
+    assert rel_err(linear_fn(chunk, w, None), tiled_linear(chunk, w, None)) < (
+        3e-4 if kernels.q16_supported(w.qtype) else 2e-6)
+    big = torch.randn(kernels.FUSED_MAX_T + 1, COLS)  # a longer one: exact tiles
     assert rel_err(linear_fn(big, w, None), tiled_linear(big, w, None)) < 2e-6
     w2 = random_weight(QT.Q2_K)  # no such kernel: exact
     x1 = torch.randn(1, COLS)
