@@ -129,19 +129,7 @@ KFN q6_k_q16_rows(Q16_ARGS, const int T) {
     }
 }
 
-#define Q16_MM(NAME, CALL)                                                                         \
-static void q16mm_##NAME(const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1,           \
-                         const xq16 *X, int64_t T, float *Y) {                                     \
-    for (int64_t a = r0; a < r1; a += 16) {                                                      \
-        int64_t z = a + 16 < r1 ? a + 16 : r1;                                                   \
-        for (int64_t t0 = 0; t0 < T; t0 += 4) switch (T - t0 < 4 ? T - t0 : 4) {                 \
-            case 1: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 1); break;                     \
-            case 2: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 2); break;                     \
-            case 3: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 3); break;                     \
-            default: CALL(W, rb, rows, a, z, X, t0, Y + t0 * rows, 4); break;                    \
-        }                                                                                        \
-    }                                                                                            \
-}
+#define Q16_MM(NAME, CALL) XQ_MM(q16mm_##NAME, xq16, CALL)
 #define Q4K16(...) k4_q16_rows(__VA_ARGS__, 0)
 #define Q5K16(...) k4_q16_rows(__VA_ARGS__, 1)
 Q16_MM(q4_k, Q4K16) Q16_MM(q5_k, Q5K16) Q16_MM(q6_k, q6_k_q16_rows)

@@ -188,11 +188,12 @@ KFN q32_q8_rows(Q8_ARGS, const int T, const int bs) {
     }
 }
 
-/* rows of x in chunks of up to 4; with more, 16 rows of W at a time go through every chunk while
- * they are in L2 */
-#define Q8_MM(NAME, CALL)                                                                          \
-static void q8mm_##NAME(const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1,            \
-                        const xq8 *X, int64_t T, float *Y) {                                       \
+/* FN(W, rb, rows, r0, r1, X, T, Y) over rows of x in chunks of up to 4, CALL taking T as a constant; with
+ * more, 16 rows of W at a time go through every chunk while they are in L2. XT: the quantized x's type
+ * (xq8 here, xq16 in matvec_q16_avx2.c). */
+#define XQ_MM(FN, XT, CALL)                                                                        \
+static void FN(const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1,                     \
+               const XT *X, int64_t T, float *Y) {                                                 \
     for (int64_t a = r0; a < r1; a += 16) {                                                      \
         int64_t z = a + 16 < r1 ? a + 16 : r1;                                                   \
         for (int64_t t0 = 0; t0 < T; t0 += 4) switch (T - t0 < 4 ? T - t0 : 4) {                 \
@@ -203,6 +204,7 @@ static void q8mm_##NAME(const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64
         }                                                                                        \
     }                                                                                            \
 }
+#define Q8_MM(NAME, CALL) XQ_MM(q8mm_##NAME, xq8, CALL)
 #define Q4K_XFMT 1  /* quantize_x's format for Q4_K / Q5_K rows (dispatch.c: Q8_TABLE) */
 static __thread void *qbuf; static __thread size_t qcap;
 static int quantize_x(const float *X, int64_t T, int64_t cols, int xfmt, xq8 *x) {
