@@ -44,18 +44,18 @@ static inline __m256i q4_block_bytes(const u8 *qs, const u8 *qh) {
     __m256i v = nibble_bytes(qs);
     return qh ? _mm256_or_si256(v, _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10))) : v;
 }
-/* Q4_K / Q5_K: the 8 6-bit sub-block scales (bytes 0-7) and mins (8-15) of a block's 12 scale bytes:
+/* Q4_K / Q5_K: the 8 6-bit sub-block scales (bytes 0-7) and mins (8-15) of a block's 12 scale bytes s:
  * j < 4: scale s[j] & 63, min s[j + 4] & 63; j >= 4: scale s[j + 4] & 15 | (s[j - 4] >> 6) << 4,
- * min s[j + 4] >> 4 | (s[j] >> 6) << 4, worked 4 bytes at a time in 32-bit words */
+ * min s[j + 4] >> 4 | (s[j] >> 6) << 4. In one register (assembling it from scalar words stalls the
+ * load that reads them back). */
 static inline __m128i k4_scales_mins(const u8 *b) {
-    uint32_t w[3], out[4];
-    memcpy(w, b + 4, 12);
-    const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, top2 = 0x03030303u;
-    out[0] = w[0] & low6;
-    out[1] = (w[2] & low4) | ((w[0] >> 6) & top2) << 4;
-    out[2] = w[1] & low6;
-    out[3] = ((w[2] >> 4) & low4) | ((w[1] >> 6) & top2) << 4;
-    return _mm_loadu_si128((const __m128i *)out);
+    const __m128i s = _mm_loadu_si128((const __m128i *)(b + 4));  /* 12 scale bytes + 4 of qs */
+    const __m128i low = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i top = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m128i lo_mask = _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0);
+    const __m128i hi_mask = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15);
+    const __m128i v = _mm_or_si128(_mm_and_si128(low, lo_mask), _mm_and_si128(_mm_srli_epi16(low, 4), hi_mask));
+    return _mm_or_si128(v, _mm_and_si128(_mm_srli_epi16(top, 2), _mm_set1_epi8(0x30)));
 }
 #endif
 /* byte vectors -> float (unsigned; signed bytes are flipped to unsigned and shifted back, exact) */
