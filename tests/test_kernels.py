@@ -97,8 +97,8 @@ def test_native_matches_tiled_linear(qtype, T):
 
 
 def c_matmul(entry: str, w: QuantizedWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
-    """A C mat-vec (`ocula_matmul`, `ocula_matmul_q8` or `_q16`) called directly, for any number of rows of x
-    (they take <= 64)."""
+    """A C mat-vec (`ocula_matmul`, `ocula_matmul_q8` or `_q16`; they take <= 64 rows of x) or the int16
+    GEMM (`ocula_gemm_q16`) called directly."""
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], w.shape[0])
     rc = getattr(kernels.native_lib(), entry)(w.qtype, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1],
@@ -276,8 +276,9 @@ def test_quantized_x_linear_bias_dtype_and_large_T(linear_fn, tol):
     chunk = torch.randn(kernels.Q8_MAX_T + 1, COLS)  # a short prefill chunk: int16 kernels, else exact
     assert rel_err(linear_fn(chunk, w, None), tiled_linear(chunk, w, None)) < (
         3e-4 if kernels.q16_supported(w.qtype) else 2e-6)
-    big = torch.randn(kernels.FUSED_MAX_T + 1, COLS)  # a longer one: exact tiles
-    assert rel_err(linear_fn(big, w, None), tiled_linear(big, w, None)) < 2e-6
+    big = torch.randn(kernels.FUSED_MAX_T + 1, COLS)  # a longer one: q8's int16 GEMM, else exact tiles
+    gemm16 = linear_fn is kernels.q8_linear and kernels.gemm16_supported(w.qtype)
+    assert rel_err(linear_fn(big, w, None), tiled_linear(big, w, None)) < (3e-4 if gemm16 else 2e-6)
     w2 = random_weight(QT.Q2_K)  # no such kernel: exact
     x1 = torch.randn(1, COLS)
     assert rel_err(linear_fn(x1, w2, None), tiled_linear(x1, w2, None)) < 2e-6
@@ -301,8 +302,9 @@ def test_q16_kernel_error(qtype):
 
 
 @needs_q16
+@pytest.mark.parametrize("entry", ["ocula_matmul_q16", "ocula_gemm_q16"])
 @pytest.mark.parametrize("qtype", Q16, ids=lambda t: t.name)
-def test_q16_kernel_largest_blocks_stay_exact(qtype):
+def test_q16_kernel_largest_blocks_stay_exact(qtype, entry):
     """Weights and sub-block scales at the format's largest magnitude (Q4_K / Q5_K: q 15 / 31 with
     scale 63; Q6_K: q - 32 = -32 with scale -128) times x at the largest int16 value, all of one sign
     (Q6_K: an int32 lane sums 32 products of 4096 * 16383, just under 2^31). A zero row of x gives 0."""
@@ -316,9 +318,38 @@ def test_q16_kernel_largest_blocks_stay_exact(qtype):
         raw[:, 0:2] = np.array([1e-3], np.float16).view(np.uint8)  # d; dmin = 0
     w = QuantizedWeight(torch.from_numpy(raw), int(qtype), (ROWS, 512))
     x = torch.stack([torch.zeros(512), torch.ones(512), torch.full((512,), -3.0)])
-    got = c_matmul("ocula_matmul_q16", w, x)
+    got = c_matmul(entry, w, x)
     assert torch.equal(got[0], torch.zeros(ROWS))
     assert rel_err(got, x.double() @ w.dequantize(torch.float32).double().T) < 1e-6
+
+
+@needs_q16
+@pytest.mark.parametrize("qtype", Q16, ids=lambda t: t.name)
+def test_gemm16_error(qtype):
+    """The int16 GEMM rounds x as ocula_matmul_q16 does, and is exact against the float64 product of that
+    rounded x up to float sums: for row counts that leave every remainder of its 2 x 3 register blocks
+    and 16-row weight tiles (37 rows of W), and with 12800 columns, x taken in several L2-sized groups."""
+    for cols, counts in ((768, (1, 2, 3, 4, 5, 17, 40)), (12800, (41,))):
+        w = random_weight(qtype, rows=37, cols=cols)
+        wd = w.dequantize(torch.float32).double()
+        for T in counts:
+            x = torch.randn(T, cols, generator=torch.Generator().manual_seed(T))
+            ref_rounded = q8_rounded(x, 256, 16383) @ wd.T
+            for threads in (1, 2):
+                got = c_matmul("ocula_gemm_q16", w, x, threads)
+                assert rel_err(got, ref_rounded) < 2e-6, (cols, T, threads)
+                assert rel_err(got, x.double() @ wd.T) < 3e-4, (cols, T, threads)
+
+
+@needs_q16
+def test_prefill_of_int8_layers_goes_through_the_int16_gemm():
+    """A prefill chunk (more than Q8_MAX_T rows) of an int8 layer goes to the int16 GEMM at any length;
+    one of an int16 layer (ffn_down in "auto") never does: exact beyond FUSED_MAX_T rows."""
+    w = random_weight(QT.Q6_K)
+    for n in (kernels.Q8_MAX_T + 1, 40):
+        x = torch.randn(n, COLS, generator=torch.Generator().manual_seed(n))
+        assert torch.equal(kernels.q8_linear(x, w, None), c_matmul("ocula_gemm_q16", w, x))
+    assert rel_err(kernels.q16_linear(x, w, None), tiled_linear(x, w, None)) < 2e-6
 
 
 # ----------------------------------------------------------------------------------- ggml

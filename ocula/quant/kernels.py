@@ -19,13 +19,18 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
             ≈1e-2 of max |y| on random data (see tests/test_kernels.py); ~2-3x the exact kernel's
             speed for decode.
             Decode steps only: T <= Q8_MAX_T rows, or up to Q8_MAX_ROWS sequences of a batch
-            decoding one token each; prefill chunks go to native (exact). Types: Q4_0 Q5_0 Q8_0
-            Q4_K Q5_K Q6_K, on x86 CPUs with AVX-512 VNNI or AVX2 (others use native).
+            decoding one token each. Prefill chunks go to the int16 GEMM (below) where it exists,
+            else to native (exact). Types: Q4_0 Q5_0 Q8_0 Q4_K Q5_K Q6_K, on x86 CPUs with AVX-512
+            VNNI or AVX2 (others use native).
 ``native_q16`` The same with x quantized to int16 (one scale per 256 values; `ocula_matmul_q16`):
             its rounding of x is about bfloat16's, ≈1e-4 of max |y|. On AVX2 CPUs without AVX-512,
             where the exact kernels convert every weight to float and run at half the int8 speed.
-            Types: Q4_K Q5_K Q6_K; the same row limits as native_q8. native_q8 and native_q16 both
-            send prefill chunks of up to FUSED_MAX_T rows here (where the type has the kernel).
+            Types: Q4_K Q5_K Q6_K; the same row limits as native_q8; its prefill chunks of up to
+            FUSED_MAX_T rows go to the int16 mat-vecs, longer ones to native (exact).
+            The int16 GEMM (`ocula_gemm_q16`, same builds and types, x rounded the same way) takes
+            native_q8's prefill chunks at any length: it decodes 16 rows of W at a time to int16
+            weights times their scales and runs every row of x through them (vpmaddwd), 1.2-2.5x
+            the float32 tiles + GEMM (Q4_K / Q6_K, 32-512 rows, 2 threads, AVX2 Zen 4).
 ``ggml``    ggml's own CPU mat-mul through the optional ``ggml-python`` package (``pip install
             'ocula[fast]'``), zero-copy on the mmap'd blocks. LOSSY: like llama.cpp it quantizes the
             activations to 8 bit (Q8_0/Q8_K) first, ≈1e-2 relative error. Used for T <= GGML_MAX_T;
@@ -84,7 +89,7 @@ GGML_TYPES = frozenset({1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20
 # matvec[_q8|_q16]_avx2.c: AVX2 where AVX-512 is absent; dispatch.c: the entry points), the MLP activations
 # (pointwise.c), attention for many queries (attention.c) and the decoder step built on them (decode_step.c)
 C_FILES = ("kernels.c", "matvec_avx512.c", "matvec_q8_avx512.c", "matvec_avx2.c", "matvec_q8_avx2.c",
-           "matvec_q16_avx2.c", "dispatch.c", "pointwise.c", "attention.c", "decode_step.c")
+           "matvec_q16_avx2.c", "gemm_q16_avx2.c", "dispatch.c", "pointwise.c", "attention.c", "decode_step.c")
 _C_SOURCE = "\n".join(Path(__file__).with_name(name).read_text() for name in C_FILES)
 
 
@@ -173,6 +178,8 @@ def native_lib() -> ctypes.CDLL | None:
     lib.ocula_matmul_q8.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
     lib.ocula_q8_supports.argtypes = [i32]
     lib.ocula_matmul_q16.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
+    lib.ocula_gemm_q16.argtypes = [i32, p, i64, i64, i64, p, i64, p, i32]
+    lib.ocula_gemm_q16_supports.argtypes = [i32]
     lib.ocula_q16_supports.argtypes = [i32]
     lib.ocula_step_supports_kv.argtypes = [i32]
     lib.ocula_decode_step.argtypes = [p, p, i32, p, i64, p]
@@ -301,16 +308,27 @@ def q16_supported(qtype: int) -> bool:
     return lib is not None and bool(lib.ocula_q16_supports(qtype))
 
 
+@lru_cache(maxsize=None)
+def gemm16_supported(qtype: int) -> bool:
+    """Whether the compiled library has the int16-activation GEMM for `qtype` (AVX2 builds)."""
+    lib = native_lib()
+    return lib is not None and bool(lib.ocula_gemm_q16_supports(qtype))
+
+
 def _quantized_x_linear(entry_name: str, supported: Callable[[int], bool], x: torch.Tensor,
-                        w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
+                        w: "QuantizedWeight", bias: torch.Tensor | None, gemm16: bool) -> torch.Tensor:
     cols = w.shape[1]
     n = x.numel() // cols
     one_token_each = x.dim() >= 3 and x.shape[-2] == 1
     if 0 < n <= (Q8_MAX_ROWS if one_token_each else Q8_MAX_T) and supported(w.qtype):
         return _fused(getattr(native_lib(), entry_name), x, w, bias, n)
+    # prefill chunks: int16 x rounds about as bfloat16 does. The int16 GEMM (AVX2 builds) decodes each
+    # weight once per call; beyond FUSED_MAX_T rows it replaces a float32 GEMM over weights decoded to
+    # float32, not a native half-precision one
+    if gemm16 and n > 0 and gemm16_supported(w.qtype) and (n <= FUSED_MAX_T or gemm_dtype(x) == torch.float32):
+        return _fused(native_lib().ocula_gemm_q16, x, w, bias, n)
     if 0 < n <= FUSED_MAX_T and q16_supported(w.qtype):
-        # short prefill chunks: int16 x rounds about as bfloat16 does, and where these kernels exist
-        # (AVX2) they take 0.4-0.65x the exact fused kernels' time (2048 x 11008, 8-16 rows)
+        # where the int16 mat-vecs exist (AVX2) they take 0.4-0.65x the exact fused kernels' time
         return _fused(native_lib().ocula_matmul_q16, x, w, bias, n)
     return native_linear(x, w, bias)
 
@@ -319,14 +337,19 @@ def q8_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) 
     """x @ W.T (+ bias) with x quantized to int8 (lossy, ≈1e-2) for decode steps: up to Q8_MAX_T
     rows of x, or up to Q8_MAX_ROWS when x is [..., 1, cols] (one new token for each of a batch of
     sequences). Each row is quantized on its own, so a sequence decoded in a batch gets what it gets
-    alone. Prefill chunks (and types without a q8 kernel) go to the int16 kernels up to FUSED_MAX_T
-    rows where this build has them for the type, else to the exact `native_linear`."""
-    return _quantized_x_linear("ocula_matmul_q8", q8_supported, x, w, bias)
+    alone. Prefill chunks (and types without a q8 kernel) go to the int16 GEMM where this build has it
+    for the type (AVX2: Q4_K, Q5_K, Q6_K; at any length, as it beats a float32 GEMM), else up to
+    FUSED_MAX_T rows to the int16 mat-vecs, else to the exact `native_linear`."""
+    return _quantized_x_linear("ocula_matmul_q8", q8_supported, x, w, bias, gemm16=True)
 
 
 def q16_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) -> torch.Tensor:
-    """As `q8_linear`, with x quantized to int16 (≈1e-4 of max |y|: about what bfloat16 x costs)."""
-    return _quantized_x_linear("ocula_matmul_q16", q16_supported, x, w, bias)
+    """As `q8_linear`, with x quantized to int16 (≈1e-4 of max |y|: about what bfloat16 x costs), but
+    prefill chunks skip the int16 GEMM: these are the layers whose inputs have heavy tails (ffn_down),
+    and one scale per 256 values costs them more than bfloat16 does over a whole prompt (Gemma 3 270M
+    bf16 fed HF's greedy tokens after a 17-token prompt: max logit error 3.9% of the range with the
+    prompt's ffn_down exact, 5.2% through the int16 GEMM, 4.3% with every other layer there)."""
+    return _quantized_x_linear("ocula_matmul_q16", q16_supported, x, w, bias, gemm16=False)
 
 
 # --------------------------------------------------------------------------------- ggml (optional)
