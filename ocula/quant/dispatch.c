@@ -123,6 +123,10 @@ int ocula_dequant(int type, const u8 *W, int64_t r0, int64_t r1, int64_t cols, i
     return 0;
 }
 
+/* the body of an entry point this build has no kernel for: every argument unused, -1 */
+#define NO_KERNEL do { (void)type; (void)W; (void)rows; (void)cols; (void)rb; (void)X; (void)T; (void)Y; \
+                       (void)nthreads; return -1; } while (0)
+
 /* Y[T, rows] ~= X[T, cols] @ W^T with x quantized to int8 (lossy, ~1e-2 relative: see kernels.py);
  * nonzero when this build or type has no such kernel (the caller falls back to ocula_matmul). */
 int ocula_matmul_q8(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb,
@@ -134,8 +138,7 @@ int ocula_matmul_q8(int type, const u8 *W, int64_t rows, int64_t cols, int64_t r
     ROW_CHUNKS(rows, nthreads, mm(W, rb, rows, a, z, &x, T, Y));
     return 0;
 #else
-    (void)type; (void)W; (void)rows; (void)cols; (void)rb; (void)X; (void)T; (void)Y; (void)nthreads;
-    return -1;
+    NO_KERNEL;
 #endif
 }
 int ocula_q8_supports(int type) {
@@ -157,8 +160,7 @@ int ocula_matmul_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t 
     ROW_CHUNKS(rows, nthreads, mm(W, rb, rows, a, z, &x, T, Y));
     return 0;
 #else
-    (void)type; (void)W; (void)rows; (void)cols; (void)rb; (void)X; (void)T; (void)Y; (void)nthreads;
-    return -1;
+    NO_KERNEL;
 #endif
 }
 /* Y[T, rows] ~= X[T, cols] @ W^T with x quantized as for ocula_matmul_q16, for many rows of x (prefill):
@@ -171,8 +173,7 @@ int ocula_gemm_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb
     ROW_CHUNKS(rows, nthreads, if (gemm16_rows(type, W, rb, rows, a, z, &x, T, Y)) rc = -1);
     return rc;
 #else
-    (void)type; (void)W; (void)rows; (void)cols; (void)rb; (void)X; (void)T; (void)Y; (void)nthreads;
-    return -1;
+    NO_KERNEL;
 #endif
 }
 int ocula_gemm_q16_supports(int type) {
