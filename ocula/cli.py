@@ -24,8 +24,9 @@ def add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     g.add_argument("--kernels", default="auto", choices=["auto", "exact", "q8", "q16", "ggml", "torch"],
                    help="matmul kernels: auto (exact for float32; for other dtypes ggml if installed, else q8, "
-                        "with q16 on ffn_down), exact, q8 (8-bit activations for decode, lossy), q16 (16-bit, "
-                        "AVX2 CPUs), ggml (lossy; needs ocula[fast]) or torch")
+                        "with q16 on ffn_down), exact, q8 (8-bit activations for decode, lossy; on AVX2 CPUs "
+                        "prompts through a 16-bit GEMM), q16 (16-bit, AVX2 CPUs), ggml (lossy; needs "
+                        "ocula[fast]) or torch")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     if not sampling:
         return
