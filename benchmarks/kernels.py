@@ -7,8 +7,11 @@
     git show HEAD~1:ocula/quant/kernels.c > /tmp/old.c            # (e.g. the previous kernel)
 
 `--kernel`: exact = `ocula_matmul` (float32 x, exact weights), q8 = `ocula_matmul_q8` (x quantized to
-int8, lossy), q16 = `ocula_matmul_q16` (x quantized to int16); types a build has no such kernel for
-show "-".
+int8, lossy), q16 = `ocula_matmul_q16` (x quantized to int16), gemm16 = `ocula_gemm_q16` (the int16
+prefill GEMM), tiles = this process's float32 tiles + torch GEMM (x in bfloat16; the current build
+only); types a build has no such kernel for show "-".
+
+    python benchmarks/kernels.py --types Q4_K,Q6_K --shapes 11008x2048 --T 16,64,512 --kernel tiles,gemm16 --no-probe
 
 Shapes are rows x cols of the weight (y = W x: 2048x11008 is ffn_down of a 3B model). Each weight
 is random blocks with finite scales; enough copies are cycled that the set exceeds the last-level
@@ -32,6 +35,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from ocula.quant import kernels
+from ocula.quant.linear import QuantizedWeight
 
 SCALE_FIELDS = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
                 QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
@@ -67,7 +71,8 @@ def build(source: str, name: str, tmp: Path) -> ctypes.CDLL:
     return lib
 
 
-ENTRY = {"exact": "ocula_matmul", "q8": "ocula_matmul_q8", "q16": "ocula_matmul_q16"}
+ENTRY = {"exact": "ocula_matmul", "q8": "ocula_matmul_q8", "q16": "ocula_matmul_q16", "gemm16": "ocula_gemm_q16"}
+TILES = "tiles"  # the prefill path this process would take without the C GEMMs: float32 tiles + torch GEMM
 
 
 def setup_kernels(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -105,7 +110,11 @@ def time_calls(fn, qtype, weights, cols, x, y, T, threads, reps) -> list[float] 
     for rep in range(reps + 1):
         w = weights[rep % len(weights)]
         t0 = time.perf_counter()
-        rc = fn(int(qtype), w.ctypes.data, rows, cols, rb, x.data_ptr(), T, y.data_ptr(), threads)
+        if fn == TILES:
+            rc = 0
+            kernels.tiles_gemm(x.bfloat16(), QuantizedWeight(torch.from_numpy(w), int(qtype), (rows, cols)), None)
+        else:
+            rc = fn(int(qtype), w.ctypes.data, rows, cols, rb, x.data_ptr(), T, y.data_ptr(), threads)
         dt = time.perf_counter() - t0
         if rc:
             return None
@@ -132,7 +141,7 @@ def main(argv=None) -> None:
     ap.add_argument("--T", default="1", help="rows of x per call, comma-separated")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--kernel", default="exact", help="exact, q8, q16 or several (exact,q8), per build")
+    ap.add_argument("--kernel", default="exact", help="exact, q8, q16, gemm16, tiles or several (exact,q8), per build")
     ap.add_argument("--source", action="append", default=[], help="another kernels.c to time too")
     ap.add_argument("--best", action="store_true", help="fastest call instead of the median (busy machines)")
     ap.add_argument("--cached", action="store_true", help="one copy of each weight: cache-resident when "
@@ -150,8 +159,8 @@ def main(argv=None) -> None:
             probe.stream_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             print(f"stream-read probe, {args.threads} threads: {bandwidth(probe, args.threads):.1f} GB/s")
         kinds = args.kernel.split(",")
-        columns = [(f"{n} {k}" if len(libs) > 1 else k, getattr(lib, ENTRY[k], None))
-                   for n, lib in libs.items() for k in kinds]
+        columns = [(f"{n} {k}" if len(libs) > 1 else k, TILES if k == TILES else getattr(lib, ENTRY[k], None))
+                   for n, lib in libs.items() for k in kinds if k != TILES or n == "current"]
         rng = np.random.default_rng(0)
         print(f"{'type':6} {'shape':>12} {'T':>2} " + " ".join(f"{n + ' ms':>14} {'GB/s':>6}" for n, _ in columns))
         for name in args.types.split(","):
