@@ -50,7 +50,7 @@ def load(
     kernels: how linear layers read the GGUF blocks (ocula.quant.kernels): "auto" (exact for
     float32; for other dtypes 8-bit-activation decode kernels: ggml's when ggml-python is installed,
     else ocula's own "q8", and "q16" for ffn_down), "exact", "q8" (lossy; x86 CPUs with AVX2 or
-    AVX-512 VNNI; on AVX2 its prompts' Q4_K/Q5_K/Q6_K matmuls take a 16-bit-activation GEMM),
+    AVX-512 VNNI; on AVX2 its prompts' matmuls take a 16-bit-activation GEMM),
     "q16" (16-bit activations, about bfloat16's rounding; AVX2 CPUs), "ggml" (lossy,
     needs ocula[fast]) or "torch" (reference tile dequantization).
     kv_dtype: the KV cache's dtype (default: the compute dtype); "float16" or "bfloat16" halve it

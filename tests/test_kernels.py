@@ -324,11 +324,13 @@ def test_q16_kernel_largest_blocks_stay_exact(qtype, entry):
 
 
 @needs_q16
-@pytest.mark.parametrize("qtype", Q16, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", Q16 + [QT.Q4_0, QT.Q5_0, QT.Q8_0], ids=lambda t: t.name)
 def test_gemm16_error(qtype):
     """The int16 GEMM rounds x as ocula_matmul_q16 does, and is exact against the float64 product of that
-    rounded x up to float sums: for row counts that leave every remainder of its 2 x 3 register blocks
-    and 16-row weight tiles (37 rows of W), and with 12800 columns, x taken in several L2-sized groups."""
+    rounded x up to float sums (the weights are not rounded: K types' scales are integers, the 32-value
+    types' float scales are applied per block): for row counts that leave every remainder of its 2 x 3
+    register blocks and 16-row weight tiles (37 rows of W), and with 12800 columns, x taken in several
+    L2-sized groups."""
     for cols, counts in ((768, (1, 2, 3, 4, 5, 17, 40)), (12800, (41,))):
         w = random_weight(qtype, rows=37, cols=cols)
         wd = w.dequantize(torch.float32).double()
@@ -350,6 +352,9 @@ def test_prefill_of_int8_layers_goes_through_the_int16_gemm():
         x = torch.randn(n, COLS, generator=torch.Generator().manual_seed(n))
         assert torch.equal(kernels.q8_linear(x, w, None), c_matmul("ocula_gemm_q16", w, x))
     assert rel_err(kernels.q16_linear(x, w, None), tiled_linear(x, w, None)) < 2e-6
+    w640 = random_weight(QT.Q8_0, cols=640)  # rows the GEMM's x rounding (per 256) cannot split: exact
+    x640 = torch.randn(40, 640)
+    assert rel_err(kernels.q8_linear(x640, w640, None), tiled_linear(x640, w640, None)) < 2e-6
 
 
 # ----------------------------------------------------------------------------------- ggml

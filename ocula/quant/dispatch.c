@@ -163,13 +163,14 @@ int ocula_matmul_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t 
     NO_KERNEL;
 #endif
 }
+int ocula_gemm_q16_supports(int type);
 /* Y[T, rows] ~= X[T, cols] @ W^T with x quantized as for ocula_matmul_q16, for many rows of x (prefill):
- * Q4_K / Q5_K / Q6_K in AVX2 builds (gemm_q16_avx2.c); nonzero otherwise. */
+ * Q4_K / Q5_K / Q6_K / Q4_0 / Q5_0 / Q8_0 in AVX2 builds (gemm_q16_avx2.c); nonzero otherwise. */
 int ocula_gemm_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb,
                    const float *X, int64_t T, float *Y, int nthreads) {
 #ifdef GEMM_Q16
     xq16 x; int rc = 0;
-    if ((type != 12 && type != 13 && type != 14) || T < 1 || cols % 256 || quantize_x16(X, T, cols, &x)) return -1;
+    if (!ocula_gemm_q16_supports(type) || T < 1 || cols % 256 || quantize_x16(X, T, cols, &x)) return -1;
     ROW_CHUNKS(rows, nthreads, if (gemm16_rows(type, W, rb, rows, a, z, &x, T, Y)) rc = -1);
     return rc;
 #else
@@ -178,7 +179,7 @@ int ocula_gemm_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb
 }
 int ocula_gemm_q16_supports(int type) {
 #ifdef GEMM_Q16
-    return type == 12 || type == 13 || type == 14;
+    return type == 12 || type == 13 || type == 14 || type == 2 || type == 6 || type == 8;
 #else
     (void)type; return 0;
 #endif
