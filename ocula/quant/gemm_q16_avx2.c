@@ -18,19 +18,15 @@ typedef struct {
 } wtile16;
 
 static void tile_k4(const u8 *blk, wtile16 *u, const int five) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10), zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256();
     const u8 *qs = blk + (five ? 48 : 16);
     const __m128i sm = k4_scales_mins(blk);
     const __m256i qh = five ? ld32(blk + 16) : zero;
     uint8_t s[16];
     _mm_storeu_si128((__m128i *)s, sm);
     for (int c = 0; c < 4; c++) {
-        __m256i v = ld32(qs + 32 * c);
-        __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        if (five) {
-            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), bit4));
-            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), bit4));
-        }
+        __m256i lo, hi;
+        k4_bytes(qs, qh, c, five, &lo, &hi);
         const __m256i sl = _mm256_set1_epi16(s[2 * c]), sh = _mm256_set1_epi16(s[2 * c + 1]);
         __m256i *w = (__m256i *)(u->w + 64 * c);
         _mm256_store_si256(w, _mm256_mullo_epi16(_mm256_unpacklo_epi8(lo, zero), sl));
@@ -44,17 +40,13 @@ static void tile_k4(const u8 *blk, wtile16 *u, const int five) {
 }
 
 static void tile_q6_k(const u8 *blk, wtile16 *u) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
-    const __m256i zero = _mm256_setzero_si256();
+    const __m256i off = _mm256_set1_epi8(32), zero = _mm256_setzero_si256();
     __m256i scw[2];
     q6_scale_words((const int8_t *)(blk + 192), scw);
     for (int h = 0; h < 2; h++) {
         const __m256i l0 = ld32(blk + 64 * h), l1 = ld32(blk + 64 * h + 32), qh = ld32(blk + 128 + 32 * h);
         for (int p = 0; p < 4; p++) {
-            __m256i l = p & 1 ? l1 : l0;
-            __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
-            __m256i hi = _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4), pair);
-            const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), off), neg = _mm256_cmpgt_epi8(zero, q);
+            const __m256i q = _mm256_sub_epi8(q6_bytes(l0, l1, qh, p), off), neg = _mm256_cmpgt_epi8(zero, q);
             const __m256i s = q6_scale_pair(scw[h], p);
             __m256i *w = (__m256i *)(u->w + 128 * h + 32 * p);
             _mm256_store_si256(w, _mm256_mullo_epi16(_mm256_unpacklo_epi8(q, neg), s));

@@ -50,7 +50,7 @@ static void quant_x16(const float *x, int64_t n, int16_t *q, float *d, int32_t *
  * sub-block's integer sum is scaled in float (d * scale * x's scale), two FMA chains per row of x. */
 KFN k4_q16_rows(Q16_ARGS, const int T, const int five) {
     const int64_t nb = X->cols / 256, bs = five ? 176 : 144;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10), zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256();
     float dsc[4][8] __attribute__((aligned(32)));  /* per row of x: d * scale_j * x's scale */
     for (int64_t r = r0; r < r1; r++) {
         const u8 *row = W + r * rb;
@@ -72,12 +72,8 @@ KFN k4_q16_rows(Q16_ARGS, const int T, const int five) {
             __asm__ volatile("" ::: "memory");  /* broadcast the scales from memory */
             const __m256i qh = five ? ld32(blk + 16) : zero;
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-                __m256i v = ld32(qs + 32 * c);
-                __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                if (five) {  /* bit s of qh[l]: the fifth bit of weight l of sub-block s */
-                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), bit4));
-                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), bit4));
-                }
+                __m256i lo, hi;
+                k4_bytes(qs, qh, c, five, &lo, &hi);
                 const __m256i w0 = _mm256_unpacklo_epi8(lo, zero), w1 = _mm256_unpackhi_epi8(lo, zero);
                 const __m256i w2 = _mm256_unpacklo_epi8(hi, zero), w3 = _mm256_unpackhi_epi8(hi, zero);
                 FOR_T4 {
@@ -97,8 +93,7 @@ KFN k4_q16_rows(Q16_ARGS, const int T, const int five) {
 /* Q6_K: q - 32 as signed bytes (assembled as in q6_k_q8_rows), widened with their sign */
 KFN q6_k_q16_rows(Q16_ARGS, const int T) {
     const int64_t nb = X->cols / 256;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
-    const __m256i zero = _mm256_setzero_si256();
+    const __m256i off = _mm256_set1_epi8(32), zero = _mm256_setzero_si256();
     for (int64_t r = r0; r < r1; r++) {
         const u8 *row = W + r * rb;
         __m256 acc[4];
@@ -112,10 +107,7 @@ KFN q6_k_q16_rows(Q16_ARGS, const int T) {
             _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
                 const __m256i l0 = ld32(blk + 64 * h), l1 = ld32(blk + 64 * h + 32), qh = ld32(blk + 128 + 32 * h);
                 _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) {
-                    __m256i l = p & 1 ? l1 : l0;
-                    __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
-                    __m256i hi = _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4), pair);
-                    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), off), neg = _mm256_cmpgt_epi8(zero, q);
+                    const __m256i q = _mm256_sub_epi8(q6_bytes(l0, l1, qh, p), off), neg = _mm256_cmpgt_epi8(zero, q);
                     const __m256i s = q6_scale_pair(scw[h], p);
                     const __m256i w0 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(q, neg), s);
                     const __m256i w1 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(q, neg), s);

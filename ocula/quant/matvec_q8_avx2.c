@@ -77,10 +77,30 @@ static inline __m256i q6_scale_pair(__m256i s, const int p) {
                                                     _mm_set1_epi16((short)(0x0100 + 0x0202 * (2 * p + 1)))));
 }
 
+/* Q4_K / Q5_K: weights 64c .. 64c + 63 of a block as bytes, sub-block 2c in *lo and 2c + 1 in *hi, from
+ * the block's qs and (Q5_K) its 32 fifth-bit bytes qh: bit s of qh[l] is bit 4 of weight l of sub-block s */
+static inline __attribute__((always_inline)) void k4_bytes(const u8 *qs, __m256i qh, const int c, const int five,
+                                                            __m256i *lo, __m256i *hi) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10), v = ld32(qs + 32 * c);
+    *lo = _mm256_and_si256(v, low4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    if (five) {
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), bit4));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), bit4));
+    }
+}
+/* Q6_K: q (0..63) of weights 128h + 32p .. + 31 as bytes: nibble p / 2 of l0 (p even) or l1 (p odd), the
+ * two bits 2p of qh (l0, l1, qh: the half h's ql + 64h, ql + 64h + 32, qh + 32h) */
+static inline __attribute__((always_inline)) __m256i q6_bytes(__m256i l0, __m256i l1, __m256i qh, const int p) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), l = p & 1 ? l1 : l0;
+    const __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
+    return _mm256_or_si256(lo, _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4),
+                                                _mm256_set1_epi8(0x30)));
+}
+
 /* Q4_K / Q5_K: 32 bytes of qs per pair of sub-blocks: low nibbles sub-block 2c, high 2c + 1 */
 KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
     const int64_t nb = X->cols / 256, bs = five ? 176 : 144;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
     for (int64_t r = r0; r < r1; r++) {
         const u8 *row = W + r * rb;
         __m256 acc[4], accm[4];
@@ -96,12 +116,8 @@ KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
             __m256i isum[4];
             FOR_T4 isum[t] = _mm256_setzero_si256();
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-                __m256i v = ld32(qs + 32 * c);
-                __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                if (five) {  /* bit s of qh[l]: the fifth bit of weight l of sub-block s */
-                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), bit4));
-                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), bit4));
-                }
+                __m256i lo, hi;
+                k4_bytes(qs, qh, c, five, &lo, &hi);
                 /* every word = scale 2c (2c + 1): its two bytes picked from both lanes' copy */
                 const __m256i sl = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c))));
                 const __m256i sh = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c + 1))));
@@ -127,7 +143,6 @@ KFN k4_q8_rows(Q8_ARGS, const int T, const int five) {
  * groups of 16 (scale index 8h + 2p + j / 16); q 0..63 unsigned, the - 32 through the sums of x */
 KFN q6_k_q8_rows(Q8_ARGS, const int T) {
     const int64_t nb = X->cols / 256;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
     for (int64_t r = r0; r < r1; r++) {
         const u8 *row = W + r * rb;
         __m256 acc[4];
@@ -143,10 +158,7 @@ KFN q6_k_q8_rows(Q8_ARGS, const int T) {
             _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
                 const __m256i l0 = ld32(blk + 64 * h), l1 = ld32(blk + 64 * h + 32), qh = ld32(blk + 128 + 32 * h);
                 _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) {
-                    __m256i l = p & 1 ? l1 : l0;
-                    __m256i lo = p >> 1 ? _mm256_and_si256(_mm256_srli_epi16(l, 4), low4) : _mm256_and_si256(l, low4);
-                    __m256i hi = _mm256_and_si256(p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * p) : _mm256_srli_epi16(qh, 2 * p - 4), pair);
-                    __m256i q = _mm256_or_si256(lo, hi);
+                    const __m256i q = q6_bytes(l0, l1, qh, p);
                     const __m256i s = q6_scale_pair(scw[h], p);
                     FOR_T4 isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(
                         _mm256_maddubs_epi16(q, ld32(XQ(t) + 256 * b + 128 * h + 32 * p)), s));
