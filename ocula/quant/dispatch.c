@@ -163,7 +163,13 @@ int ocula_matmul_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t 
     NO_KERNEL;
 #endif
 }
-int ocula_gemm_q16_supports(int type);
+int ocula_gemm_q16_supports(int type) {
+#ifdef GEMM_Q16
+    return type == 12 || type == 13 || type == 14 || type == 2 || type == 6 || type == 8;
+#else
+    (void)type; return 0;
+#endif
+}
 /* Y[T, rows] ~= X[T, cols] @ W^T with x quantized as for ocula_matmul_q16, for many rows of x (prefill):
  * Q4_K / Q5_K / Q6_K / Q4_0 / Q5_0 / Q8_0 in AVX2 builds (gemm_q16_avx2.c); nonzero otherwise. */
 int ocula_gemm_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb,
@@ -175,13 +181,6 @@ int ocula_gemm_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb
     return rc;
 #else
     NO_KERNEL;
-#endif
-}
-int ocula_gemm_q16_supports(int type) {
-#ifdef GEMM_Q16
-    return type == 12 || type == 13 || type == 14 || type == 2 || type == 6 || type == 8;
-#else
-    (void)type; return 0;
 #endif
 }
 int ocula_q16_supports(int type) {
