@@ -53,6 +53,16 @@ def test_fused_step_matches_modules(tmp_path, monkeypatch, arch, qtype):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@torch.inference_mode()
+def test_fused_step_leaves_the_callers_float_mode(tmp_path, monkeypatch):
+    """The step flushes denormals to zero in its threads (see pointwise.c) and restores this thread's mode."""
+    tiny = lambda: np.float32(1e-38) * np.float32(0.25)  # a denormal unless flushed
+    assert tiny() != 0
+    model = load(write_tiny_model(tmp_path / "gemma3.gguf", "gemma3"))
+    decode_logits(model, monkeypatch, True, [5, 9, 200], [40, 41])
+    assert tiny() != 0
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
 @torch.inference_mode()
 def test_fused_step_reads_and_writes_half_caches(tmp_path, monkeypatch, kv_dtype):

@@ -2,12 +2,16 @@
 plain float64 reference with the key/value heads repeated."""
 from __future__ import annotations
 
+import platform
+
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
 from ocula.models.layers import (CAUSAL, GROUPED_MAX_T, act, attend, attention_mask, causal_mask, gated_act,
                                  patch_embed)
+from ocula.quant.kernels import native_lib
 
 
 def reference(q, k, v, mask, scale, softcap=None):
@@ -69,6 +73,26 @@ def test_gated_act_matches_torch(dtype, gelu):
         torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-6)
     else:  # one rounding of the float32 result to bf16
         torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=8e-3, atol=1e-6)
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def keeps_denormals() -> bool:
+    return bool(np.float32(1e-38) * np.float32(0.25) != 0)
+
+
+@pytest.mark.skipif(not X86 or native_lib() is None, reason="needs the native kernels on x86 (MXCSR)")
+def test_kernels_flush_denormals_and_give_the_callers_mode_back():
+    """SiLU(-80) x 1e-6 is ~1.4e-39, a denormal (x86 takes a microcode assist per denormal operation):
+    the C kernel's threads flush it to zero, and this thread keeps its own mode (denormals) after."""
+    assert keeps_denormals()
+    g = torch.full((40000,), -80.0)  # above the kernel's 2-thread threshold
+    u = torch.full_like(g, 1e-6)
+    ref = F.silu(g) * u
+    got = gated_act(g.clone(), u, False)
+    assert (ref != 0).all() and (got == 0).all()
+    assert keeps_denormals()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -282,6 +282,7 @@ int ocula_attention(const ocula_attn *a, int64_t B, int nthreads) {
     int failed = 0;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
     {
+        FLUSH_DENORMALS;
         float *buf = aligned_alloc(64, (floats * 4 + 63) & ~(size_t)63);
         if (!buf) {
             #pragma omp atomic write
@@ -297,6 +298,7 @@ int ocula_attention(const ocula_attn *a, int64_t B, int nthreads) {
             attn_task(a, bh / a->H, bh % a->H, blk * AQ, buf);
         }
         free(buf);
+        RESTORE_FP_MODE;
     }
     return failed ? -2 : 0;
 }

@@ -192,13 +192,18 @@ static int layer_step(const ocula_step *st, const ocula_layer *L, int li, const 
         work += H * (sq->pos + 1) * hd;
     }
     int par = st->nthreads > 1 && work >= st->attn_par_min;
-    #pragma omp parallel for if(par) num_threads(st->nthreads) schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, i = bh % H;
-        const ocula_seq *sq = &seqs[b];
-        int64_t first = L->sliding && st->window > 0 && sq->pos >= st->window ? sq->pos - st->window + 1 : 0;
-        attend_head(st, sq->kc[li], sq->vc[li], sq->cap[li], first, sq->pos, i / rep, m->q + b * qn + i * hd,
-                    m->scores + bh * m->scores_stride, m->att + b * qn + i * hd);
+    #pragma omp parallel if(par) num_threads(st->nthreads)
+    {
+        FLUSH_DENORMALS;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            int64_t b = bh / H, i = bh % H;
+            const ocula_seq *sq = &seqs[b];
+            int64_t first = L->sliding && st->window > 0 && sq->pos >= st->window ? sq->pos - st->window + 1 : 0;
+            attend_head(st, sq->kc[li], sq->vc[li], sq->cap[li], first, sq->pos, i / rep, m->q + b * qn + i * hd,
+                        m->scores + bh * m->scores_stride, m->att + b * qn + i * hd);
+        }
+        RESTORE_FP_MODE;
     }
     if ((rc = lin(&L->o, m->att, B, m->o, st))) return rc;
     for (int64_t b = 0; b < B; b++) {
@@ -210,8 +215,13 @@ static int layer_step(const ocula_step *st, const ocula_layer *L, int li, const 
     if ((rc = lin(&L->gate, m->h, B, m->g, st)) || (rc = lin(&L->up, m->h, B, m->u, st))) return rc;
     int64_t n_act = B * ff;
     float *g = m->g, *u = m->u;
-    #pragma omp parallel for if(st->nthreads > 1 && n_act >= 4096) num_threads(st->nthreads) schedule(static)
-    for (int64_t i = 0; i < n_act; i++) g[i] = act_f32(g[i], st->gelu) * u[i];
+    #pragma omp parallel if(st->nthreads > 1 && n_act >= 4096) num_threads(st->nthreads)
+    {
+        FLUSH_DENORMALS;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_act; i++) g[i] = act_f32(g[i], st->gelu) * u[i];
+        RESTORE_FP_MODE;
+    }
     if ((rc = lin(&L->down, m->g, B, m->o, st))) return rc;
     for (int64_t b = 0; b < B; b++) {
         float *o = m->o + b * d, *xb = x + b * d;
@@ -242,9 +252,9 @@ int ocula_decode_step(const ocula_step *st, const ocula_layer *layers, int n, co
     bufs m = {.scores_stride = S};
     float **order[9] = {&m.h, &m.q, &m.k, &m.v, &m.att, &m.o, &m.g, &m.u, &m.scores};
     for (int i = 0; i < 9; i++) { *order[i] = p; p += (sizes[i] + 15) & ~(int64_t)15; }
-    for (int i = 0; i < n; i++) {
-        int rc = layer_step(st, &layers[i], i, seqs, B, x, &m);
-        if (rc) return rc;
-    }
-    return 0;
+    FLUSH_DENORMALS;  /* this thread's norms and residual sums too */
+    int rc = 0;
+    for (int i = 0; i < n && !rc; i++) rc = layer_step(st, &layers[i], i, seqs, B, x, &m);
+    RESTORE_FP_MODE;
+    return rc;
 }
