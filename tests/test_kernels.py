@@ -228,6 +228,9 @@ def q8_rounded(x: torch.Tensor, group: int, qmax: int = 127) -> torch.Tensor:
     """x as the C code quantizes it (float32 scale qmax / max |x| per group, round half to even),
     back in float64: d * q. (torch's `qmax / amax` multiplies by a reciprocal: one ulp off the C's
     division, enough to round an x the other way.)"""
+    if x.shape[1] % group:  # a shorter last group
+        cut = x.shape[1] // group * group
+        return torch.cat([q8_rounded(x[:, :cut], group, qmax), q8_rounded(x[:, cut:], x.shape[1] - cut, qmax)], 1)
     g = x.float().reshape(x.shape[0], -1, group)
     amax = g.abs().amax(-1, keepdim=True)
     q = torch.round(g * torch.where(amax > 0, torch.full_like(amax, qmax) / amax, torch.zeros_like(amax)))
@@ -330,8 +333,11 @@ def test_gemm16_error(qtype):
     rounded x up to float sums (the weights are not rounded: K types' scales are integers, the 32-value
     types' float scales are applied per block): for row counts that leave every remainder of its 2 x 3
     register blocks and 16-row weight tiles (37 rows of W), and with 12800 columns, x taken in several
-    L2-sized groups."""
-    for cols, counts in ((768, (1, 2, 3, 4, 5, 17, 40)), (12800, (41,))):
+    L2-sized groups. Rows of 32-value blocks may end in a shorter group of 256 (576 and 896 columns)."""
+    shapes = [(768, (1, 2, 3, 4, 5, 17, 40)), (12800, (41,))]
+    if qtype in (QT.Q4_0, QT.Q5_0, QT.Q8_0):
+        shapes += [(576, (3, 17)), (896, (5, 40))]
+    for cols, counts in shapes:
         w = random_weight(qtype, rows=37, cols=cols)
         wd = w.dequantize(torch.float32).double()
         for T in counts:
@@ -345,16 +351,19 @@ def test_gemm16_error(qtype):
 
 @needs_q16
 def test_prefill_of_int8_layers_goes_through_the_int16_gemm():
-    """A prefill chunk (more than Q8_MAX_T rows) of an int8 layer goes to the int16 GEMM at any length;
-    one of an int16 layer (ffn_down in "auto") never does: exact beyond FUSED_MAX_T rows."""
+    """A prefill chunk (more than Q8_MAX_T rows) of an int8 layer goes to the int16 GEMM at any length,
+    for rows that 256 does not divide (Q8_0, 640 columns) up to GEMM16_SHORT_GROUP_MAX_T rows; one of
+    an int16 layer (ffn_down in "auto") never does: exact beyond FUSED_MAX_T rows."""
+    for w in (random_weight(QT.Q6_K), random_weight(QT.Q8_0, cols=640)):
+        for n in (kernels.Q8_MAX_T + 1, 40):
+            x = torch.randn(n, w.shape[1], generator=torch.Generator().manual_seed(n))
+            assert torch.equal(kernels.q8_linear(x, w, None), c_matmul("ocula_gemm_q16", w, x))
     w = random_weight(QT.Q6_K)
-    for n in (kernels.Q8_MAX_T + 1, 40):
-        x = torch.randn(n, COLS, generator=torch.Generator().manual_seed(n))
-        assert torch.equal(kernels.q8_linear(x, w, None), c_matmul("ocula_gemm_q16", w, x))
+    x = torch.randn(40, COLS)
     assert rel_err(kernels.q16_linear(x, w, None), tiled_linear(x, w, None)) < 2e-6
-    w640 = random_weight(QT.Q8_0, cols=640)  # rows the GEMM's x rounding (per 256) cannot split: exact
-    x640 = torch.randn(40, 640)
-    assert rel_err(kernels.q8_linear(x640, w640, None), tiled_linear(x640, w640, None)) < 2e-6
+    w = random_weight(QT.Q8_0, cols=640)  # long chunks of such rows: the float32 GEMM, exact
+    x = torch.randn(kernels.GEMM16_SHORT_GROUP_MAX_T + 1, 640)
+    assert rel_err(kernels.q8_linear(x, w, None), tiled_linear(x, w, None)) < 2e-6
 
 
 # ----------------------------------------------------------------------------------- ggml

@@ -176,7 +176,9 @@ int ocula_gemm_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb
                    const float *X, int64_t T, float *Y, int nthreads) {
 #ifdef GEMM_Q16
     xq16 x; int rc = 0;
-    if (!ocula_gemm_q16_supports(type) || T < 1 || cols % 256 || quantize_x16(X, T, cols, &x)) return -1;
+    const int k_type = type == 12 || type == 13 || type == 14;  /* else rows of blocks of 32 */
+    if (!ocula_gemm_q16_supports(type) || T < 1 || cols % (k_type ? 256 : 32) || quantize_x16(X, T, cols, &x))
+        return -1;
     ROW_CHUNKS(rows, nthreads, if (gemm16_rows(type, W, rb, rows, a, z, &x, T, Y)) rc = -1);
     return rc;
 #else

@@ -56,11 +56,11 @@ static void tile_q6_k(const u8 *blk, wtile16 *u) {
     u->d = half(blk + 208);
 }
 
-/* Q4_0 / Q5_0 / Q8_0 (bs 18 / 22 / 34): 8 blocks of 32 weights, each widened exactly (q - 8, q - 16, q)
- * in x's int16 order; their scales d_j in fm (gemm16_block32 applies them per 32 values) */
-static void tile_q32(const u8 *blk, int bs, wtile16 *u) {
+/* Q4_0 / Q5_0 / Q8_0 (bs 18 / 22 / 34): nj <= 8 blocks of 32 weights, each widened exactly (q - 8,
+ * q - 16, q) in x's int16 order; their scales d_j in fm (gemm16_block32 applies them per 32 values) */
+static void tile_q32(const u8 *blk, int bs, int nj, wtile16 *u) {
     const __m256i zero = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < nj; j++) {
         const __m256i q = w32(blk + bs * j, bs), neg = _mm256_cmpgt_epi8(zero, q);
         _mm256_store_si256((__m256i *)(u->w + 32 * j), _mm256_unpacklo_epi8(q, neg));
         _mm256_store_si256((__m256i *)(u->w + 32 * j + 16), _mm256_unpackhi_epi8(q, neg));
@@ -69,15 +69,17 @@ static void tile_q32(const u8 *blk, int bs, wtile16 *u) {
     u->d = 1.f;
 }
 
-/* gemm16_block for the 32-value types: a float scale per 32 weights, applied to each block's integer sum */
-KFN gemm16_block32(const wtile16 *const *u, const int64_t *i, const int R, int64_t nb, const xq16 *X,
-                   int64_t t0, const int T, float *Y, int64_t rows) {
+/* gemm16_block for the 32-value types: a float scale per 32 weights, applied to each block's integer
+ * sum; the last group of 256 values has `last` blocks of 32 (rows that 256 does not divide) */
+KFN gemm16_block32(const wtile16 *const *u, const int64_t *i, const int R, int64_t nb, const int last,
+                   const xq16 *X, int64_t t0, const int T, float *Y, int64_t rows) {
     __m256 acc[4][4];
     for (int r = 0; r < R; r++) FOR_T4 acc[r][t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256 blk[4][4];  /* sum over this 256 of d_j * (block j's integer sum), per lane */
         for (int r = 0; r < R; r++) FOR_T4 blk[r][t] = _mm256_setzero_ps();
-        _Pragma("GCC unroll 2") for (int j = 0; j < 8; j++) {
+        const int nj = b == nb - 1 ? last : 8;
+        _Pragma("GCC unroll 2") for (int j = 0; j < nj; j++) {
             __m256i w0[4], w1[4];
             __m256 d[4];
             for (int r = 0; r < R; r++) {
@@ -140,10 +142,12 @@ KFN gemm16_block(const wtile16 *const *u, const int64_t *i, const int R, int64_t
 static __thread wtile16 *gtile; static __thread size_t gtcap;
 
 /* rows [r0, r1) of Y = X W^T; `type` 12 (Q4_K), 13 (Q5_K), 14 (Q6_K), 2 (Q4_0), 6 (Q5_0) or 8 (Q8_0).
- * For each group of rows of x that fits L2, every 16 rows of W are decoded once and go through it. */
+ * For each group of rows of x that fits L2, every 16 rows of W are decoded once and go through it.
+ * Rows of the 32-value types may end in a group of fewer than 256 values (SmolVLM's 576, 896). */
 static int gemm16_rows(int type, const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1,
                        const xq16 *X, int64_t T, float *Y) {
-    const int64_t nb = X->cols / 256;
+    const int64_t nb = (X->cols + 255) / 256;
+    const int last = (int)(X->cols - 256 * (nb - 1)) / 32;  /* blocks of 32 in the last group */
     const int bs = type == 12 ? 144 : type == 13 ? 176 : type == 14 ? 210 : type == 2 ? 18 : type == 6 ? 22 : 34;
     const int mins = type == 12 || type == 13, k_type = type >= 12;  /* else 8 blocks of 32 per 256 values */
     int64_t tc = GEMM_XBYTES / (X->cols * 2) / GEMM16_TB * GEMM16_TB;
@@ -162,7 +166,7 @@ static int gemm16_rows(int type, const u8 *W, int64_t rb, int64_t rows, int64_t 
                     const u8 *blk = W + (a + i) * rb + (k_type ? bs : 8 * bs) * b;
                     if (type == 14) tile_q6_k(blk, gtile + i * nb + b);
                     else if (k_type) tile_k4(blk, gtile + i * nb + b, type == 13);
-                    else tile_q32(blk, bs, gtile + i * nb + b);
+                    else tile_q32(blk, bs, b == nb - 1 ? last : 8, gtile + i * nb + b);
                 }
             for (int64_t t0 = c0; t0 < c1; t0 += GEMM16_TB)
                 for (int64_t i = 0; i < n; i += GEMM16_R) {
@@ -171,7 +175,7 @@ static int gemm16_rows(int type, const u8 *W, int64_t rb, int64_t rows, int64_t 
                         const int64_t k = i + r < n ? i + r : n - 1;
                         u[r] = gtile + k * nb; at[r] = a + k;
                     }
-#define GEMM16_CALL(TT) !k_type ? gemm16_block32(u, at, GEMM16_R, nb, X, t0, TT, Y, rows) \
+#define GEMM16_CALL(TT) !k_type ? gemm16_block32(u, at, GEMM16_R, nb, last, X, t0, TT, Y, rows) \
                         : mins ? gemm16_block(u, at, GEMM16_R, nb, X, t0, TT, Y, rows, 1) \
                                : gemm16_block(u, at, GEMM16_R, nb, X, t0, TT, Y, rows, 0)
                     switch (c1 - t0 < GEMM16_TB ? c1 - t0 : GEMM16_TB) {

@@ -78,6 +78,11 @@ GGML_MAX_T = 8    # ggml: its mat-mul up to this many rows; above, tiles + GEMM 
 # native_q8: rows of x per call for batched decode steps (the C kernel's limit). On Qwen2.5-VL-3B
 # Q4_K_M it beats bf16 tiles + GEMM up to 64 rows (8 rows: 263 vs 941 ms, 64: 1.66 vs 1.78 s)
 Q8_MAX_ROWS = 64
+# int16 GEMM: rows of x per call up to which it also takes weights whose rows end in a group shorter
+# than 256 (32-value blocks, 576 / 896 columns). Q5_0 4864 x 896 against float32 tiles + GEMM, ms:
+# 16 rows 1.5 vs 2.9, 128: 7.3 vs 8.6, 512: 28.3 vs 29.6; but 896 x 896 at 512: 6.6 vs 5.6, and whole
+# 512-token prefills of InternVL3-1B / SmolVLM-256M ran 8% slower with it.
+GEMM16_SHORT_GROUP_MAX_T = 128
 PARALLEL_MIN_WORK = 1 << 19  # weight elements x rows below which one thread beats a fork/join
 TILE_ELEMS = 1 << 22  # dequantized elements per tile on the GEMM path (16 MiB as float32)
 
@@ -326,7 +331,7 @@ def _quantized_x_linear(entry_name: str, supported: Callable[[int], bool], x: to
     # prefill chunks: int16 x rounds about as bfloat16 does. The int16 GEMM (AVX2 builds) decodes each
     # weight once per call; beyond FUSED_MAX_T rows it replaces a float32 GEMM over weights decoded to
     # float32, not a native half-precision one
-    if (gemm16 and n > 0 and cols % 256 == 0 and gemm16_supported(w.qtype)
+    if (gemm16 and n > 0 and gemm16_supported(w.qtype) and (cols % 256 == 0 or n <= GEMM16_SHORT_GROUP_MAX_T)
             and (n <= FUSED_MAX_T or gemm_dtype(x) == torch.float32)):
         return _fused(native_lib().ocula_gemm_q16, x, w, bias, n)
     if 0 < n <= FUSED_MAX_T and q16_supported(w.qtype):

@@ -15,19 +15,21 @@
 typedef struct {
     int64_t cols;
     int16_t *q;      /* row t at q + t * cols, in the unpack order */
-    float *d;        /* scale per 256 values */
+    float *d;        /* scale per 256 values (the last group may be shorter) */
     int32_t *sum32;  /* sums of 32 quantized values (the Q4_K / Q5_K mins) */
 } xq16;
 
+/* a row of n values (a multiple of 32): groups of 256, the last one shorter when 256 does not divide n */
 static void quant_x16(const float *x, int64_t n, int16_t *q, float *d, int32_t *sum32) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     for (int64_t g = 0; g < n; g += 256) {
+        const int64_t len = n - g < 256 ? n - g : 256;
         __m256 m = _mm256_setzero_ps();
-        for (int i = 0; i < 256; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + g + i)));
+        for (int64_t i = 0; i < len; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + g + i)));
         const float amax = hsum_max(m);
         const __m256 id = _mm256_set1_ps(amax > 0 ? Q16_MAX / amax : 0.f);
         d[g / 256] = amax / Q16_MAX;
-        for (int i = 0; i < 256; i += 32) {
+        for (int64_t i = 0; i < len; i += 32) {
             __m256i v[4];
             for (int k = 0; k < 4; k++) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + g + i + 8 * k), id));
             sum32[(g + i) / 32] = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3])));
@@ -40,7 +42,7 @@ static void quant_x16(const float *x, int64_t n, int16_t *q, float *d, int32_t *
 
 #define Q16_ARGS const u8 *W, int64_t rb, int64_t rows, int64_t r0, int64_t r1, const xq16 *X, int64_t t0, float *Y
 #define X16(t) (X->q + (t0 + (t)) * X->cols)
-#define XD16(t, b) (X->d[(t0 + (t)) * (X->cols / 256) + (b)])
+#define XD16(t, b) (X->d[(t0 + (t)) * ((X->cols + 255) / 256) + (b)])
 /* the products of 32 widened weights (lo: words of bytes 0-7 / 16-23, hi: 8-15 / 24-31) with x */
 #define MADD32(acc, lo, hi, x) (acc) = _mm256_add_epi32((acc), _mm256_add_epi32(                  \
     _mm256_madd_epi16((lo), _mm256_loadu_si256((const __m256i *)(x))),                             \
@@ -128,7 +130,8 @@ Q16_MM(q4_k, Q4K16) Q16_MM(q5_k, Q5K16) Q16_MM(q6_k, q6_k_q16_rows)
 
 static __thread void *q16buf; static __thread size_t q16cap;
 static int quantize_x16(const float *X, int64_t T, int64_t cols, xq16 *x) {
-    const size_t nq = (size_t)T * cols * 2, nd = (size_t)T * (cols / 256) * 4, need = nq + nd + (size_t)T * (cols / 32) * 4;
+    const int64_t groups = (cols + 255) / 256;  /* cols: a multiple of 32 */
+    const size_t nq = (size_t)T * cols * 2, nd = (size_t)T * groups * 4, need = nq + nd + (size_t)T * (cols / 32) * 4;
     if (need > q16cap) {
         free(q16buf); q16cap = 0;
         if (!(q16buf = aligned_alloc(64, (need + 63) & ~(size_t)63))) return -1;
@@ -136,7 +139,7 @@ static int quantize_x16(const float *X, int64_t T, int64_t cols, xq16 *x) {
     }
     x->cols = cols; x->q = q16buf; x->d = (float *)((char *)q16buf + nq); x->sum32 = (int32_t *)((char *)q16buf + nq + nd);
     for (int64_t t = 0; t < T; t++)
-        quant_x16(X + t * cols, cols, x->q + t * cols, x->d + t * (cols / 256), x->sum32 + t * (cols / 32));
+        quant_x16(X + t * cols, cols, x->q + t * cols, x->d + t * groups, x->sum32 + t * (cols / 32));
     return 0;
 }
 #endif /* AVX2 int16 */
