@@ -333,10 +333,10 @@ def test_gemm16_error(qtype):
     rounded x up to float sums (the weights are not rounded: K types' scales are integers, the 32-value
     types' float scales are applied per block): for row counts that leave every remainder of its 2 x 3
     register blocks and 16-row weight tiles (37 rows of W), and with 12800 columns, x taken in several
-    L2-sized groups. Rows of 32-value blocks may end in a shorter group of 256 (576 and 896 columns)."""
+    L2-sized groups. Rows of 32-value blocks may end in a shorter group of 256 (576, 896, 96 columns)."""
     shapes = [(768, (1, 2, 3, 4, 5, 17, 40)), (12800, (41,))]
     if qtype in (QT.Q4_0, QT.Q5_0, QT.Q8_0):
-        shapes += [(576, (3, 17)), (896, (5, 40))]
+        shapes += [(576, (3, 17)), (896, (5, 40)), (96, (7,))]
     for cols, counts in shapes:
         w = random_weight(qtype, rows=37, cols=cols)
         wd = w.dequantize(torch.float32).double()
