@@ -165,7 +165,7 @@ int ocula_matmul_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t 
 }
 int ocula_gemm_q16_supports(int type) {
 #ifdef GEMM_Q16
-    return type == 12 || type == 13 || type == 14 || type == 2 || type == 6 || type == 8;
+    return gemm16_row_unit(type) != 0;
 #else
     (void)type; return 0;
 #endif
@@ -176,9 +176,8 @@ int ocula_gemm_q16(int type, const u8 *W, int64_t rows, int64_t cols, int64_t rb
                    const float *X, int64_t T, float *Y, int nthreads) {
 #ifdef GEMM_Q16
     xq16 x; int rc = 0;
-    const int k_type = type == 12 || type == 13 || type == 14;  /* else rows of blocks of 32 */
-    if (!ocula_gemm_q16_supports(type) || T < 1 || cols % (k_type ? 256 : 32) || quantize_x16(X, T, cols, &x))
-        return -1;
+    const int unit = gemm16_row_unit(type);
+    if (!unit || T < 1 || cols % unit || quantize_x16(X, T, cols, &x)) return -1;
     ROW_CHUNKS(rows, nthreads, if (gemm16_rows(type, W, rb, rows, a, z, &x, T, Y)) rc = -1);
     return rc;
 #else

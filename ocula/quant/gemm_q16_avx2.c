@@ -11,6 +11,10 @@
  * copy: the float32 prefill path decodes every weight to float32 first. */
 #if defined(Q16)
 #define GEMM_Q16 1
+/* the types the GEMM takes and how its rows divide: K types into blocks of 256, the others of 32 (0: not taken) */
+static int gemm16_row_unit(int type) {
+    return type == 12 || type == 13 || type == 14 ? 256 : type == 2 || type == 6 || type == 8 ? 32 : 0;
+}
 typedef struct {
     int16_t w[256];   /* scaled weights, each 32 in x's int16 order (0-7, 16-23, 8-15, 24-31) */
     float fm[8];      /* Q4_K / Q5_K: dmin * min of sub-block j (Q6_K: unused) */
@@ -149,7 +153,7 @@ static int gemm16_rows(int type, const u8 *W, int64_t rb, int64_t rows, int64_t 
     const int64_t nb = (X->cols + 255) / 256;
     const int last = (int)(X->cols - 256 * (nb - 1)) / 32;  /* blocks of 32 in the last group */
     const int bs = type == 12 ? 144 : type == 13 ? 176 : type == 14 ? 210 : type == 2 ? 18 : type == 6 ? 22 : 34;
-    const int mins = type == 12 || type == 13, k_type = type >= 12;  /* else 8 blocks of 32 per 256 values */
+    const int mins = type == 12 || type == 13, k_type = gemm16_row_unit(type) == 256;  /* else blocks of 32 */
     int64_t tc = GEMM_XBYTES / (X->cols * 2) / GEMM16_TB * GEMM16_TB;
     if (tc < GEMM16_TB) tc = GEMM16_TB;
     if ((size_t)(GEMM_ROWS * nb) > gtcap) {

@@ -28,10 +28,10 @@ Four backends; `select_kernel` picks one per layer at load time from (qtype, dev
             Types: Q4_K Q5_K Q6_K; the same row limits as native_q8; its prefill chunks of up to
             FUSED_MAX_T rows go to the int16 mat-vecs, longer ones to native (exact).
             The int16 GEMM (`ocula_gemm_q16`, same builds, x rounded the same way; Q4_K Q5_K Q6_K
-            Q4_0 Q5_0 Q8_0 with rows of a multiple of 256 values) takes native_q8's prefill chunks
-            at any length: it decodes 16 rows of W at a time to int16 and runs every row of x
-            through them (vpmaddwd), 1.1-2.5x the float32 tiles + GEMM (11008 x 2048, 16-512 rows,
-            2 threads, AVX2 Zen 4).
+            Q4_0 Q5_0 Q8_0) takes native_q8's prefill chunks at any length, and up to
+            GEMM16_SHORT_GROUP_MAX_T rows where 256 does not divide a row (576, 896): it decodes 16
+            rows of W at a time to int16 and runs every row of x through them (vpmaddwd), 1.1-2.5x
+            the float32 tiles + GEMM (11008 x 2048, 16-512 rows, 2 threads, AVX2 Zen 4).
 ``ggml``    ggml's own CPU mat-mul through the optional ``ggml-python`` package (``pip install
             'ocula[fast]'``), zero-copy on the mmap'd blocks. LOSSY: like llama.cpp it quantizes the
             activations to 8 bit (Q8_0/Q8_K) first, ≈1e-2 relative error. Used for T <= GGML_MAX_T;
@@ -345,7 +345,8 @@ def q8_linear(x: torch.Tensor, w: "QuantizedWeight", bias: torch.Tensor | None) 
     rows of x, or up to Q8_MAX_ROWS when x is [..., 1, cols] (one new token for each of a batch of
     sequences). Each row is quantized on its own, so a sequence decoded in a batch gets what it gets
     alone. Prefill chunks (and types without a q8 kernel) go to the int16 GEMM where this build has it
-    for the type (AVX2: K-quants, Q4_0, Q5_0, Q8_0; at any length, as it beats a float32 GEMM), else up to
+    for the type (AVX2: K-quants, Q4_0, Q5_0, Q8_0; at any length, as it beats a float32 GEMM; up to
+    GEMM16_SHORT_GROUP_MAX_T rows when 256 does not divide a row), else up to
     FUSED_MAX_T rows to the int16 mat-vecs, else to the exact `native_linear`."""
     return _quantized_x_linear("ocula_matmul_q8", q8_supported, x, w, bias, gemm16=True)
 
