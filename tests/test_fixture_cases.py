@@ -14,7 +14,7 @@ def test_case_matches_hf(case):
     fig = run_case(case)
     assert fig["prompt_ids_equal"], fig
     if case["images"]:
-        assert fig["pixel_max_abs"] <= 1e-4, fig
+        assert fig.get("pixel_max_abs", 0.0) <= 1e-4, fig  # absent where the npz leaves the pixels out
         assert fig["feature_rel_err"] <= 1e-4, fig
         assert fig.get("deepstack_rel_err", 0.0) <= 1e-4, fig
     assert fig["logits_max_abs"] <= 1e-3, fig

@@ -1,6 +1,7 @@
 """Fill a module tree from a GGUF file. Module paths are GGUF tensor names, so loading is a dict walk.
 
-- `QLinear` / `QEmbedding` get the raw blocks (no copy on CPU).
+- `QLinear` / `QEmbedding` get the raw blocks (no copy on CPU); so do MoE `ExpertStack`s (3-D tensors).
+- A module marked `gguf_transparent` (the MoE feed-forward) adds no part to its children's names.
 - Every other parameter or buffer (norms, biases, convolutions, position tables) is dequantized to
   float once: these are small.
 """
@@ -28,6 +29,16 @@ def float_tensor(t: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Ten
 def quantized_weight(t: GGUFTensor) -> QuantizedWeight:
     rows = t.shape[0] if len(t.shape) == 2 else int(torch.tensor(t.shape[:-1]).prod())
     return QuantizedWeight(raw_tensor(t), t.qtype, (rows, t.shape[-1]))
+
+
+def gguf_named_modules(model: nn.Module, prefix: str = ""):
+    """(GGUF-style name, module) of `model` and its descendants; transparent modules lend no name part."""
+    yield prefix, model
+    for name, child in model.named_children():
+        if child is None:
+            continue
+        path = prefix if getattr(child, "gguf_transparent", False) else f"{prefix}.{name}" if prefix else name
+        yield from gguf_named_modules(child, path)
 
 
 def _check_shape(f: GGUFFile, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
@@ -59,8 +70,19 @@ def load_gguf_weights(
     def lookup(name: str) -> GGUFTensor:
         return f.tensor(aliases.get(name, name))
 
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, (QLinear, QEmbedding)):
+    from ocula.models.moe import ExpertStack  # noqa: PLC0415 - moe imports this package's neighbours
+
+    for mod_name, mod in gguf_named_modules(model):
+        if isinstance(mod, ExpertStack):
+            t = lookup(f"{mod_name}.weight")
+            if len(t.shape) != 3:
+                raise GGUFError(f"{f.path}: expert tensor {t.name!r} has shape {tuple(t.shape)}; expected 3 "
+                                f"dimensions {mod.shape} (experts, rows, columns)")
+            _check_shape(f, t.name, t.shape, mod.shape)
+            mod.set_weight(quantized_weight(t).to(device))
+            if progress:
+                progress(t.n_bytes)
+        elif isinstance(mod, (QLinear, QEmbedding)):
             name = f"{mod_name}.weight"
             t = lookup(name)
             want = (
@@ -76,7 +98,7 @@ def load_gguf_weights(
             mod.weight = cache[t.name]
 
     # Non-persistent buffers (rotary tables, masks) are derived, not read from the file.
-    for mod_name, mod in model.named_modules():
+    for mod_name, mod in gguf_named_modules(model):
         prefix = f"{mod_name}." if mod_name else ""
         tensors = dict(mod._parameters)
         tensors.update(

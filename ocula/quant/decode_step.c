@@ -1,16 +1,26 @@
-/* One decode step of a pre-norm decoder (Llama / Qwen2 / Qwen3 / Gemma 3 blocks) for one new token of
- * each of B sequences, every layer in one call: appended to kernels.c and pointwise.c by kernels.py,
+/* One decode step of a pre-norm decoder (Llama / Qwen2 / Qwen3 / Gemma 3 blocks, and their sparse
+ * Mixture-of-Experts feed-forward) for one new token of each of B sequences, every layer in one call: appended to kernels.c and pointwise.c by kernels.py,
  * driven by ocula/models/text/fused_decode.py. The mat-vecs are ocula_matmul (exact),
  * ocula_matmul_q8 or ocula_matmul_q16 (by each projection's xbits); activations stay float32; keys/values are written to and read from the caller's
  * KV cache in place. */
 
 typedef struct { int type, xbits; const u8 *w; int64_t rows, cols, rb; const float *bias; } ocula_lin;
 
+/* A sparse feed-forward (ocula/models/moe.py): `router` gives n_expert logits; gate, up and down hold every
+ * expert's rows back to back (expert e: rows [e * rows / n_expert, (e + 1) * rows / n_expert)); with
+ * fused_gate_up, `gate` holds each expert's gate rows then its up rows and `up` is unused. */
+typedef struct {
+    ocula_lin router, gate, up, down;
+    int n_expert, n_used, gating, norm_topk, fused_gate_up;  /* gating: 0 softmax, 1 sigmoid */
+    float weights_scale;
+} ocula_moe;
+
 typedef struct {
     ocula_lin q, k, v, o, gate, up, down;
     /* float32 norm weights; NULL where the block has none */
     const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *post_attn_norm, *post_ffw_norm;
     int sliding;    /* attends to the last `window` keys, rotated by the local table */
+    ocula_moe moe;  /* n_expert > 0: the feed-forward is sparse and gate/up/down above are unused */
 } ocula_layer;
 
 /* one sequence of the batch: its new token's cache index and rotation, and its per-layer caches */
@@ -23,10 +33,12 @@ typedef struct {
 
 typedef struct {
     int64_t d, n_head, n_kv, head_dim, n_ff, n_rot;
+    int64_t moe_ff, moe_experts;  /* largest expert gate(+up) rows and expert count of any layer (buffers) */
     int64_t window;    /* sliding window of `sliding` layers, 0 = none */
     float eps, scale, softcap;  /* softcap 0 = none */
     int neox, gelu, kv_type, nthreads;   /* kv_type: GGML id 0 (F32), 1 (F16), 30 (BF16) */
     int64_t par_min, attn_par_min;       /* work from which a mat-vec / the attention is threaded */
+    int32_t *expert_rows;  /* NULL, or [n_layers, moe_experts]: rows each expert multiplied, added (tests) */
 } ocula_step;
 
 int ocula_step_supports_kv(int type) {
@@ -163,11 +175,85 @@ static void attend_head(const ocula_step *st, const void *kc, const void *vc, in
 
 static __thread float *step_buf; static __thread size_t step_cap;
 
-typedef struct { float *h, *q, *k, *v, *att, *o, *g, *u, *scores; int64_t scores_stride; } bufs;
+typedef struct { float *h, *q, *k, *v, *att, *o, *g, *u, *scores, *xe, *ye, *router; int64_t scores_stride; } bufs;
+
+/* rows [e * n, (e + 1) * n) of a stacked expert tensor, n = rows / n_expert */
+static ocula_lin expert_rows(const ocula_lin *l, int e, int n_expert) {
+    ocula_lin r = *l;
+    r.rows = l->rows / n_expert;
+    r.w = l->w + (int64_t)e * r.rows * l->rb;
+    return r;
+}
+
+/* per token: the n_used experts with the largest gate probabilities (descending) and their weights */
+static void moe_route(const ocula_moe *M, const float *logits, int *ids, float *weights) {
+    int E = M->n_expert, k = M->n_used;
+    float p[E], mx = -INFINITY, sum = 0.f;
+    if (M->gating == 0) {  /* softmax in float32 over all experts, as the reference model does */
+        for (int e = 0; e < E; e++) if (logits[e] > mx) mx = logits[e];
+        for (int e = 0; e < E; e++) { p[e] = expf(logits[e] - mx); sum += p[e]; }
+        for (int e = 0; e < E; e++) p[e] /= sum;
+    } else {
+        for (int e = 0; e < E; e++) p[e] = 1.f / (1.f + expf(-logits[e]));
+    }
+    float total = 0.f;
+    for (int j = 0; j < k; j++) {  /* k passes of a max: k is small; ties go to the lower expert id */
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int i = 0; i < j; i++) taken |= ids[i] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        ids[j] = best; weights[j] = p[best]; total += p[best];
+    }
+    for (int j = 0; j < k; j++) weights[j] = (M->norm_topk ? weights[j] / total : weights[j]) * M->weights_scale;
+}
+
+/* out[B, d] = sum over each token's chosen experts of weight * down(act(gate(h)) * up(h)), tokens grouped
+ * by expert: each active expert's rows are read once for all the tokens that chose it. */
+static int moe_ffn(const ocula_step *st, const ocula_moe *M, int li, int64_t B, const bufs *m, float *out) {
+    int64_t d = st->d, E = M->n_expert, k = M->n_used;
+    int64_t ff = (M->fused_gate_up ? M->gate.rows / 2 : M->gate.rows) / E;
+    int ids[B * k]; float w[B * k];
+    int rc = lin(&M->router, m->h, B, m->router, st);
+    if (rc) return rc;
+    for (int64_t b = 0; b < B; b++) moe_route(M, m->router + b * E, ids + b * k, w + b * k);
+    memset(out, 0, (size_t)(B * d) * 4);
+    int64_t rows[B]; float rw[B];
+    for (int e = 0; e < E; e++) {
+        int64_t n = 0;
+        for (int64_t i = 0; i < B * k; i++)
+            if (ids[i] == e) { rows[n] = i / k; rw[n] = w[i]; n++; }
+        if (!n) continue;
+        if (st->expert_rows) st->expert_rows[li * st->moe_experts + e] += (int32_t)n;
+        for (int64_t i = 0; i < n; i++) memcpy(m->xe + i * d, m->h + rows[i] * d, (size_t)d * 4);
+        ocula_lin gate = expert_rows(&M->gate, e, (int)E), down = expert_rows(&M->down, e, (int)E);
+        float *g = m->g, *u = m->u;
+        if (M->fused_gate_up) {
+            if ((rc = lin(&gate, m->xe, n, m->g, st))) return rc;  /* [n, 2 ff]: gate then up per row */
+            for (int64_t i = 0; i < n; i++) {
+                memcpy(u + i * ff, m->g + i * 2 * ff + ff, (size_t)ff * 4);
+                memmove(g + i * ff, m->g + i * 2 * ff, (size_t)ff * 4);
+            }
+        } else {
+            ocula_lin up = expert_rows(&M->up, e, (int)E);
+            if ((rc = lin(&gate, m->xe, n, g, st)) || (rc = lin(&up, m->xe, n, u, st))) return rc;
+        }
+        for (int64_t i = 0; i < n * ff; i++) g[i] = act_f32(g[i], 0) * u[i];
+        if ((rc = lin(&down, g, n, m->ye, st))) return rc;
+        for (int64_t i = 0; i < n; i++) {
+            float *o = out + rows[i] * d; const float *y = m->ye + i * d;
+            for (int64_t j = 0; j < d; j++) o[j] += rw[i] * y[j];
+        }
+    }
+    return 0;
+}
+
+static int dense_act_down(const ocula_step *st, const ocula_layer *L, int64_t B, const bufs *m);
 
 static int layer_step(const ocula_step *st, const ocula_layer *L, int li, const ocula_seq *seqs, int64_t B,
                       float *x, const bufs *m) {
-    int64_t d = st->d, hd = st->head_dim, H = st->n_head, Hk = st->n_kv, rep = H / Hk, ff = st->n_ff;
+    int64_t d = st->d, hd = st->head_dim, H = st->n_head, Hk = st->n_kv, rep = H / Hk;
     int64_t qn = H * hd, kn = Hk * hd;
     int rc = 0;
     for (int64_t b = 0; b < B; b++) rms_norm(x + b * d, L->attn_norm, d, st->eps, m->h + b * d);
@@ -212,7 +298,22 @@ static int layer_step(const ocula_step *st, const ocula_layer *L, int li, const 
         for (int64_t i = 0; i < d; i++) xb[i] += o[i];
         rms_norm(xb, L->ffn_norm, d, st->eps, m->h + b * d);
     }
-    if ((rc = lin(&L->gate, m->h, B, m->g, st)) || (rc = lin(&L->up, m->h, B, m->u, st))) return rc;
+    if (L->moe.n_expert) {
+        if ((rc = moe_ffn(st, &L->moe, li, B, m, m->o))) return rc;
+    } else {
+        if ((rc = lin(&L->gate, m->h, B, m->g, st)) || (rc = lin(&L->up, m->h, B, m->u, st))) return rc;
+        if ((rc = dense_act_down(st, L, B, m))) return rc;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        float *o = m->o + b * d, *xb = x + b * d;
+        if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, d, st->eps, o);
+        for (int64_t i = 0; i < d; i++) xb[i] += o[i];
+    }
+    return 0;
+}
+
+static int dense_act_down(const ocula_step *st, const ocula_layer *L, int64_t B, const bufs *m) {
+    int64_t ff = st->n_ff;
     int64_t n_act = B * ff;
     float *g = m->g, *u = m->u;
     #pragma omp parallel if(st->nthreads > 1 && n_act >= 4096) num_threads(st->nthreads)
@@ -222,13 +323,7 @@ static int layer_step(const ocula_step *st, const ocula_layer *L, int li, const 
         for (int64_t i = 0; i < n_act; i++) g[i] = act_f32(g[i], st->gelu) * u[i];
         RESTORE_FP_MODE;
     }
-    if ((rc = lin(&L->down, m->g, B, m->o, st))) return rc;
-    for (int64_t b = 0; b < B; b++) {
-        float *o = m->o + b * d, *xb = x + b * d;
-        if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, d, st->eps, o);
-        for (int64_t i = 0; i < d; i++) xb[i] += o[i];
-    }
-    return 0;
+    return lin(&L->down, m->g, B, m->o, st);
 }
 
 /* x[B, d] (float32, updated in place) through layers[0..n) for B sequences of one new token each (B <=
@@ -237,12 +332,14 @@ static int layer_step(const ocula_step *st, const ocula_layer *L, int li, const 
 int ocula_decode_step(const ocula_step *st, const ocula_layer *layers, int n, const ocula_seq *seqs, int64_t B,
                       float *x) {
     if (B < 1 || B > MAXT) return -1;
-    int64_t d = st->d, hd = st->head_dim, qn = st->n_head * hd, kn = st->n_kv * hd, ff = st->n_ff, S = 0;
+    int64_t d = st->d, hd = st->head_dim, qn = st->n_head * hd, kn = st->n_kv * hd, S = 0;
+    int64_t ff = st->n_ff > st->moe_ff ? st->n_ff : st->moe_ff;
     for (int64_t b = 0; b < B; b++) if (seqs[b].pos + 1 > S) S = seqs[b].pos + 1;
     S = (S + 15) & ~(int64_t)15;
-    int64_t sizes[9] = {B * d, B * qn, B * kn, B * kn, B * qn, B * d, B * ff, B * ff, B * st->n_head * S};
+    int64_t sizes[12] = {B * d, B * qn, B * kn, B * kn, B * qn, B * d, B * ff, B * ff, B * st->n_head * S,
+                         st->moe_experts ? B * d : 0, st->moe_experts ? B * d : 0, B * st->moe_experts};
     size_t need = 0;
-    for (int i = 0; i < 9; i++) need += (size_t)((sizes[i] + 15) & ~(int64_t)15);
+    for (int i = 0; i < 12; i++) need += (size_t)((sizes[i] + 15) & ~(int64_t)15);
     if (need > step_cap) {
         free(step_buf); step_cap = 0;
         if (!(step_buf = aligned_alloc(64, need * 4))) return -2;
@@ -250,8 +347,8 @@ int ocula_decode_step(const ocula_step *st, const ocula_layer *layers, int n, co
     }
     float *p = step_buf;  /* each buffer starts on a 64-byte boundary */
     bufs m = {.scores_stride = S};
-    float **order[9] = {&m.h, &m.q, &m.k, &m.v, &m.att, &m.o, &m.g, &m.u, &m.scores};
-    for (int i = 0; i < 9; i++) { *order[i] = p; p += (sizes[i] + 15) & ~(int64_t)15; }
+    float **order[12] = {&m.h, &m.q, &m.k, &m.v, &m.att, &m.o, &m.g, &m.u, &m.scores, &m.xe, &m.ye, &m.router};
+    for (int i = 0; i < 12; i++) { *order[i] = p; p += (sizes[i] + 15) & ~(int64_t)15; }
     FLUSH_DENORMALS;  /* this thread's norms and residual sums too */
     int rc = 0;
     for (int i = 0; i < n && !rc; i++) rc = layer_step(st, &layers[i], i, seqs, B, x, &m);

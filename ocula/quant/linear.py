@@ -105,18 +105,19 @@ kernel_epoch = 0  # bumped by every `use_kernels`: whoever caches the layers' ke
 # logits' max error against float32 is 2.3% of their range on average with every layer on int8, 1.4%
 # with ffn_down exact (each other layer alone: 2.2-2.5%), for 5-8% of decode speed on AVX-512 VNNI
 # CPUs, but ~30% on AVX2 ones, where the int16 kernels exist.
-FINE_IN_AUTO = ("ffn_down",)
+FINE_IN_AUTO = ("ffn_down", "ffn_down_exps", "ffn_down_shexp")
 
 
 def use_kernels(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> Counter:
-    """Give every loaded QLinear of `model` its kernel for compute dtype `dtype` and `mode`
+    """Give every loaded QLinear (and MoE expert stack) of `model` its kernel for compute dtype `dtype` and `mode`
     ("auto", "exact", "q8", "q16", "ggml", "torch"); returns how many layers got each backend."""
     global kernel_epoch
     kernels.check_mode(mode)
     kernel_epoch += 1
     chosen: Counter = Counter()
     for path, mod in model.named_modules():
-        if isinstance(mod, QLinear) and mod.weight is not None:
+        # QLinear and MoE expert stacks: a QuantizedWeight and a kernel slot
+        if isinstance(getattr(mod, "weight", None), QuantizedWeight) and hasattr(mod, "kernel"):
             fine = mode == "auto" and dtype != torch.float32 and path.rsplit(".", 1)[-1] in FINE_IN_AUTO
             layer_mode = "q16" if fine else mode
             name = kernels.weight_kernel_name(mod.weight, dtype, layer_mode)

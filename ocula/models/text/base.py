@@ -14,6 +14,7 @@ from torch import nn
 
 from ocula.errors import GGUFError, UnsupportedError
 from ocula.gguf import GGUFFile
+from ocula.models.moe import MoEConfig, SparseMoE
 from ocula.models.layers import KVCache, RMSNorm, RopeConfig, RopeTable, Rotary, attend, attention_mask, gated_act
 from ocula.quant.linear import QEmbedding, QLinear
 
@@ -42,6 +43,8 @@ class TextConfig:
     final_softcap: float | None = None
     embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(n_embd))
     n_deepstack: int = 0  # Qwen3-VL: vision features added after the first n layers
+    moe: MoEConfig | None = None  # Mixture-of-Experts feed-forward of the layers in `sparse_layers`
+    sparse_layers: tuple[bool, ...] = ()  # per layer: a MoE feed-forward instead of the dense one
     extra: dict = field(default_factory=dict)
 
     @property
@@ -169,16 +172,33 @@ class DecoderBlock(nn.Module):
             self.attn_q_norm = RMSNorm(hd, cfg.norm_eps)
             self.attn_k_norm = RMSNorm(hd, cfg.norm_eps)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
-        self.ffn_gate = QLinear(d, cfg.n_ff)
-        self.ffn_up = QLinear(d, cfg.n_ff)
-        self.ffn_down = QLinear(cfg.n_ff, d)
+        self.init_ffn(cfg)
+
+    def init_ffn(self, cfg: TextConfig) -> None:
+        self.ffn_gate = QLinear(cfg.n_embd, cfg.n_ff)
+        self.ffn_up = QLinear(cfg.n_embd, cfg.n_ff)
+        self.ffn_down = QLinear(cfg.n_ff, cfg.n_embd)
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ffn_down(gated_act(self.ffn_gate(h), self.ffn_up(h)))
 
     def forward(self, x, cfg, rope, caches, layer, masks):
         """x [B, T, d] is updated in place (TextModel.forward owns it) and returned."""
         x += self_attention(self, self.attn_norm(x), cfg, rope, caches, layer, masks)
-        h = self.ffn_norm(x)
-        x += self.ffn_down(gated_act(self.ffn_gate(h), self.ffn_up(h)))
+        x += self.ffn(self.ffn_norm(x))
         return x
+
+
+class SparseDecoderBlock(DecoderBlock):
+    """The pre-norm block with the shared MoE feed-forward (ocula.models.moe) instead of the dense MLP."""
+
+    fused_step = {"gelu": False}  # the C step has the sparse feed-forward too
+
+    def init_ffn(self, cfg: TextConfig) -> None:
+        self.moe = SparseMoE(cfg.n_embd, cfg.moe)
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        return self.moe(h)
 
 
 class TextModel(nn.Module):
@@ -190,12 +210,17 @@ class TextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_embd = QEmbedding(cfg.n_vocab, cfg.n_embd)
-        self.blk = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.n_layer))
+        self.blk = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.n_layer))
         self.output_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = QLinear(cfg.n_embd, cfg.n_vocab)
         self.rotary = Rotary(cfg.rope)
         self.kv_dtype: torch.dtype | None = None  # None: the compute dtype
         self._fused: tuple[int, object] | None = None  # (kernel epoch, FusedDecode or None)
+
+    def make_block(self, cfg: TextConfig, layer: int) -> nn.Module:
+        if cfg.sparse_layers and cfg.sparse_layers[layer]:
+            return SparseDecoderBlock(cfg)
+        return self.block_class(cfg)
 
     # GGUF names to read for module tensors that are stored under another name
     def weight_aliases(self) -> dict[str, str]:

@@ -7,7 +7,11 @@ layer against ~0.15 ms of weight reading). `FusedDecode` hands the whole stack t
 `native_q8` or int16 `native_q16`, whichever `use_kernels` gave each QLinear), q/k norms, RoPE, the KV-cache write,
 attention over the cache and the MLP, with float32 activations throughout.
 
-It takes the blocks it knows (the Llama/Qwen pre-norm block and Gemma 3's) on CPU, with native
+MoE layers (ocula.models.moe) run their sparse feed-forward in the same call: the router's mat-vec, the
+gate probabilities, top-k and weights in float32 as `moe.route` computes them, then per expert that any
+sequence of the batch chose, that expert's gate/up/down mat-vecs over those sequences' rows only.
+
+It takes the blocks it knows (the Llama/Qwen pre-norm block and Gemma 3's, dense or sparse) on CPU, with native
 kernels on every projection, for up to 64 sequences (the mat-vecs' row limit) whose caches share
 a dtype; anything else (another block, CUDA, a torch or ggml kernel, prefill chunks, deepstack
 or image-group inputs) runs the modules as before. ``OCULA_FUSED_DECODE=0`` turns it off.
@@ -21,6 +25,7 @@ import weakref
 
 import torch
 
+from ocula.models import moe
 from ocula.models.layers import ATTN_PARALLEL_MIN_WORK, ROPE_NEOX, KVCache
 from ocula.quant import kernels, linear
 
@@ -35,8 +40,14 @@ class _Lin(ctypes.Structure):
                 ("rb", c_int64), ("bias", c_void_p)]
 
 
+class _Moe(ctypes.Structure):
+    _fields_ = [("router", _Lin), ("gate", _Lin), ("up", _Lin), ("down", _Lin), ("n_expert", c_int), ("n_used", c_int),
+                ("gating", c_int), ("norm_topk", c_int), ("fused_gate_up", c_int), ("weights_scale", c_float)]
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = [*((name, _Lin) for name in LINEARS), *((name, c_void_p) for name in NORMS), ("sliding", c_int)]
+    _fields_ = [*((name, _Lin) for name in LINEARS), *((name, c_void_p) for name in NORMS), ("sliding", c_int),
+                ("moe", _Moe)]
 
 
 class _Seq(ctypes.Structure):
@@ -46,10 +57,10 @@ class _Seq(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [("d", c_int64), ("n_head", c_int64), ("n_kv", c_int64), ("head_dim", c_int64),
-                ("n_ff", c_int64), ("n_rot", c_int64), ("window", c_int64),
+                ("n_ff", c_int64), ("n_rot", c_int64), ("moe_ff", c_int64), ("moe_experts", c_int64), ("window", c_int64),
                 ("eps", c_float), ("scale", c_float), ("softcap", c_float),
                 ("neox", c_int), ("gelu", c_int), ("kv_type", c_int), ("nthreads", c_int),
-                ("par_min", c_int64), ("attn_par_min", c_int64)]
+                ("par_min", c_int64), ("attn_par_min", c_int64), ("expert_rows", c_void_p)]
 
 
 class _CacheView:
@@ -82,9 +93,15 @@ class FusedDecode:
         self.lib = lib
         self.keep: list[torch.Tensor] = []  # float32 copies the C side points into
         self.layers = (_Layer * cfg.n_layer)()
+        moe_ff = moe_experts = 0
         for i, blk in enumerate(model.blk):
             layer = self.layers[i]
-            for name in LINEARS:
+            sparse = getattr(blk, "moe", None)
+            if sparse is not None:
+                layer.moe = self._moe(sparse, model.compute_dtype)
+                moe_ff = max(moe_ff, (2 if sparse.cfg.fused_gate_up else 1) * sparse.cfg.n_ff_exp)
+                moe_experts = max(moe_experts, sparse.cfg.n_expert)
+            for name in LINEARS if sparse is None else LINEARS[:4]:
                 setattr(layer, name, self._lin(getattr(blk, name), model.compute_dtype))
             for name in NORMS:
                 mod = getattr(blk, name, None)
@@ -94,6 +111,7 @@ class FusedDecode:
         st = self.step = _Step()
         st.d, st.n_head, st.n_kv, st.head_dim, st.n_ff = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_ff
         st.n_rot, st.neox, st.gelu = cfg.rope.n_rot, int(cfg.rope.style == ROPE_NEOX), int(gelu)
+        st.moe_ff, st.moe_experts = moe_ff, moe_experts
         st.window = cfg.sliding_window or 0
         st.eps = cfg.norm_eps
         st.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
@@ -116,8 +134,19 @@ class FusedDecode:
         if kernel not in (kernels.native_linear, kernels.q8_linear, kernels.q16_linear) or kernels.weight_kernel_name(
                 w, torch.float32, "exact") != "native":
             raise _Unsupported(f"{getattr(kernel, '__name__', kernel)} kernel on a {w.shape} weight")
-        bias = None if mod.bias is None else self._f32(mod.bias)
+        bias = None if getattr(mod, "bias", None) is None else self._f32(mod.bias)
         return _Lin(w.qtype, xbits, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1], bias)
+
+    def _moe(self, sparse, dtype: torch.dtype) -> _Moe:
+        cfg = sparse.cfg
+        if sparse.shared is not None or cfg.gating not in moe.GATINGS:
+            raise _Unsupported("a shared expert")
+        stacks = (sparse.ffn_gate_up_exps, None) if cfg.fused_gate_up else (sparse.ffn_gate_exps, sparse.ffn_up_exps)
+        empty = _Lin()
+        return _Moe(self._lin(sparse.ffn_gate_inp, dtype), self._lin(stacks[0], dtype),
+                    empty if stacks[1] is None else self._lin(stacks[1], dtype), self._lin(sparse.ffn_down_exps, dtype),
+                    cfg.n_expert, cfg.n_expert_used, moe.GATINGS.index(cfg.gating), int(cfg.norm_topk),
+                    int(cfg.fused_gate_up), cfg.weights_scale)
 
     def accepts(self, caches: list[KVCache]) -> bool:
         """Whether the C step can use these caches (on CPU, all in one dtype it reads and writes)."""
@@ -125,9 +154,11 @@ class FusedDecode:
         return (kv is not None and len(caches) <= kernels.Q8_MAX_ROWS and bool(self.lib.ocula_step_supports_kv(kv))
                 and all(c.dtype == caches[0].dtype and torch.device(c.device).type == "cpu" for c in caches))
 
-    def run(self, x: torch.Tensor, positions: list[torch.Tensor], caches: list[KVCache]) -> torch.Tensor:
+    def run(self, x: torch.Tensor, positions: list[torch.Tensor], caches: list[KVCache],
+            expert_rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, 1, d]: each sequence's new-token input embedding → its hidden state before the final
-        norm ([B, 1, d], float32); positions[b] is [1] or [n_axes, 1]."""
+        norm ([B, 1, d], float32); positions[b] is [1] or [n_axes, 1]. `expert_rows` (int32 [n_layers,
+        n_experts], zeros): gets how many rows each MoE layer's experts multiplied in this step."""
         B = len(caches)
         st = self.step
         st.kv_type, st.nthreads = KV_TYPES[caches[0].dtype], torch.get_num_threads()
@@ -146,6 +177,7 @@ class FusedDecode:
             if angles[1] is not None:
                 s.cos_local, s.sin_local = angles[1][0].data_ptr() + b * row, angles[1][1].data_ptr() + b * row
         h = x.reshape(B, -1).to(torch.float32, copy=True)
+        st.expert_rows = None if expert_rows is None else expert_rows.data_ptr()
         rc = self.lib.ocula_decode_step(ctypes.byref(st), self.layers, len(self.layers), seqs, B, h.data_ptr())
         if rc:
             raise RuntimeError(f"ocula_decode_step failed ({rc})")

@@ -1,0 +1,223 @@
+"""The sparse Mixture-of-Experts feed-forward that every MoE family shares.
+
+router → gate probabilities → top-k experts per token → (renormalised) weights → SwiGLU experts →
+weighted sum. Experts live in 3-D GGUF tensors (`ffn_{gate,up,down}_exps`, or the fused
+`ffn_gate_up_exps` with the gate half of each expert first) that stay quantized and memory-mapped:
+expert e is a zero-copy view of its rows, multiplied by the same kernels as a dense layer of its
+type. Tokens are grouped by expert, so each active expert runs one GEMM over its tokens' rows and
+an expert no token chose is never read.
+
+Families differ only in `MoEConfig` (gating function, renormalisation, a shared expert) and in which
+layers are sparse; a decode step on CPU runs the same routing in C (ocula/quant/decode_step.c).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ocula.errors import GGUFError
+from ocula.gguf import GGUFFile
+from ocula.models.layers import gated_act
+from ocula.quant import linear
+from ocula.quant.linear import QLinear, QuantizedWeight
+
+GATINGS = ("softmax", "sigmoid")
+
+
+@dataclass
+class MoEConfig:
+    n_expert: int
+    n_expert_used: int  # k
+    n_ff_exp: int  # rows of one expert's gate / up matrix
+    gating: str = "softmax"  # probabilities from router logits: softmax over experts, or per-expert sigmoid
+    norm_topk: bool = True  # divide the k chosen probabilities by their sum
+    weights_scale: float = 1.0  # multiplies the final expert weights
+    fused_gate_up: bool = False  # experts stored as one ffn_gate_up_exps tensor (gate half first)
+    n_ff_shared: int = 0  # width of an always-on shared expert (ffn_*_shexp), 0 = none
+
+
+def read_moe_config(f: GGUFFile, n_layer: int, *, gating: str = "softmax", norm_topk: bool = True) -> MoEConfig:
+    """Expert counts from `{arch}.expert_*` and the layout of the expert tensors, checked against each other.
+
+    Without `expert_feed_forward_length` the expert width is `feed_forward_length / expert_used_count`,
+    as llama.cpp takes it."""
+    arch = f.architecture
+
+    def key(name: str, default=None):
+        value = f.metadata.get(f"{arch}.{name}", default)
+        if value is None:
+            raise GGUFError(f"{f.path}: required metadata key '{arch}.{name}' is missing (a MoE model needs it)")
+        return value
+
+    n_expert, k = int(key("expert_count")), int(key("expert_used_count"))
+    if n_expert < 1:
+        raise GGUFError(f"{f.path}: '{arch}.expert_count' is {n_expert}; a MoE model needs at least one expert")
+    if not 1 <= k <= n_expert:
+        raise GGUFError(f"{f.path}: '{arch}.expert_used_count' is {k}; it must be between 1 and "
+                        f"'{arch}.expert_count' ({n_expert})")
+    n_ff = f.metadata.get(f"{arch}.expert_feed_forward_length") or 0
+    if not n_ff:  # llama.cpp's fallback for files without the key
+        n_ff = int(key("feed_forward_length")) // k
+    fused = f"blk.{_first_sparse(f, n_layer)}.ffn_gate_up_exps.weight" in f.tensors
+    for i in range(n_layer):
+        has_fused = f"blk.{i}.ffn_gate_up_exps.weight" in f.tensors
+        has_split = f"blk.{i}.ffn_gate_exps.weight" in f.tensors or f"blk.{i}.ffn_up_exps.weight" in f.tensors
+        if has_fused and has_split:
+            raise GGUFError(f"{f.path}: layer {i} has both 'blk.{i}.ffn_gate_up_exps.weight' and split "
+                            "'ffn_gate_exps' / 'ffn_up_exps' tensors; a file holds one layout")
+        if (has_fused or has_split) and has_fused != fused:
+            raise GGUFError(f"{f.path}: layer {i} stores its experts' gate/up "
+                            f"{'fused' if has_fused else 'split'}, unlike the layers before it")
+    n_shared = int(f.metadata.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)
+    if not n_shared and "blk.0.ffn_up_shexp.weight" in f.tensors:
+        n_shared = int(f.tensor("blk.0.ffn_up_shexp.weight").shape[0])
+    return MoEConfig(n_expert, k, n_ff, gating=gating, norm_topk=norm_topk, fused_gate_up=fused,
+                     n_ff_shared=n_shared)
+
+
+def sparse_layers(f: GGUFFile, n_layer: int) -> tuple[bool, ...]:
+    """Per layer: whether it has a router (`blk.N.ffn_gate_inp.weight`), i.e. a sparse feed-forward."""
+    return tuple(f"blk.{i}.ffn_gate_inp.weight" in f.tensors for i in range(n_layer))
+
+
+def _first_sparse(f: GGUFFile, n_layer: int) -> int:
+    return next((i for i, s in enumerate(sparse_layers(f, n_layer)) if s), 0)
+
+
+def route(logits: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] → (weights float32 [N, k], expert ids [N, k]), most probable first.
+
+    In float32 whatever the compute dtype: the reference model routes so, and a bfloat16 softmax would
+    flip near-tied choices."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1) if cfg.gating == "softmax" else torch.sigmoid(logits)
+    weights, ids = torch.topk(probs, cfg.n_expert_used, dim=-1)
+    if cfg.norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if cfg.weights_scale != 1.0:
+        weights = weights * cfg.weights_scale
+    return weights, ids
+
+
+class ExpertStack(nn.Module):
+    """One 3-D expert tensor of GGUF blocks, logical shape [n_expert, parts * rows, cols].
+
+    `weight` (filled by the loader) holds every expert's rows back to back; `matrix(e)` is expert e's
+    [parts * rows, cols] matrix as a zero-copy view. `kernel` is set like a QLinear's by `use_kernels`."""
+
+    def __init__(self, n_expert: int, rows: int, cols: int):
+        super().__init__()
+        self.n_expert, self.rows, self.cols = n_expert, rows, cols
+        self.weight: QuantizedWeight | None = None
+        self.kernel = None
+        self._views: list[QuantizedWeight | None] = []
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.n_expert, self.rows, self.cols
+
+    def set_weight(self, w: QuantizedWeight) -> None:
+        self.weight = w
+        self._views = [None] * self.n_expert
+
+    def matrix(self, e: int) -> QuantizedWeight:
+        view = self._views[e]
+        if view is None:
+            w = self.weight
+            view = self._views[e] = QuantizedWeight(w.data[e * self.rows:(e + 1) * self.rows], w.qtype,
+                                                    (self.rows, self.cols))
+        return view
+
+    def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        kernel = self.kernel if self.kernel is not None else linear.linear_kernel
+        return kernel(x, self.matrix(e), None)
+
+    def extra_repr(self) -> str:
+        from ocula.quant.linear import _type_name  # noqa: PLC0415
+
+        qtype = "unloaded" if self.weight is None else _type_name(self.weight.qtype)
+        return f"experts={self.n_expert}, rows={self.rows}, cols={self.cols}, {qtype}"
+
+
+class SharedExpert(nn.Module):
+    """An always-on SwiGLU expert (`ffn_{gate,up,down}_shexp`) added to the routed experts' sum."""
+
+    gguf_transparent = True
+
+    def __init__(self, d: int, n_ff: int):
+        super().__init__()
+        self.ffn_gate_shexp = QLinear(d, n_ff)
+        self.ffn_up_shexp = QLinear(d, n_ff)
+        self.ffn_down_shexp = QLinear(n_ff, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_down_shexp(gated_act(self.ffn_gate_shexp(x), self.ffn_up_shexp(x)))
+
+
+class SparseMoE(nn.Module):
+    """The sparse feed-forward of one layer. Its tensors keep their GGUF names (`blk.N.ffn_gate_inp`,
+    `blk.N.ffn_gate_exps`, ...): the loader skips this module's own name (`gguf_transparent`)."""
+
+    gguf_transparent = True
+
+    def __init__(self, d: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, ff = cfg.n_expert, cfg.n_ff_exp
+        self.ffn_gate_inp = QLinear(d, E)  # the router
+        if cfg.fused_gate_up:
+            self.ffn_gate_up_exps = ExpertStack(E, 2 * ff, d)
+        else:
+            self.ffn_gate_exps = ExpertStack(E, ff, d)
+            self.ffn_up_exps = ExpertStack(E, ff, d)
+        self.ffn_down_exps = ExpertStack(E, d, ff)
+        self.shared = SharedExpert(d, cfg.n_ff_shared) if cfg.n_ff_shared else None
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)) of expert e for the rows of x."""
+        if self.cfg.fused_gate_up:
+            gu = self.ffn_gate_up_exps.mm(x, e)
+            ff = self.cfg.n_ff_exp
+            g, u = gu[..., :ff].contiguous(), gu[..., ff:].contiguous()
+        else:
+            g, u = self.ffn_gate_exps.mm(x, e), self.ffn_up_exps.mm(x, e)
+        return self.ffn_down_exps.mm(gated_act(g, u), e)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d] (normed hidden states) → the feed-forward output [..., d] in h's dtype."""
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])
+        weights, ids = route(self.ffn_gate_inp(x), self.cfg)
+        # one token per row of a batch of decoding sequences: kernels then take up to their batch row limit
+        one_token_each = len(shape) >= 3 and shape[-2] == 1
+        out = self.combine(x, weights, ids, one_token_each)
+        if self.shared is not None:
+            out += self.shared(x).float()
+        return out.to(h.dtype).reshape(shape)
+
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                one_token_each: bool = False) -> torch.Tensor:
+        """Σ_j weights[:, j] · expert_{ids[:, j]}(x), float32 [N, d]: tokens grouped by expert, one
+        matmul per active expert over its tokens, the weighted results added back in place."""
+        k = ids.shape[-1]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.cfg.n_expert).tolist()
+        flat_weights = weights.reshape(-1)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            picks = order[start:start + n]
+            start += n
+            rows = picks // k
+            xe = x.index_select(0, rows)
+            if one_token_each:
+                xe = xe.unsqueeze(1)
+            y = self.expert(e, xe).reshape(n, -1).float()
+            y *= flat_weights.index_select(0, picks).unsqueeze(1)
+            out.index_add_(0, rows, y)
+        return out
