@@ -21,6 +21,11 @@ CASES = [
     ("SmolVLM2-2.2B", "Q4_K_M"),
     ("InternVL3-1B", "Q8_0"),
 ]
+# Mixture-of-Experts presets (tested on their own: the text-only one has no mmproj)
+MOE_CASES = [
+    ("Qwen3-30B-A3B", "Q4_K_M"),
+    ("Qwen3-VL-30B-A3B", "Q8_0"),
+]
 
 
 def _needs_vocab(preset: str) -> None:
@@ -36,8 +41,9 @@ def image():
 
 
 def test_every_preset_is_covered():
-    assert {p for p, _ in CASES} == set(synth.PRESETS)
+    assert {p for p, _ in CASES + MOE_CASES} == set(synth.PRESETS)
     assert {q for _, q in CASES} == set(synth.QUANTS)
+    assert {p for p, _ in MOE_CASES} == {n for n, p in synth.PRESETS.items() if p.text.n_expert}
 
 
 @pytest.mark.parametrize("preset,quant", CASES)
@@ -116,7 +122,7 @@ def _normalize(name: str) -> str:
 
 @pytest.mark.parametrize("family,preset", [("qwen25vl", "Qwen2.5-VL-3B"), ("qwen3vl", "Qwen3-VL-2B"),
                                           ("gemma3", "Gemma-3-4B"), ("internvl", "InternVL3-1B"),
-                                          ("smolvlm", "SmolVLM-256M")])
+                                          ("smolvlm", "SmolVLM-256M"), ("qwen3vlmoe", "Qwen3-VL-30B-A3B")])
 def test_tensor_names_and_types_match_converted_fixtures(family, preset):
     root = synth.fixtures_dir()
     if root is None or not (root / family).is_dir():
@@ -137,7 +143,152 @@ def test_cli_lists_and_writes(tmp_path, capsys):
     from ocula.cli import main
 
     assert main(["synth", "--list"]) == 0
-    assert "Gemma-3-4B" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "Gemma-3-4B" in listing and "experts=128/8x768" in listing and "text only" in listing
     assert main(["synth", "--preset", "smolvlm-256m", "--tiny", "--quant", "q8_0", "-o", str(tmp_path)]) == 0
     assert (tmp_path / "SmolVLM-256M-tiny-Q8_0.gguf").exists()
     assert (tmp_path / "mmproj-SmolVLM-256M-tiny-F16.gguf").exists()
+
+
+# ----------------------------------------------------------------------------- Mixture of Experts
+
+
+def _tiny_moe(preset: str):
+    p = synth.tiny(synth.get_preset(preset))
+    return p, p.text
+
+
+@pytest.mark.parametrize("preset,quant", MOE_CASES)
+def test_tiny_moe_synth_writes_experts(tmp_path, preset, quant):
+    _needs_vocab(preset)
+    r = synth.synthesize(preset, quant, tmp_path, tiny_scale=True)
+    p, t = _tiny_moe(preset)
+    e, d, ff = t.n_expert, t.n_embd, t.n_ff_exp
+    assert (e, t.n_expert_used, ff) == (8, 2, 64)
+    f = GGUFFile(r.model)
+    a, md = t.arch, f.metadata
+    assert f.architecture == a and a == synth.get_preset(preset).text.arch
+    assert md[f"{a}.expert_count"] == e and md[f"{a}.expert_used_count"] == 2
+    assert md[f"{a}.expert_feed_forward_length"] == ff and md[f"{a}.feed_forward_length"] == t.n_ff
+    assert md[f"{a}.attention.key_length"] == t.head_dim == md[f"{a}.attention.value_length"]
+    assert md[f"{a}.block_count"] == t.n_layer and "output.weight" in f.tensors  # untied
+    for i in range(t.n_layer):
+        b = f"blk.{i}."
+        assert not {b + "ffn_gate.weight", b + "ffn_up.weight", b + "ffn_down.weight"} & set(f.tensors)
+        assert f.tensor(b + "ffn_gate_inp.weight").shape == (e, d)  # torch order, ggml ne {d, e}
+        assert f.tensor(b + "ffn_gate_exps.weight").shape == (e, ff, d)
+        assert f.tensor(b + "ffn_up_exps.weight").shape == (e, ff, d)
+        assert f.tensor(b + "ffn_down_exps.weight").shape == (e, d, ff)
+    types = {n: x.type_name for n, x in f.tensors.items()}
+    assert all(types[n] == "F32" for n in types if n.endswith(("norm.weight", "ffn_gate_inp.weight")))
+    if quant == "Q8_0":
+        assert {types[n] for n in types if not n.endswith(("norm.weight", "ffn_gate_inp.weight"))} == {"Q8_0"}
+    else:  # Q4_K_M on 128/64-wide rows: the fallbacks, and llama-quantize's 8-expert rules
+        assert types["token_embd.weight"] == "Q5_0" and types["output.weight"] == "Q8_0"
+        for i in range(t.n_layer):
+            b = f"blk.{i}."
+            assert types[b + "attn_q.weight"] == "Q5_0" and types[b + "attn_output.weight"] == "Q5_1"  # Q5_K
+            assert types[b + "attn_k.weight"] == types[b + "attn_v.weight"] == "Q8_0"
+            assert types[b + "ffn_gate_exps.weight"] == types[b + "ffn_up_exps.weight"] == "Q5_0"
+        assert types["blk.0.ffn_down_exps.weight"] == "Q5_0" and types["blk.1.ffn_down_exps.weight"] == "Q8_0"
+    # experts differ from each other, and the router's logits are large enough to separate them
+    for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        raw = f.tensor(f"blk.0.{name}.weight").data.reshape(e, -1)
+        assert len({bytes(x) for x in raw}) == e
+    router = f.tensor("blk.1.ffn_gate_inp.weight").data.view(np.float32)
+    assert abs(float(router.std()) * d ** 0.5 / synth.ROUTER_SCALE - 1) < 0.2
+    if p.vision is None:
+        assert r.mmproj is None and not list(tmp_path.glob("mmproj-*"))
+    else:
+        mm = GGUFFile(r.mmproj)
+        assert mm.metadata["clip.projector_type"] == "qwen3vl_merger"
+        assert mm.metadata["clip.vision.projection_dim"] == d
+        assert md[f"{a}.n_deepstack_layers"] == len(p.vision.deepstack) == 2
+        assert md[f"{a}.rope.dimension_sections"] == list(t.mrope_sections)
+
+
+@pytest.mark.parametrize("preset,quant", MOE_CASES)
+def test_tiny_moe_loads_and_chats(tmp_path, image, preset, quant):
+    # needs the qwen3moe / qwen3vlmoe text models (ocula/models/moe.py)
+    _needs_vocab(preset)
+    r = synth.synthesize(preset, quant, tmp_path, tiny_scale=True)
+    model = ocula.load(r.model, mmproj=r.mmproj)
+    if r.mmproj is None:
+        msgs = [{"role": "user", "content": "Hello! Who are you?"}]
+    else:
+        content = [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]
+        msgs = [{"role": "user", "content": content}]
+        assert model.vision.image_token_id in model.prompt_token_ids(msgs)
+    assert bool(np.isfinite(model.logits(msgs).numpy()).all())
+    out = model.chat(msgs, max_tokens=3, temperature=0, ignore_eos=True)
+    assert len(out.token_ids) == 3 and isinstance(out.text, str)
+
+
+def test_moe_quantization_recipe_matches_llama_quantize():
+    from dataclasses import replace
+
+    p = synth.get_preset("Qwen3-30B-A3B")
+    t = p.text
+    types = {ts.name: synth.text_tensor_type(ts, "Q4_K_M", t) for ts in synth.text_tensors(t)}
+    assert types["token_embd.weight"] == QT.Q4_K and types["output.weight"] == QT.Q6_K  # untied
+    more_bits = [0, 1, 2, 3, 4, 5, *range(8, 42, 3), 42, 43, 44, 45, 46, 47]  # use_more_bits(i, 48)
+    assert [i for i in range(48) if types[f"blk.{i}.ffn_down_exps.weight"] == QT.Q6_K] == more_bits
+    assert [i for i in range(48) if types[f"blk.{i}.attn_v.weight"] == QT.Q6_K] == more_bits
+    assert {types[f"blk.{i}.ffn_down_exps.weight"] for i in range(48)} == {QT.Q4_K, QT.Q6_K}
+    for i in range(48):
+        b = f"blk.{i}."
+        assert types[b + "ffn_gate_exps.weight"] == types[b + "ffn_up_exps.weight"] == QT.Q4_K
+        assert types[b + "attn_k.weight"] == types[b + "attn_output.weight"] == QT.Q4_K
+        assert types[b + "ffn_gate_inp.weight"] == QT.F32
+    q8 = {ts.name: synth.text_tensor_type(ts, "Q8_0", t) for ts in synth.text_tensors(t)}
+    assert {q for n, q in q8.items() if "norm" not in n and "gate_inp" not in n} == {QT.Q8_0}
+    # only models with exactly 8 experts get the Mixtral rules (attn_k / attn_v Q8_0, attn_output Q5_K)
+    t8 = replace(t, n_expert=8)
+    types8 = {ts.name: synth.text_tensor_type(ts, "Q4_K_M", t8) for ts in synth.text_tensors(t8)}
+    assert types8["blk.7.attn_k.weight"] == types8["blk.7.attn_v.weight"] == QT.Q8_0
+    assert types8["blk.7.attn_output.weight"] == QT.Q5_K and types8["blk.0.ffn_down_exps.weight"] == QT.Q6_K
+
+
+def _fixture_text_spec(f: GGUFFile) -> synth.TextSpec:
+    a, md = f.architecture, f.metadata
+    sections = md.get(f"{a}.rope.dimension_sections")
+    return synth.TextSpec(
+        a, f.tensors["token_embd.weight"].shape[0], md[f"{a}.embedding_length"], md[f"{a}.block_count"],
+        md[f"{a}.attention.head_count"], md[f"{a}.attention.head_count_kv"], md[f"{a}.feed_forward_length"],
+        md[f"{a}.attention.key_length"], md[f"{a}.rope.freq_base"], md[f"{a}.context_length"],
+        md[f"{a}.attention.layer_norm_rms_epsilon"], tied="output.weight" not in f.tensors, vocab="qwen3vl",
+        qk_norm=True, mrope_sections=tuple(sections) if sections else None,
+        n_deepstack=md.get(f"{a}.n_deepstack_layers", 0), n_expert=md[f"{a}.expert_count"],
+        n_expert_used=md[f"{a}.expert_used_count"], n_ff_exp=md[f"{a}.expert_feed_forward_length"])
+
+
+@pytest.mark.parametrize("family,file,quant", [("qwen3moe", "qwen3moe-Q4_K_M.gguf", "Q4_K_M"),
+                                               ("qwen3moe", "qwen3moe-Q8_0.gguf", "Q8_0"),
+                                               ("qwen3moe", "qwen3moe-f16.gguf", "F16"),
+                                               ("qwen3vlmoe", "qwen3vlmoe-f16.gguf", "F16")])
+def test_moe_tensors_and_metadata_match_llama_cpp_files(family, file, quant):
+    # small MoE models converted (and quantized) by llama.cpp: the same hparams give the same
+    # tensor names, shapes and types, and the same {arch}.* metadata keys and values
+    root = synth.fixtures_dir()
+    if root is None or not (root / family / file).is_file():
+        pytest.skip("shared fixtures not found")
+    f = GGUFFile(root / family / file)
+    t = _fixture_text_spec(f)
+    want = {n: (x.type_name, tuple(x.shape)) for n, x in f.tensors.items()}
+    got = {ts.name: (synth.text_tensor_type(ts, quant, t).name, ts.shape) for ts in synth.text_tensors(t)}
+    assert got == want
+    kv = synth.text_metadata(synth.Preset("fixture", "fixture", t), quant)
+    want_kv = {k: v for k, v in f.metadata.items() if k.startswith(t.arch + ".")}
+    got_kv = {k: v for k, v in kv.items() if k.startswith(t.arch + ".")}
+    assert set(got_kv) == set(want_kv)
+    for k, v in want_kv.items():
+        assert got_kv[k] == (pytest.approx(v) if isinstance(v, float) else v), k
+
+
+def test_moe_sizes_match_the_published_files():
+    # Qwen3-30B-A3B GGUF releases: Q4_K_M 18.6 GB (17.28 GiB), Q8_0 32.48 GB, bf16 61.10 GB (= F16's
+    # size); tensor data + a header of a few MB of tokenizer metadata. Both presets share the text shapes.
+    assert abs(_file_bytes("Qwen3-30B-A3B", "Q4_K_M") / 2**30 - 17.28) < 0.01
+    assert abs(_file_bytes("Qwen3-VL-30B-A3B", "Q4_K_M") / 1e9 - 18.6) < 0.05
+    assert abs(_file_bytes("Qwen3-30B-A3B", "Q8_0") / 1e9 - 32.48) < 0.01
+    assert abs(_file_bytes("Qwen3-30B-A3B", "F16") / 1e9 - 61.10) < 0.02

@@ -5,6 +5,11 @@
     DIR/Qwen2.5-VL-3B-Q4_K_M.gguf        text model: architecture, hparams, tokenizer, chat template
     DIR/mmproj-Qwen2.5-VL-3B-F16.gguf    vision projector (always F16, as the usual release files)
 
+Text-only presets (Qwen3-30B-A3B) write just the text model. Mixture-of-Experts presets write
+llama.cpp's merged expert tensors (`blk.N.ffn_{gate,up,down}_exps.weight`, [n_expert, rows, cols],
+every expert drawn from a different place of the block pool so no two are equal) and an F32 router
+`blk.N.ffn_gate_inp.weight` whose larger std makes different tokens pick different experts.
+
 Speed does not depend on weight values, so these files benchmark ocula and llama.cpp on
 realistic shapes without downloading anything. Weights are random but every block is valid: block
 bytes are random, and each block's f16 scale fields (d, dmin) are set so the dequantized weights
@@ -26,6 +31,8 @@ Quantization mixes (`--quant`):
           token_embd) Q6_K, and attn_v / ffn_down Q6_K on the "use_more_bits" layers
           (first 1/8, last 1/8, and every third layer in between); rows whose length is not a
           multiple of 256 fall back as llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0; output -> Q8_0).
+          MoE: ffn_down_exps follows ffn_down's rule, routers stay F32, and models with exactly 8
+          experts get llama-quantize's Mixtral rules (attn_k / attn_v Q8_0, attn_output Q5_K).
 """
 from __future__ import annotations
 
@@ -34,7 +41,9 @@ import json
 import sys
 
 from ocula.errors import OculaError
-from ocula.synth.blocks import POOL_BLOCKS, WEIGHT_STD, BlockPool, PoolTensor, tensor_data, tensor_nbytes
+from ocula.synth.blocks import (
+    POOL_BLOCKS, ROUTER_SCALE, WEIGHT_STD, BlockPool, PoolTensor, tensor_data, tensor_nbytes,
+)
 from ocula.synth.presets import ALIASES, PRESETS, Preset, TextSpec, VisionSpec, get_preset, tiny
 from ocula.synth.tensors import (
     FILE_TYPES, QUANTS, TensorSpec, text_tensor_type, text_tensors, vision_tensor_type, vision_tensors,
@@ -45,7 +54,8 @@ from ocula.synth.vocab import (
 from ocula.synth.writer import SynthResult, synthesize, text_metadata, vision_metadata
 
 __all__ = [
-    "ALIASES", "FILE_TYPES", "POOL_BLOCKS", "PRESETS", "QUANTS", "WEIGHT_STD", "BlockPool", "PoolTensor", "Preset",
+    "ALIASES", "FILE_TYPES", "POOL_BLOCKS", "PRESETS", "QUANTS", "ROUTER_SCALE", "WEIGHT_STD", "BlockPool",
+    "PoolTensor", "Preset",
     "SynthResult", "TensorSpec", "TextSpec", "VisionSpec", "add_parser", "fixtures_dir", "get_preset", "main",
     "synth_bpe_tokenizer", "synthesize", "tensor_data", "tensor_nbytes", "text_metadata", "text_tensor_type",
     "text_tensors", "tiny", "tokenizer_metadata", "train_bpe", "vision_metadata", "vision_tensor_type",
@@ -57,8 +67,10 @@ def cmd_synth(args) -> int:
     if args.list:
         for p in PRESETS.values():
             t, v = p.text, p.vision
-            print(f"{p.name:15} {p.hf:40} {t.arch:8} d={t.n_embd} L={t.n_layer} H={t.n_head}/{t.n_head_kv} "
-                  f"ff={t.n_ff} V={t.n_vocab} | {v.projector} {v.image_size}px d={v.n_embd} L={v.n_layer}")
+            ff = f"experts={t.n_expert}/{t.n_expert_used}x{t.n_ff_exp}" if t.n_expert else f"ff={t.n_ff}"
+            vision = f"{v.projector} {v.image_size}px d={v.n_embd} L={v.n_layer}" if v else "text only"
+            print(f"{p.name:16} {p.hf:40} {t.arch:10} d={t.n_embd} L={t.n_layer} H={t.n_head}/{t.n_head_kv} "
+                  f"{ff} V={t.n_vocab} | {vision}")
         return 0
     if not args.preset:
         raise OculaError("--preset is required (see --list)")

@@ -1,12 +1,15 @@
 """Tensor bytes: random but valid quantized blocks, scaled so dequantized weights have std ~WEIGHT_STD."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ocula.errors import OculaError
 from ocula.synth.tensors import TensorSpec
 
 WEIGHT_STD = 0.02
+ROUTER_SCALE = 4.0  # MoE router weights: std ROUTER_SCALE / sqrt(n_embd), so expert logits have std ~4
 
 # f16 scale fields (byte offsets) of each block type; everything else in a block is random bits
 _SCALE_FIELDS = {
@@ -62,19 +65,29 @@ class BlockPool:
 
 
 class PoolTensor:
-    """Duck-typed stand-in for a numpy array in GGUFWriter.write_tensor_data: streams pool bytes."""
+    """Duck-typed stand-in for a numpy array in GGUFWriter.write_tensor_data: streams pool bytes.
 
-    def __init__(self, pool: np.ndarray, nbytes: int, unit: int, start: int):
-        self.pool, self.nbytes, self.unit, self.start = pool, nbytes, unit, start
+    `start` is the first pool block (unit) of the tensor, or one start per slab for a tensor cut into
+    equal slabs (the experts of a 3-D MoE tensor): distinct starts make every expert different while
+    the bytes still come from the one small pool (nothing tensor-sized is ever held in memory)."""
+
+    def __init__(self, pool: np.ndarray, nbytes: int, unit: int, start: int | Sequence[int]):
+        self.pool, self.nbytes, self.unit = pool, nbytes, unit
+        self.starts = [int(start)] if np.ndim(start) == 0 else [int(x) for x in start]
+        self.start = self.starts[0]
+        if nbytes % len(self.starts) or (nbytes // len(self.starts)) % unit:
+            raise OculaError(f"{nbytes} bytes do not split into {len(self.starts)} slabs of whole blocks")
 
     def tofile(self, fout) -> None:
-        left, pos = self.nbytes, (self.start * self.unit) % len(self.pool)
-        pos -= pos % self.unit
-        while left:
-            chunk = self.pool[pos : pos + left]
-            fout.write(chunk.data)
-            left -= len(chunk)
-            pos = 0
+        slab = self.nbytes // len(self.starts)
+        for start in self.starts:
+            left, pos = slab, (start * self.unit) % len(self.pool)
+            pos -= pos % self.unit
+            while left:
+                chunk = self.pool[pos : pos + left]
+                fout.write(chunk.data)
+                left -= len(chunk)
+                pos = 0
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
@@ -91,6 +104,9 @@ def tensor_data(ts: TensorSpec, qtype, pools: BlockPool, rng: np.random.Generato
     from gguf import GGMLQuantizationType as QT
 
     nbytes = tensor_nbytes(ts.shape, qtype)
+    if ts.kind == "router":  # MoE ffn_gate_inp [n_expert, n_embd], F32 as llama.cpp keeps it
+        arr = rng.standard_normal(ts.shape, dtype=np.float32) * np.float32(ROUTER_SCALE / np.sqrt(ts.shape[-1]))
+        return arr.astype(np.float16) if qtype == QT.F16 else arr
     if ts.kind in ("norm", "scale", "bias"):
         value = {"norm": 1.0, "scale": 0.1, "bias": 0.0}[ts.kind]
         arr = np.full(ts.shape, value, dtype=np.float32)
@@ -101,4 +117,6 @@ def tensor_data(ts: TensorSpec, qtype, pools: BlockPool, rng: np.random.Generato
 
     _, unit = GGML_QUANT_SIZES[qtype]
     pool = pools.pool(qtype)
+    if ts.role.endswith("_exps"):  # [n_expert, rows, cols]: each expert from its own place in the pool
+        return PoolTensor(pool, nbytes, unit, rng.choice(len(pool) // unit, size=ts.shape[0], replace=False))
     return PoolTensor(pool, nbytes, unit, int(rng.integers(0, len(pool) // unit)))

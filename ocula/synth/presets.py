@@ -29,6 +29,12 @@ class TextSpec:
     rope_freq_base_swa: float | None = None
     rope_linear_factor: float | None = None
     n_vocab_base: int | None = None  # BPE vocab: regular tokens before the appended special tokens
+    # Mixture of Experts (0 = dense): n_expert experts of width n_ff_exp, n_expert_used per token, and a
+    # router (ffn_gate_inp) in every block instead of the dense ffn_gate/up/down; n_ff stays the
+    # config's dense intermediate_size, written as {arch}.feed_forward_length as the converter does
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
 
 
 @dataclass
@@ -54,7 +60,7 @@ class Preset:
     name: str
     hf: str  # the HF repo the shapes come from
     text: TextSpec
-    vision: VisionSpec
+    vision: VisionSpec | None = None  # None: a text-only model (no mmproj)
     notes: str = ""
 
 
@@ -112,10 +118,27 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                    scale_factor=2),
         "InternViT-300M-448px (layer scale), pixel shuffle 0.5 -> 256 tokens per 448px tile",
     ),
+    Preset(
+        "Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B",
+        TextSpec("qwen3moe", 151936, 2048, 48, 32, 4, 6144, 128, 1e6, 40960, 1e-6, tied=False,
+                 vocab="qwen3vl", qk_norm=True, n_expert=128, n_expert_used=8, n_ff_exp=768),
+        notes="text only; 128 experts x 768, top 8, no shared expert; Qwen3 tokenizer (= Qwen3-VL's vocabulary)",
+    ),
+    Preset(
+        "Qwen3-VL-30B-A3B", "Qwen/Qwen3-VL-30B-A3B-Instruct",
+        TextSpec("qwen3vlmoe", 151936, 2048, 48, 32, 4, 6144, 128, 5e6, 262144, 1e-6, tied=False,
+                 vocab="qwen3vl", qk_norm=True, mrope_sections=(24, 20, 20, 0), n_deepstack=3,
+                 n_expert=128, n_expert_used=8, n_ff_exp=768),
+        VisionSpec("qwen3vl_merger", 768, 16, 1152, 4304, 27, 16, 1e-6, HALF, HALF, "gelu",
+                   extra={"clip.vision.spatial_merge_size": 2}, deepstack=(8, 16, 24)),
+        "text = Qwen3-30B-A3B's MoE with Qwen3-VL's interleaved M-RoPE and deepstack; vision 27 x 1152, "
+        "learned pos 48x48 (image_size 768), deepstack after vision blocks 8/16/24",
+    ),
 ]}
 
 ALIASES = {k.lower().replace("-", "").replace(".", "").replace("_", ""): k for k in PRESETS}
-ALIASES.update({"smolvlm2b": "SmolVLM2-2.2B", "qwen25vl": "Qwen2.5-VL-3B", "gemma34b": "Gemma-3-4B"})
+ALIASES.update({"smolvlm2b": "SmolVLM2-2.2B", "qwen25vl": "Qwen2.5-VL-3B", "gemma34b": "Gemma-3-4B",
+                "qwen3moe": "Qwen3-30B-A3B", "qwen3vlmoe": "Qwen3-VL-30B-A3B"})
 
 
 def get_preset(name: str) -> Preset:
@@ -140,8 +163,12 @@ def tiny(p: Preset) -> Preset:
     text = replace(t, n_embd=128, n_layer=2, n_head=heads, n_head_kv=kv, head_dim=hd, n_ff=256,
                    mrope_sections=sections, n_deepstack=2 if t.n_deepstack else 0,
                    context_length=min(t.context_length, 8192))
+    if t.n_expert:  # 8 experts, top 2, 64 wide: llama-quantize's 8-expert rules apply (attn_k/v Q8_0, ...)
+        text = replace(text, n_expert=8, n_expert_used=2, n_ff_exp=64)
     if t.vocab.startswith("bpe:"):  # a synthesized vocabulary: keep it small so it trains in a second
         text = replace(text, n_vocab=4096 + 128, n_vocab_base=4096)
+    if v is None:
+        return replace(p, text=text)
     extra = dict(v.extra)
     n_layer = 2
     deepstack: tuple[int, ...] = ()

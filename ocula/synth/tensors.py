@@ -14,9 +14,11 @@ FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}  # llama_ftype
 class TensorSpec:
     name: str
     shape: tuple[int, ...]  # numpy order: outermost first (rows, cols) for 2-D weights
-    kind: str = "weight"  # weight | norm (ones) | bias | f32 (random, kept F32) | f16 (random, kept F16)
+    # weight | norm (ones) | bias | f32 (random, kept F32) | f16 (random, kept F16)
+    # | router (MoE ffn_gate_inp: random F32 with a larger std, so tokens pick different experts)
+    kind: str = "weight"
     layer: int | None = None
-    role: str = ""  # attn_v / ffn_down / output / token_embd for the quantization recipe
+    role: str = ""  # attn_v / ffn_down / ffn_down_exps / output / token_embd ... for the quantization recipe
 
 
 def text_tensors(t: TextSpec) -> list[TensorSpec]:
@@ -38,12 +40,21 @@ def text_tensors(t: TextSpec) -> list[TensorSpec]:
         if t.qk_norm:
             out += [TensorSpec(p + "attn_q_norm.weight", (hd,), "norm", i),
                     TensorSpec(p + "attn_k_norm.weight", (hd,), "norm", i)]
-        out += [
-            TensorSpec(p + "ffn_norm.weight", (d,), "norm", i),
-            TensorSpec(p + "ffn_gate.weight", (t.n_ff, d), layer=i, role="ffn_gate"),
-            TensorSpec(p + "ffn_up.weight", (t.n_ff, d), layer=i, role="ffn_up"),
-            TensorSpec(p + "ffn_down.weight", (d, t.n_ff), layer=i, role="ffn_down"),
-        ]
+        out.append(TensorSpec(p + "ffn_norm.weight", (d,), "norm", i))
+        if t.n_expert:  # merged expert tensors, [n_expert, rows, cols] (ggml ne {cols, rows, n_expert})
+            e, f = t.n_expert, t.n_ff_exp
+            out += [
+                TensorSpec(p + "ffn_gate_inp.weight", (e, d), "router", i, role="ffn_gate_inp"),
+                TensorSpec(p + "ffn_gate_exps.weight", (e, f, d), layer=i, role="ffn_gate_exps"),
+                TensorSpec(p + "ffn_up_exps.weight", (e, f, d), layer=i, role="ffn_up_exps"),
+                TensorSpec(p + "ffn_down_exps.weight", (e, d, f), layer=i, role="ffn_down_exps"),
+            ]
+        else:
+            out += [
+                TensorSpec(p + "ffn_gate.weight", (t.n_ff, d), layer=i, role="ffn_gate"),
+                TensorSpec(p + "ffn_up.weight", (t.n_ff, d), layer=i, role="ffn_up"),
+                TensorSpec(p + "ffn_down.weight", (d, t.n_ff), layer=i, role="ffn_down"),
+            ]
         if t.arch == "gemma3":
             out += [TensorSpec(p + "post_attention_norm.weight", (d,), "norm", i),
                     TensorSpec(p + "post_ffw_norm.weight", (d,), "norm", i)]
@@ -133,9 +144,12 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def text_tensor_type(ts: TensorSpec, quant: str, t: TextSpec):
+    """The GGML type convert_hf_to_gguf (F16) or llama-quantize (Q8_0, Q4_K_M) gives a text tensor.
+    3-D expert tensors are quantized like 2-D ones, row by row along their last (ggml ne[0]) axis."""
     from gguf import GGMLQuantizationType as QT
+    from gguf.constants import GGML_QUANT_SIZES
 
-    if len(ts.shape) == 1 or ts.kind != "weight":
+    if len(ts.shape) == 1 or ts.kind != "weight":  # norms, biases and MoE routers stay F32
         return QT.F32
     cols = ts.shape[-1]
     if quant == "F16":
@@ -147,11 +161,17 @@ def text_tensor_type(ts: TensorSpec, quant: str, t: TextSpec):
     qt = QT.Q4_K
     if ts.role == "output" or (t.tied and ts.role == "token_embd"):
         return QT.Q8_0 if cols % 256 else QT.Q6_K
-    if ts.role in ("attn_v", "ffn_down") and _use_more_bits(ts.layer, t.n_layer):
+    # attn_v counts its tensors, ffn_down(_exps) takes the layer from the name: both are the block index
+    if ts.role in ("attn_v", "ffn_down", "ffn_down_exps") and _use_more_bits(ts.layer, t.n_layer):
         qt = QT.Q6_K
-    if cols % 256:  # llama.cpp's tensor_type_fallback
-        qt = {QT.Q4_K: QT.Q5_0, QT.Q6_K: QT.Q8_0}[qt]
-        if cols % 32:
+    if t.n_expert == 8:  # llama-quantize's rules for 8-expert models (Mixtral)
+        if ts.role in ("attn_v", "attn_k"):
+            qt = QT.Q8_0
+        elif ts.role == "attn_output":
+            qt = QT.Q5_K
+    if cols % GGML_QUANT_SIZES[qt][0]:  # llama.cpp's tensor_type_fallback
+        qt = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}.get(qt, QT.F16)
+        if cols % GGML_QUANT_SIZES[qt][0]:
             qt = QT.F16
     return qt
 

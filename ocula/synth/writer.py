@@ -86,12 +86,16 @@ def text_metadata(p: Preset, quant: str) -> dict[str, Any]:
         f"{a}.rope.freq_base": float(t.rope_theta),
         f"{a}.attention.layer_norm_rms_epsilon": float(t.norm_eps),
     }
-    if t.head_dim != t.n_embd // t.n_head or a in ("gemma3", "qwen3vl", "llama"):
+    if t.head_dim != t.n_embd // t.n_head or a in ("gemma3", "qwen3vl", "qwen3moe", "qwen3vlmoe", "llama"):
         kv[f"{a}.attention.key_length"] = t.head_dim
         kv[f"{a}.attention.value_length"] = t.head_dim
     if a == "llama":
         kv[f"{a}.vocab_size"] = t.n_vocab
         kv[f"{a}.rope.dimension_count"] = t.head_dim
+    if t.n_expert:
+        kv[f"{a}.expert_count"] = t.n_expert
+        kv[f"{a}.expert_used_count"] = t.n_expert_used
+        kv[f"{a}.expert_feed_forward_length"] = t.n_ff_exp
     if t.mrope_sections:
         kv[f"{a}.rope.dimension_sections"] = list(t.mrope_sections)
     if t.n_deepstack:
@@ -109,6 +113,8 @@ def text_metadata(p: Preset, quant: str) -> dict[str, Any]:
 
 def vision_metadata(p: Preset) -> dict[str, Any]:
     v = p.vision
+    if v is None:
+        raise OculaError(f"{p.name} is a text-only preset: it has no mmproj")
     kv: dict[str, Any] = {
         "general.type": "mmproj",
         "general.name": f"{p.name} (synthetic random weights)",
@@ -148,7 +154,8 @@ class SynthResult:
 def synthesize(preset: str | Preset, quant: str = "Q4_K_M", out_dir: str | os.PathLike = ".", *,
                tiny_scale: bool = False, layers: int | None = None, vision_layers: int | None = None,
                mmproj: bool = True, seed: int = 0, force: bool = False) -> SynthResult:
-    """Write the text model (and its F16 mmproj) for a preset. Returns the paths."""
+    """Write the text model (and its F16 mmproj, unless the preset is text-only) for a preset.
+    Returns the paths (mmproj None when not written)."""
     p = preset if isinstance(preset, Preset) else get_preset(preset)
     quant = quant.upper()
     if quant not in QUANTS:
@@ -157,7 +164,9 @@ def synthesize(preset: str | Preset, quant: str = "Q4_K_M", out_dir: str | os.Pa
         p = tiny(p)
     if layers:
         p = replace(p, text=replace(p.text, n_layer=layers, n_deepstack=min(p.text.n_deepstack, layers)))
-    if vision_layers:
+    if p.vision is None:
+        mmproj = False
+    if vision_layers and p.vision is not None:
         v = p.vision
         extra = dict(v.extra)
         if "clip.vision.n_wa_pattern" in extra:
