@@ -292,3 +292,32 @@ def test_moe_sizes_match_the_published_files():
     assert abs(_file_bytes("Qwen3-VL-30B-A3B", "Q4_K_M") / 1e9 - 18.6) < 0.05
     assert abs(_file_bytes("Qwen3-30B-A3B", "Q8_0") / 1e9 - 32.48) < 0.01
     assert abs(_file_bytes("Qwen3-30B-A3B", "F16") / 1e9 - 61.10) < 0.02
+
+
+@pytest.mark.parametrize("preset", ["Qwen3-30B-A3B"])
+def test_synth_moe_routes_tokens_to_many_experts(tmp_path, preset, monkeypatch):
+    """Random weights whose blocks all decode to the same nonzero mean give every hidden state one shared
+    direction, and then the router sends every token to the same k experts: benchmarks would measure a model
+    that never reads most of its experts. The synthesized blocks have scales of both signs and MoE embeddings
+    large enough to keep tokens apart, so a 64-token prompt uses every expert in every layer, none for more than
+    30% of the choices (with one sign and 0.02 embeddings: 5-8 of 8 experts, some picked by almost every token)."""
+    _needs_vocab(preset)
+    from ocula.models import moe
+
+    r = synth.synthesize(preset, "Q4_K_M", tmp_path, tiny_scale=True, layers=6)
+    model = ocula.load(r.model)
+    chosen = []
+    real = moe.route
+
+    def spy(logits, cfg):
+        weights, ids = real(logits, cfg)
+        chosen.append(ids)
+        return weights, ids
+
+    monkeypatch.setattr(moe, "route", spy)
+    ids = np.random.default_rng(0).integers(0, model.text.cfg.n_vocab, 64).tolist()
+    model.logits(ids)
+    n_expert = model.text.cfg.moe.n_expert
+    counts = [np.bincount(i.flatten().numpy(), minlength=n_expert) for i in chosen]
+    assert len(counts) == model.text.cfg.n_layer
+    assert all((c > 0).all() and c.max() <= 0.3 * c.sum() for c in counts), counts

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ocula.errors import OculaError
-from ocula.synth.tensors import TensorSpec
+from ocula.synth.tensors import WEIGHT_STD, TensorSpec
 
-WEIGHT_STD = 0.02
 ROUTER_SCALE = 4.0  # MoE router weights: std ROUTER_SCALE / sqrt(n_embd), so expert logits have std ~4
 
 # f16 scale fields (byte offsets) of each block type; everything else in a block is random bits
@@ -24,20 +23,20 @@ class BlockPool:
 
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
-        self.pools: dict[int, np.ndarray] = {}
+        self.pools: dict[tuple, np.ndarray] = {}  # (qtype, std) -> blocks
 
-    def pool(self, qtype) -> np.ndarray:
+    def pool(self, qtype, std: float = WEIGHT_STD) -> np.ndarray:
         from gguf import GGMLQuantizationType as QT
         from gguf.constants import GGML_QUANT_SIZES
 
         qtype = QT(qtype)
-        if qtype in self.pools:
-            return self.pools[qtype]
+        if (qtype, std) in self.pools:
+            return self.pools[qtype, std]
         if qtype in (QT.F16, QT.F32):
             dt = np.float16 if qtype == QT.F16 else np.float32
-            pool = (self.rng.standard_normal(POOL_BLOCKS * 64, dtype=np.float32) * WEIGHT_STD).astype(dt)
-            self.pools[qtype] = pool.view(np.uint8)
-            return self.pools[qtype]
+            pool = (self.rng.standard_normal(POOL_BLOCKS * 64, dtype=np.float32) * std).astype(dt)
+            self.pools[qtype, std] = pool.view(np.uint8)
+            return self.pools[qtype, std]
         if qtype.name not in _SCALE_FIELDS:
             raise OculaError(f"synth cannot write {qtype.name} blocks")
         _, nbytes = GGML_QUANT_SIZES[qtype]
@@ -46,14 +45,17 @@ class BlockPool:
             blocks[:, 192:208] = self.rng.integers(-24, 25, size=(POOL_BLOCKS, 16)).astype(np.int8).view(np.uint8)
         fields = _SCALE_FIELDS[qtype.name]
         self._set_scales(blocks, fields, 1.0)
-        std = float(self._dequant(blocks[:256], qtype).std())
-        self._set_scales(blocks, fields, WEIGHT_STD / std)
-        self.pools[qtype] = blocks.reshape(-1)
-        return self.pools[qtype]
+        measured = float(self._dequant(blocks[:256], qtype).std())
+        self._set_scales(blocks, fields, std / measured)
+        self.pools[qtype, std] = blocks.reshape(-1)
+        return self.pools[qtype, std]
 
     def _set_scales(self, blocks: np.ndarray, fields, value: float) -> None:
-        # jitter each block's scale by +-25% so blocks differ
+        # jitter each block's scale by +-25% so blocks differ, and give half the blocks negative scales: random
+        # bits decode to values with a nonzero mean (Q4_K: d*sc*q - dmin*m), and with every block alike that mean
+        # becomes a direction all hidden states share, so a MoE router sends every token to the same experts
         jitter = self.rng.uniform(0.75, 1.25, size=(blocks.shape[0],)).astype(np.float32)
+        jitter *= self.rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=blocks.shape[0])
         for off in fields:
             blocks[:, off : off + 2] = (jitter * value).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
@@ -116,7 +118,7 @@ def tensor_data(ts: TensorSpec, qtype, pools: BlockPool, rng: np.random.Generato
     from gguf.constants import GGML_QUANT_SIZES
 
     _, unit = GGML_QUANT_SIZES[qtype]
-    pool = pools.pool(qtype)
+    pool = pools.pool(qtype, ts.std or WEIGHT_STD)
     if ts.role.endswith("_exps"):  # [n_expert, rows, cols]: each expert from its own place in the pool
         return PoolTensor(pool, nbytes, unit, rng.choice(len(pool) // unit, size=ts.shape[0], replace=False))
     return PoolTensor(pool, nbytes, unit, int(rng.integers(0, len(pool) // unit)))
