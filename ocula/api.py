@@ -71,8 +71,9 @@ class Model:
         self.gguf = GGUFFile(path)
         self.text = build_text_model(self.gguf)
         with load_progress(self.gguf) as progress:
+            populated = self.device.type == "cpu" and fits_in_memory(self.gguf.file_size) and self.gguf.populate(progress)
             load_gguf_weights(self.text, self.gguf, dtype=dtype, device=self.device,
-                              aliases=self.text.weight_aliases(), progress=progress)
+                              aliases=self.text.weight_aliases(), progress=None if populated else progress)
         self.text.eval()
         self.text.kv_dtype = kv_dtype
         self.kernels = use_kernels(self.text, dtype, kernels)  # Counter: backend -> number of layers
@@ -226,6 +227,20 @@ def load_progress(f: GGUFFile):
 
     with tqdm(total=f.file_size, unit="B", unit_scale=True, desc=f"loading {f.path.name}", leave=False) as bar:
         yield bar.update
+
+
+def fits_in_memory(n_bytes: int) -> bool:
+    """Whether a file of n_bytes fits in 80% of the memory the kernel can give (MemAvailable) and
+    populating it at load is not switched off (OCULA_POPULATE=0): then ocula.load maps the whole model
+    file in at once (GGUFFile.populate) instead of page by page during the first prompts."""
+    if os.environ.get("OCULA_POPULATE", "1") == "0":
+        return False
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return n_bytes <= 0.8 * available
 
 
 def release_free_memory() -> None:

@@ -18,6 +18,8 @@ import numpy as np
 from ocula.errors import GGUFError
 
 GGUF_MAGIC = b"GGUF"
+MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages into the process now, reading them where needed
+POPULATE_CHUNK = 256 << 20
 DEFAULT_ALIGNMENT = 32
 
 # GGUF metadata value types
@@ -162,6 +164,24 @@ class GGUFFile:
         self._value_offsets: dict[str, int] = {}
         self.tensors: dict[str, GGUFTensor] = {}
         self._parse()
+
+    def populate(self, progress=None) -> bool:
+        """Map every page of the file into this process now, so that no forward faults them in one at a
+        time: the first 512-token prompt of a 17 GiB MoE file (which reads nearly every expert) ran at
+        22 t/s against 37 for the next, and populating the file from the page cache took 7 s. Reads from
+        disk what the page cache lacks. False where the kernel cannot (then pages come in on first use)."""
+        raw = getattr(self._map, "_mmap", None)
+        if raw is None or not hasattr(raw, "madvise"):
+            return False
+        for start in range(0, self.file_size, POPULATE_CHUNK):
+            length = min(POPULATE_CHUNK, self.file_size - start)
+            try:
+                raw.madvise(MADV_POPULATE_READ, start, length)
+            except (OSError, ValueError):
+                return False
+            if progress:
+                progress(length)
+        return True
 
     def _parse(self) -> None:
         with open(self.path, "rb") as fh:
