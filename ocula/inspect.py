@@ -45,6 +45,13 @@ def describe(path: str) -> dict:
         for key in ("context_length", "embedding_length", "block_count", "attention.head_count",
                     "attention.head_count_kv", "feed_forward_length"):
             info[key.replace("attention.", "")] = f.get(f"{arch}.{key}")
+        if f.get(f"{arch}.expert_count"):
+            n_layer = int(f.get(f"{arch}.block_count") or 0)
+            sparse = sum(f"blk.{i}.ffn_gate_inp.weight" in f.tensors for i in range(n_layer))
+            fused = any(n.endswith("ffn_gate_up_exps.weight") for n in f.tensors)
+            info["experts"] = (f"{f.get(f'{arch}.expert_count')} per layer, top-{f.get(f'{arch}.expert_used_count')} "
+                               f"per token, expert ffn {f.get(f'{arch}.expert_feed_forward_length')}, "
+                               f"{sparse} of {n_layer} layers sparse, gate/up {'fused' if fused else 'split'}")
         info["vocab_size"] = len(f.get("tokenizer.ggml.tokens") or []) or None
         info["tokenizer"] = f.get("tokenizer.ggml.model")
         info["chat_template"] = "yes" if f.get("tokenizer.chat_template") else "no (ChatML fallback)"

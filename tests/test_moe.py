@@ -221,3 +221,10 @@ def test_fused_and_split_in_one_file(tmp_path):
 def test_missing_expert_count(tmp_path):
     with pytest.raises(GGUFError, match="qwen3moe.expert_count"):
         ocula.load(broken(tmp_path, drop_keys=("qwen3moe.expert_count",)))
+
+
+def test_inspect_shows_experts(capsys):
+    from ocula.cli import main
+
+    assert main(["inspect", str(FIXTURES / QWEN3MOE.format("Q4_K_M"))]) == 0
+    assert "6 per layer, top-2 per token, expert ffn 256, 2 of 2 layers sparse, gate/up split" in capsys.readouterr().out
