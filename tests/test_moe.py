@@ -228,3 +228,34 @@ def test_inspect_shows_experts(capsys):
 
     assert main(["inspect", str(FIXTURES / QWEN3MOE.format("Q4_K_M"))]) == 0
     assert "6 per layer, top-2 per token, expert ffn 256, 2 of 2 layers sparse, gate/up split" in capsys.readouterr().out
+
+
+def test_mmproj_of_another_width():
+    """InternVL3.5-MoE's mmproj (width 16 here) in front of a qwen3moe text model of width 256."""
+    mmproj = FIXTURES / "models/internvlmoe/mmproj-internvlmoe-f16.gguf"
+    if not mmproj.exists():
+        pytest.skip("internvlmoe fixture absent")
+    with pytest.raises(ocula.OculaError, match="width 16 but the text model's embedding width is 256"):
+        ocula.load(FIXTURES / QWEN3MOE.format("f16"), mmproj=mmproj)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_experts_in_c(dtype, monkeypatch):
+    """The C call that runs a prompt's lightly used experts (whole experts per thread): in float32 the logits of
+    the per-expert matmuls from Python; in bf16 within the fast mode's bound of the float32 logits (5% of their
+    range, as the per-expert matmuls are: 2.7% here)."""
+    path = FIXTURES / QWEN3MOE.format("Q4_K_M")
+    if not path.exists():
+        pytest.skip("qwen3moe fixture absent")
+    model = ocula.load(path, dtype=dtype)
+    if model.text.blk[0].moe.native_plan(model.text.compute_dtype) is None:
+        pytest.skip("no C library")
+    ids = np.load(FIXTURES / "reference/qwen3moe_text.npz")["input_ids"].tolist()
+    monkeypatch.setattr(model.engine, "prefix_cache", False)
+    with_c = model.logits(ids)
+    if dtype == "bfloat16":
+        want = ocula.load(path).logits(ids)
+        assert (with_c - want).abs().max() <= 0.05 * (want.max() - want.min())
+        return
+    monkeypatch.setattr(moe.SparseMoE, "native_plan", lambda self, dtype: None)
+    torch.testing.assert_close(with_c, model.logits(ids), rtol=0, atol=1e-4)

@@ -12,6 +12,7 @@ layers are sparse; a decode step on CPU runs the same routing in C (ocula/quant/
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +21,14 @@ from torch import nn
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
 from ocula.models.layers import gated_act
-from ocula.quant import linear
+from ocula.quant import kernels, linear
+from ocula.quant.cviews import GATINGS, CViews, Step, Unsupported
 from ocula.quant.linear import QLinear, QuantizedWeight
-
-GATINGS = ("softmax", "sigmoid")
-# an expert's rows up to this many go to the kernels as separate tokens ([n, 1, d]): in bf16 mode the int8
-# mat-vecs then take them, each row quantized on its own, instead of decoding the expert for a GEMM. Q4_K /
-# Q6_K 768 x 2048 experts, Zen 5, 2 threads, ms: 16 rows 0.25 vs 0.63 (exact fused), 32 rows 0.42-0.48 vs
-# 0.42-0.66 (bf16 tiles + GEMM), 64 rows 0.73-0.79 vs 0.65-0.74
-ROWS_AS_TOKENS = 32
+# Experts chosen by at most this many of a prompt's tokens run in one C call (ocula_moe_experts: whole experts
+# per thread, int8 mat-vecs in bf16 mode), the others as GEMMs from Python. Qwen3-30B-A3B Q4_K_M, 8 layers,
+# 512-token prompts, bf16, Zen 5, 2 threads, s per prompt (medians of 5, alternating): all from Python with up
+# to 32 rows as mat-vecs 2.67, the C call up to 32 rows 2.65, up to 64 rows 2.51
+ROWS_AS_TOKENS = 64
 
 
 @dataclass
@@ -179,6 +179,7 @@ class SparseMoE(nn.Module):
             self.ffn_up_exps = ExpertStack(E, ff, d)
         self.ffn_down_exps = ExpertStack(E, d, ff)
         self.shared = SharedExpert(d, cfg.n_ff_shared) if cfg.n_ff_shared else None
+        self._native: tuple | None = None  # (kernel epoch, dtype, C plan or None)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """down(silu(gate(x)) * up(x)) of expert e for the rows of x."""
@@ -202,24 +203,58 @@ class SparseMoE(nn.Module):
 
     def combine(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_j weights[:, j] · expert_{ids[:, j]}(x), float32 [N, d]: tokens grouped by expert, one
-        matmul per active expert over its tokens, the weighted results added back in place."""
+        matmul per active expert over its tokens, the weighted results added back in place. On CPU the
+        experts with at most ROWS_AS_TOKENS rows (float32: FUSED_MAX_T) go to one C call (ocula_moe_experts),
+        which spreads whole experts over the threads; the others to the kernels' GEMMs from here."""
         k = ids.shape[-1]
         flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.cfg.n_expert).tolist()
-        flat_weights = weights.reshape(-1)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        plan = self.native_plan(x.dtype) if x.device.type == "cpu" else None
+        # float32: the exact mat-vecs beat tiles + GEMM up to FUSED_MAX_T rows only
+        max_rows = ROWS_AS_TOKENS if x.dtype != torch.float32 else kernels.FUSED_MAX_T
+        if plan is not None and any(0 < n <= max_rows for n in counts):
+            lib, _, moe_c, step = plan
+            step.nthreads = torch.get_num_threads()
+            xf, ids32, wf = x.float().contiguous(), flat.to(torch.int32), weights.float().contiguous()
+            rc = lib.ocula_moe_experts(ctypes.byref(step), ctypes.byref(moe_c), xf.data_ptr(), x.shape[0],
+                                       ids32.data_ptr(), wf.data_ptr(), max_rows, out.data_ptr())
+            if rc:
+                raise RuntimeError(f"ocula_moe_experts failed ({rc})")
+        order = torch.argsort(flat, stable=True)
+        flat_weights = weights.reshape(-1)
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
             picks = order[start:start + n]
             start += n
+            if n == 0 or (plan is not None and n <= max_rows):
+                continue
             rows = picks // k
             xe = x.index_select(0, rows)
-            if n <= ROWS_AS_TOKENS:
-                xe = xe.unsqueeze(1)
             y = self.expert(e, xe).reshape(n, -1).float()
             y *= flat_weights.index_select(0, picks).unsqueeze(1)
             out.index_add_(0, rows, y)
         return out
+
+    def native_plan(self, dtype: torch.dtype):
+        """(C library, views, ocula_moe, ocula_step) for this layer's experts with their kernels at compute dtype
+        `dtype`, or None (no C library, a torch kernel, a shared expert); rebuilt when `use_kernels` changes
+        the kernels."""
+        if self._native is None or self._native[:2] != (linear.kernel_epoch, dtype):
+            self._native = (linear.kernel_epoch, dtype, self._build_native(dtype))
+        return self._native[2]
+
+    def _build_native(self, dtype: torch.dtype):
+        lib = kernels.native_lib()
+        if lib is None or self.ffn_down_exps.weight is None or self.ffn_down_exps.weight.data.device.type != "cpu":
+            return None
+        views = CViews()
+        try:
+            moe_c = views.moe(self, dtype)
+        except Unsupported:
+            return None
+        step = Step()
+        step.d, step.moe_experts = self.ffn_down_exps.rows, self.cfg.n_expert
+        step.moe_ff = (2 if self.cfg.fused_gate_up else 1) * self.cfg.n_ff_exp
+        step.par_min, step.nthreads = kernels.PARALLEL_MIN_WORK, 1
+        return lib, views, moe_c, step

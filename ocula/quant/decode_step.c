@@ -209,11 +209,30 @@ static void moe_route(const ocula_moe *M, const float *logits, int *ids, float *
     for (int j = 0; j < k; j++) weights[j] = (M->norm_topk ? weights[j] / total : weights[j]) * M->weights_scale;
 }
 
-/* out[B, d] = sum over each token's chosen experts of weight * down(act(gate(h)) * up(h)), tokens grouped
- * by expert: each active expert's rows are read once for all the tokens that chose it. */
+/* Expert e's down(act(gate(x)) * up(x)) for the n rows of xe into ye [n, d]; g, u: [n, 2 ff] of scratch */
+static int expert_ffn(const ocula_step *st, const ocula_moe *M, int e, int64_t n, const float *xe, float *g,
+                      float *u, float *ye) {
+    int64_t E = M->n_expert, ff = (M->fused_gate_up ? M->gate.rows / 2 : M->gate.rows) / E;
+    ocula_lin gate = expert_rows(&M->gate, e, (int)E), down = expert_rows(&M->down, e, (int)E);
+    int rc;
+    if (M->fused_gate_up) {
+        if ((rc = lin(&gate, xe, n, g, st))) return rc;  /* [n, 2 ff]: gate then up per row */
+        for (int64_t i = 0; i < n; i++) {
+            memcpy(u + i * ff, g + i * 2 * ff + ff, (size_t)ff * 4);
+            memmove(g + i * ff, g + i * 2 * ff, (size_t)ff * 4);
+        }
+    } else {
+        ocula_lin up = expert_rows(&M->up, e, (int)E);
+        if ((rc = lin(&gate, xe, n, g, st)) || (rc = lin(&up, xe, n, u, st))) return rc;
+    }
+    for (int64_t i = 0; i < n * ff; i++) g[i] = act_f32(g[i], 0) * u[i];
+    return lin(&down, g, n, ye, st);
+}
+
+/* out[B, d] = sum over each token's chosen experts of weight * expert(h), tokens grouped by expert: each
+ * active expert's rows are read once for all the tokens that chose it; sums in expert order. */
 static int moe_ffn(const ocula_step *st, const ocula_moe *M, int li, int64_t B, const bufs *m, float *out) {
     int64_t d = st->d, E = M->n_expert, k = M->n_used;
-    int64_t ff = (M->fused_gate_up ? M->gate.rows / 2 : M->gate.rows) / E;
     int ids[B * k]; float w[B * k];
     int rc = lin(&M->router, m->h, B, m->router, st);
     if (rc) return rc;
@@ -227,26 +246,74 @@ static int moe_ffn(const ocula_step *st, const ocula_moe *M, int li, int64_t B, 
         if (!n) continue;
         if (st->expert_rows) st->expert_rows[li * st->moe_experts + e] += (int32_t)n;
         for (int64_t i = 0; i < n; i++) memcpy(m->xe + i * d, m->h + rows[i] * d, (size_t)d * 4);
-        ocula_lin gate = expert_rows(&M->gate, e, (int)E), down = expert_rows(&M->down, e, (int)E);
-        float *g = m->g, *u = m->u;
-        if (M->fused_gate_up) {
-            if ((rc = lin(&gate, m->xe, n, m->g, st))) return rc;  /* [n, 2 ff]: gate then up per row */
-            for (int64_t i = 0; i < n; i++) {
-                memcpy(u + i * ff, m->g + i * 2 * ff + ff, (size_t)ff * 4);
-                memmove(g + i * ff, m->g + i * 2 * ff, (size_t)ff * 4);
-            }
-        } else {
-            ocula_lin up = expert_rows(&M->up, e, (int)E);
-            if ((rc = lin(&gate, m->xe, n, g, st)) || (rc = lin(&up, m->xe, n, u, st))) return rc;
-        }
-        for (int64_t i = 0; i < n * ff; i++) g[i] = act_f32(g[i], 0) * u[i];
-        if ((rc = lin(&down, g, n, m->ye, st))) return rc;
+        if ((rc = expert_ffn(st, M, e, n, m->xe, m->g, m->u, m->ye))) return rc;
         for (int64_t i = 0; i < n; i++) {
             float *o = out + rows[i] * d; const float *y = m->ye + i * d;
             for (int64_t j = 0; j < d; j++) o[j] += rw[i] * y[j];
         }
     }
     return 0;
+}
+
+/* Prefill: out[N, d] += the weighted outputs of the experts that at most max_rows (<= MAXT) of the N tokens
+ * chose (ids, w: [N, k], from the caller's routing); the other experts are left to the caller's GEMMs. The
+ * threads take whole experts (each multiplies its own single-threaded: no fork/join per mat-vec), and each
+ * token's results are added in the order of its k choices. Nonzero on failure. */
+int ocula_moe_experts(const ocula_step *st, const ocula_moe *M, const float *h, int64_t N, const int32_t *ids,
+                      const float *w, int64_t max_rows, float *out) {
+    int64_t d = st->d, E = M->n_expert, k = M->n_used, NK = N * k;
+    int64_t ff2 = (M->fused_gate_up ? M->gate.rows : 2 * M->gate.rows) / E;
+    if (max_rows < 1 || max_rows > MAXT) return -1;
+    int64_t *count = calloc((size_t)(2 * E + 1), 8), *order = malloc((size_t)NK * 8);
+    int64_t *first = count + E, *small = NULL;
+    float *slots = malloc((size_t)(NK * d) * 4);
+    unsigned char *done = calloc((size_t)NK, 1);
+    int failed = !count || !order || !slots || !done;
+    for (int64_t i = 0; i < NK && !failed; i++) {
+        if (ids[i] < 0 || ids[i] >= E) failed = 1; else count[ids[i]]++;
+    }
+    int64_t n_small = 0;
+    if (!failed) {
+        for (int64_t e = 0, at = 0; e < E; e++) { first[e] = at; at += count[e]; }
+        int64_t fill[E];
+        memcpy(fill, first, (size_t)E * 8);
+        for (int64_t i = 0; i < NK; i++) order[fill[ids[i]]++] = i;
+        small = malloc((size_t)E * 8);
+        failed = !small;
+        for (int64_t e = 0; e < E && !failed; e++) if (count[e] && count[e] <= max_rows) small[n_small++] = e;
+    }
+    ocula_step one = *st;
+    one.nthreads = 1;
+    int bad = failed;  /* each thread's own failure, or-ed together at the end of the region */
+    #pragma omp parallel if(!failed && st->nthreads > 1 && n_small > 1) num_threads(st->nthreads) reduction(|:bad)
+    {
+        FLUSH_DENORMALS;
+        float *buf = bad ? NULL : aligned_alloc(64, (size_t)(max_rows * (2 * d + 2 * ff2) + 16) * 4);
+        bad |= !buf;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t j = 0; j < n_small; j++) {
+            if (bad) continue;
+            int64_t e = small[j], n = count[e];
+            const int64_t *pairs = order + first[e];
+            float *xe = buf, *ye = xe + max_rows * d, *g = ye + max_rows * d, *u = g + max_rows * ff2;
+            for (int64_t i = 0; i < n; i++) memcpy(xe + i * d, h + pairs[i] / k * d, (size_t)d * 4);
+            if (expert_ffn(&one, M, (int)e, n, xe, g, u, ye)) { bad = 1; continue; }
+            for (int64_t i = 0; i < n; i++) {
+                float *o = slots + pairs[i] * d, wi = w[pairs[i]];
+                const float *y = ye + i * d;
+                for (int64_t c = 0; c < d; c++) o[c] = wi * y[c];
+                done[pairs[i]] = 1;
+            }
+        }
+        free(buf);
+        RESTORE_FP_MODE;
+    }
+    failed |= bad;
+    if (!failed)
+        for (int64_t i = 0; i < NK; i++)
+            if (done[i]) { float *o = out + i / k * d; const float *y = slots + i * d; for (int64_t c = 0; c < d; c++) o[c] += y[c]; }
+    free(count); free(order); free(slots); free(done); free(small);
+    return failed ? -2 : 0;
 }
 
 static int dense_act_down(const ocula_step *st, const ocula_layer *L, int64_t B, const bufs *m);

@@ -189,6 +189,7 @@ def native_lib() -> ctypes.CDLL | None:
     lib.ocula_q16_supports.argtypes = [i32]
     lib.ocula_step_supports_kv.argtypes = [i32]
     lib.ocula_decode_step.argtypes = [p, p, i32, p, i64, p]
+    lib.ocula_moe_experts.argtypes = [p, p, p, i64, p, p, i64, p]
     lib.ocula_act.argtypes = [p, p, p, i64, i32, i32, i32]
     lib.ocula_act.restype = None
     lib.ocula_attention.argtypes = [p, i64, i32]

@@ -25,24 +25,14 @@ import weakref
 
 import torch
 
-from ocula.models import moe
 from ocula.models.layers import ATTN_PARALLEL_MIN_WORK, ROPE_NEOX, KVCache
 from ocula.quant import kernels, linear
-
-c_int, c_int64, c_float, c_void_p = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+from ocula.quant.cviews import CViews, Step, Unsupported, c_int, c_int64, c_void_p
+from ocula.quant.cviews import Lin as _Lin
+from ocula.quant.cviews import Moe as _Moe
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 NORMS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
-
-
-class _Lin(ctypes.Structure):
-    _fields_ = [("type", c_int), ("xbits", c_int), ("w", c_void_p), ("rows", c_int64), ("cols", c_int64),
-                ("rb", c_int64), ("bias", c_void_p)]
-
-
-class _Moe(ctypes.Structure):
-    _fields_ = [("router", _Lin), ("gate", _Lin), ("up", _Lin), ("down", _Lin), ("n_expert", c_int), ("n_used", c_int),
-                ("gating", c_int), ("norm_topk", c_int), ("fused_gate_up", c_int), ("weights_scale", c_float)]
 
 
 class _Layer(ctypes.Structure):
@@ -53,14 +43,6 @@ class _Layer(ctypes.Structure):
 class _Seq(ctypes.Structure):
     _fields_ = [("pos", c_int64), ("cos", c_void_p), ("sin", c_void_p), ("cos_local", c_void_p),
                 ("sin_local", c_void_p), ("kc", c_void_p), ("vc", c_void_p), ("cap", c_void_p)]
-
-
-class _Step(ctypes.Structure):
-    _fields_ = [("d", c_int64), ("n_head", c_int64), ("n_kv", c_int64), ("head_dim", c_int64),
-                ("n_ff", c_int64), ("n_rot", c_int64), ("moe_ff", c_int64), ("moe_experts", c_int64), ("window", c_int64),
-                ("eps", c_float), ("scale", c_float), ("softcap", c_float),
-                ("neox", c_int), ("gelu", c_int), ("kv_type", c_int), ("nthreads", c_int),
-                ("par_min", c_int64), ("attn_par_min", c_int64), ("expert_rows", c_void_p)]
 
 
 class _CacheView:
@@ -91,24 +73,24 @@ class FusedDecode:
     def __init__(self, model, lib, gelu: bool):
         cfg = model.cfg
         self.lib = lib
-        self.keep: list[torch.Tensor] = []  # float32 copies the C side points into
+        self.c = CViews()  # builds the C structures and keeps alive what they point into
         self.layers = (_Layer * cfg.n_layer)()
         moe_ff = moe_experts = 0
         for i, blk in enumerate(model.blk):
             layer = self.layers[i]
             sparse = getattr(blk, "moe", None)
             if sparse is not None:
-                layer.moe = self._moe(sparse, model.compute_dtype)
+                layer.moe = self.c.moe(sparse, model.compute_dtype)
                 moe_ff = max(moe_ff, (2 if sparse.cfg.fused_gate_up else 1) * sparse.cfg.n_ff_exp)
                 moe_experts = max(moe_experts, sparse.cfg.n_expert)
             for name in LINEARS if sparse is None else LINEARS[:4]:
-                setattr(layer, name, self._lin(getattr(blk, name), model.compute_dtype))
+                setattr(layer, name, self.c.lin(getattr(blk, name), model.compute_dtype))
             for name in NORMS:
                 mod = getattr(blk, name, None)
-                setattr(layer, name, None if mod is None else self._f32(mod.weight))
+                setattr(layer, name, None if mod is None else self.c.f32(mod.weight))
             layer.sliding = int(bool(cfg.sliding_layers) and cfg.sliding_layers[i])
         self.rotaries = (model.rotary, getattr(model, "rotary_local", None))
-        st = self.step = _Step()
+        st = self.step = Step()
         st.d, st.n_head, st.n_kv, st.head_dim, st.n_ff = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_ff
         st.n_rot, st.neox, st.gelu = cfg.rope.n_rot, int(cfg.rope.style == ROPE_NEOX), int(gelu)
         st.moe_ff, st.moe_experts = moe_ff, moe_experts
@@ -118,35 +100,6 @@ class FusedDecode:
         st.softcap = cfg.attn_softcap or 0.0
         st.par_min, st.attn_par_min = kernels.PARALLEL_MIN_WORK, ATTN_PARALLEL_MIN_WORK
         self.views: weakref.WeakKeyDictionary[KVCache, _CacheView] = weakref.WeakKeyDictionary()
-
-    def _f32(self, t: torch.Tensor) -> int:
-        t = t.detach().to(torch.float32).contiguous()
-        self.keep.append(t)
-        return t.data_ptr()
-
-    def _lin(self, mod, dtype: torch.dtype) -> _Lin:
-        w = mod.weight
-        if mod.kernel is None and linear.linear_kernel is not linear.default_linear:
-            raise _Unsupported("the module-wide linear kernel is replaced")
-        kernel = mod.kernel or kernels.select_kernel(w, dtype, linear.DEFAULT_MODE)
-        xbits = (8 if kernel is kernels.q8_linear and kernels.q8_supported(w.qtype)
-                 else 16 if kernel is kernels.q16_linear and kernels.q16_supported(w.qtype) else 0)
-        if kernel not in (kernels.native_linear, kernels.q8_linear, kernels.q16_linear) or kernels.weight_kernel_name(
-                w, torch.float32, "exact") != "native":
-            raise _Unsupported(f"{getattr(kernel, '__name__', kernel)} kernel on a {w.shape} weight")
-        bias = None if getattr(mod, "bias", None) is None else self._f32(mod.bias)
-        return _Lin(w.qtype, xbits, w.data.data_ptr(), w.shape[0], w.shape[1], w.data.shape[1], bias)
-
-    def _moe(self, sparse, dtype: torch.dtype) -> _Moe:
-        cfg = sparse.cfg
-        if sparse.shared is not None or cfg.gating not in moe.GATINGS:
-            raise _Unsupported("a shared expert")
-        stacks = (sparse.ffn_gate_up_exps, None) if cfg.fused_gate_up else (sparse.ffn_gate_exps, sparse.ffn_up_exps)
-        empty = _Lin()
-        return _Moe(self._lin(sparse.ffn_gate_inp, dtype), self._lin(stacks[0], dtype),
-                    empty if stacks[1] is None else self._lin(stacks[1], dtype), self._lin(sparse.ffn_down_exps, dtype),
-                    cfg.n_expert, cfg.n_expert_used, moe.GATINGS.index(cfg.gating), int(cfg.norm_topk),
-                    int(cfg.fused_gate_up), cfg.weights_scale)
 
     def accepts(self, caches: list[KVCache]) -> bool:
         """Whether the C step can use these caches (on CPU, all in one dtype it reads and writes)."""
@@ -186,10 +139,6 @@ class FusedDecode:
         return h.view(B, 1, -1)
 
 
-class _Unsupported(Exception):
-    pass
-
-
 def build(model) -> FusedDecode | None:
     """The fused decode of `model`, or None where it does not apply (see the module docstring)."""
     lib = kernels.native_lib()
@@ -203,5 +152,5 @@ def build(model) -> FusedDecode | None:
         return None
     try:
         return FusedDecode(model, lib, gelu=type(model.blk[0]).fused_step["gelu"])
-    except _Unsupported:
+    except Unsupported:
         return None
