@@ -41,6 +41,10 @@ ROWS = [
     ("internvl3-1b-img1280", "InternVL3-1B", None, ["1280x960"], 0, 0, 1, 0, 1),
     ("qwen3vl2b-img", "Qwen3-VL-2B", None, ["448x448", "1280x960"], 0, 0, 2, 0, 1),
     ("gemma3-4b-q4km-text", "Gemma-3-4B", "Q4_K_M", [], 512, 16, 2, 1, 2),
+    # Mixture-of-Experts, full depth: the Q4_K_M text files are ~17.3 GiB each (17.3 + 1.0 GiB with the mmproj)
+    ("qwen3vl30b-a3b-q4km-text", "Qwen3-VL-30B-A3B", "Q4_K_M", [], 512, 32, 3, 1, 2),
+    ("qwen3vl30b-a3b-img", "Qwen3-VL-30B-A3B", None, ["448x448", "1280x960"], 0, 0, 2, 0, 1),
+    ("qwen3-30b-a3b-q4km-text", "Qwen3-30B-A3B", "Q4_K_M", [], 512, 32, 3, 1, 2),
 ]
 
 
