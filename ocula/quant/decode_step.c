@@ -265,10 +265,9 @@ int ocula_moe_experts(const ocula_step *st, const ocula_moe *M, const float *h, 
     int64_t ff2 = (M->fused_gate_up ? M->gate.rows : 2 * M->gate.rows) / E;
     if (max_rows < 1 || max_rows > MAXT) return -1;
     int64_t *count = calloc((size_t)(2 * E + 1), 8), *order = malloc((size_t)NK * 8);
-    int64_t *first = count + E, *small = NULL;
-    float *slots = malloc((size_t)(NK * d) * 4);
-    unsigned char *done = calloc((size_t)NK, 1);
-    int failed = !count || !order || !slots || !done;
+    int64_t *first = count + E, *small = NULL, *slot = malloc((size_t)NK * 8);
+    float *slots = NULL;  /* one row per (token, choice) of a light expert: at most E * max_rows rows */
+    int failed = !count || !order || !slot;
     for (int64_t i = 0; i < NK && !failed; i++) {
         if (ids[i] < 0 || ids[i] >= E) failed = 1; else count[ids[i]]++;
     }
@@ -280,7 +279,14 @@ int ocula_moe_experts(const ocula_step *st, const ocula_moe *M, const float *h, 
         for (int64_t i = 0; i < NK; i++) order[fill[ids[i]]++] = i;
         small = malloc((size_t)E * 8);
         failed = !small;
-        for (int64_t e = 0; e < E && !failed; e++) if (count[e] && count[e] <= max_rows) small[n_small++] = e;
+        int64_t n_slots = 0;
+        for (int64_t i = 0; i < NK; i++) slot[i] = -1;
+        for (int64_t e = 0; e < E && !failed; e++)
+            if (count[e] && count[e] <= max_rows) {
+                small[n_small++] = e;
+                for (int64_t i = 0; i < count[e]; i++) slot[order[first[e] + i]] = n_slots++;
+            }
+        if (!failed && n_slots && !(slots = malloc((size_t)(n_slots * d) * 4))) failed = 1;
     }
     ocula_step one = *st;
     one.nthreads = 1;
@@ -299,20 +305,22 @@ int ocula_moe_experts(const ocula_step *st, const ocula_moe *M, const float *h, 
             for (int64_t i = 0; i < n; i++) memcpy(xe + i * d, h + pairs[i] / k * d, (size_t)d * 4);
             if (expert_ffn(&one, M, (int)e, n, xe, g, u, ye)) { bad = 1; continue; }
             for (int64_t i = 0; i < n; i++) {
-                float *o = slots + pairs[i] * d, wi = w[pairs[i]];
+                float *o = slots + slot[pairs[i]] * d, wi = w[pairs[i]];
                 const float *y = ye + i * d;
                 for (int64_t c = 0; c < d; c++) o[c] = wi * y[c];
-                done[pairs[i]] = 1;
             }
         }
         free(buf);
         RESTORE_FP_MODE;
     }
     failed |= bad;
-    if (!failed)
+    if (!failed)  /* each token's results in the order of its choices */
         for (int64_t i = 0; i < NK; i++)
-            if (done[i]) { float *o = out + i / k * d; const float *y = slots + i * d; for (int64_t c = 0; c < d; c++) o[c] += y[c]; }
-    free(count); free(order); free(slots); free(done); free(small);
+            if (slot[i] >= 0) {
+                float *o = out + i / k * d; const float *y = slots + slot[i] * d;
+                for (int64_t c = 0; c < d; c++) o[c] += y[c];
+            }
+    free(count); free(order); free(slots); free(slot); free(small);
     return failed ? -2 : 0;
 }
 
