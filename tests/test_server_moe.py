@@ -2,10 +2,9 @@
 streams, mixed text and image, get what each gets alone while sharing decode steps (the C step groups the batch's
 tokens by expert); a second turn re-sending the image reuses its embedding and the KV prefix; JSON output."""
 import json
-import threading
 
 import pytest
-from test_server_vision import FIXTURES, IMAGES, data_uri, image_msg, metrics, stream_text
+from test_server_vision import FIXTURES, IMAGES, concurrent_streams, data_uri, image_msg, metrics
 
 import ocula
 from ocula.server.testing import ServerProcess
@@ -46,19 +45,7 @@ def test_concurrent_moe_streams_equal_alone(server, client, lib):
     max_tokens = [12, 16, 12, 16]
     want = [lib.chat(c, max_tokens=n, temperature=0).text for c, n in zip(convs, max_tokens)]
     before = metrics(server)
-    got: list = [None] * len(convs)
-    barrier = threading.Barrier(len(convs))
-
-    def worker(i):
-        barrier.wait()
-        got[i] = stream_text(client, convs[i], max_tokens=max_tokens[i], temperature=0)[0]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(convs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert got == want
+    assert concurrent_streams(client, convs, max_tokens) == want
     after = metrics(server)
     assert after["ocula_decode_steps_total"] - before["ocula_decode_steps_total"] < sum(max_tokens) / 2
 

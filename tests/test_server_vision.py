@@ -97,6 +97,23 @@ def stream_text(client, messages, **kw):
     return text, chunks[-1].usage
 
 
+def concurrent_streams(client, convs: list, max_tokens: list[int]) -> list[str]:
+    """Each conversation streamed greedily by its own client thread, all started at once; their texts."""
+    got: list = [None] * len(convs)
+    barrier = threading.Barrier(len(convs))
+
+    def worker(i):
+        barrier.wait()
+        got[i] = stream_text(client, convs[i], max_tokens=max_tokens[i], temperature=0)[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(convs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return got
+
+
 def test_models_and_health(server, client):
     card = client.models.list().data[0].model_dump()
     assert card["id"] == "qwen2vl-f16.gguf" and card["context_length"] == N_CTX
@@ -131,19 +148,7 @@ def test_concurrent_streams_equal_alone(server, client, lib):
     max_tokens = [12, 20, 16, 24, 12, 20, 16, 24]
     want = [lib.chat(c, max_tokens=n, temperature=0).text for c, n in zip(convs, max_tokens)]
     before = metrics(server)
-    got: list = [None] * len(convs)
-    barrier = threading.Barrier(len(convs))
-
-    def worker(i):
-        barrier.wait()
-        got[i] = stream_text(client, convs[i], max_tokens=max_tokens[i], temperature=0)[0]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(convs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert got == want
+    assert concurrent_streams(client, convs, max_tokens) == want
     after = metrics(server)
     steps = after["ocula_decode_steps_total"] - before["ocula_decode_steps_total"]
     assert steps < sum(max_tokens) / 2  # decode steps were shared: several sequences per forward
