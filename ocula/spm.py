@@ -189,7 +189,9 @@ class SpmEncoder:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, text: str, parse_special: bool = True) -> list[int]:
+    def encode(self, text: str, parse_special: bool = True, exact: bool = False) -> list[int]:
+        """`exact`: the tokens spell exactly `text` (no space prefix, no whitespace clean-up), as a grammar
+        engine needs for the text it forces."""
         ids: list[int] = []
         start = 0
         if self._added_re is not None:
@@ -198,20 +200,20 @@ class SpmEncoder:
                 if not parse_special and tok in self._special:
                     continue  # as HF: the match is skipped, its text stays plain (not searched again)
                 if m.start() > start:
-                    self._encode_plain(text[start : m.start()], ids)
+                    self._encode_plain(text[start : m.start()], ids, exact)
                 ids.append(self._added[tok])
                 start = m.end()
         if start < len(text):
-            self._encode_plain(text[start:], ids)
+            self._encode_plain(text[start:], ids, exact)
         return ids
 
-    def _encode_plain(self, text: str, ids: list[int]) -> None:
-        if self.remove_extra_whitespaces:
+    def _encode_plain(self, text: str, ids: list[int], exact: bool = False) -> None:
+        if self.remove_extra_whitespaces and not exact:
             text = re.sub(" {2,}", " ", text.strip(_RUST_WHITESPACE))
         text = text.replace(" ", SPACE)
         if not text:
             return
-        if self.add_space_prefix and not text.startswith(SPACE):
+        if self.add_space_prefix and not exact and not text.startswith(SPACE):
             text = SPACE + text
         cache = self._cache
         for w in self._word_re.split(text) if self._word_re is not None else (text,):

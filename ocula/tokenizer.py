@@ -314,6 +314,16 @@ class Tokenizer:
                 ids = ids + [self.eos_id]
         return ids
 
+    def encode_exact(self, text: str) -> list[int]:
+        """Ids whose bytes (`token_to_bytes`) are exactly `text`'s UTF-8: no SentencePiece space prefix or
+        whitespace clean-up, control tokens as plain text. What a grammar engine needs to tokenize the text
+        it forces; `encode` would put the prefix's space in front of it."""
+        if not isinstance(text, str):
+            raise RequestError(f"can only tokenize a string, not {type(text).__name__}")
+        if self._spm is not None:
+            return self._spm.encode(text, parse_special=False, exact=True) if text else []
+        return self.encode(text, add_special=False, parse_special=False)
+
     def token_id(self, text: str) -> int | None:
         """Id of a special or added token (or any vocabulary entry) spelled exactly `text`."""
         i = self._added.get(text)

@@ -7,7 +7,8 @@
     constraint.accept(token)              # advance the grammar; constraint.finished: nothing more may follow
 
 The token vocabulary is handed to llguidance as the exact byte string of every token (`Tokenizer.token_to_bytes`),
-so the mask is right for both byte-level BPE and SentencePiece vocabularies; control tokens are marked special
+and the text it forces is tokenized to exactly its bytes (`Tokenizer.encode_exact`: no SentencePiece space
+prefix), so the mask is right for both byte-level BPE and SentencePiece vocabularies; control tokens are marked special
 (llguidance never lets them into JSON text) and the end-of-turn ids are its EOS tokens, allowed once the JSON is
 complete. Building that vocabulary view takes about a second for a 150k vocabulary: it is built once per model,
 lazily, and shared by every request (matchers are per sequence).
@@ -15,6 +16,7 @@ lazily, and shared by every request (matchers are per sequence).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Any
 
@@ -28,6 +30,7 @@ try:  # optional: `pip install 'ocula[server]'`
 except ImportError:  # pragma: no cover - exercised only without the extra
     llguidance = None
 
+log = logging.getLogger("ocula.structured")
 # Compact JSON ("a":1,"b":2): no free whitespace, so a weak model cannot wander off into endless blanks.
 JSON_OPTIONS = {"whitespace_flexible": False}
 MAX_SCHEMA_CHARS = 256 * 1024
@@ -35,6 +38,16 @@ MAX_SCHEMA_CHARS = 256 * 1024
 
 class ConstraintError(OculaError):
     """The grammar rejected a token it had allowed (a bug in masking), or the matcher failed."""
+
+
+def _failure(detail: str | None) -> ConstraintError:
+    """A ConstraintError whose message a client may see: llguidance's first line, without its parser state,
+    token dumps or a Rust backtrace (those go to the log)."""
+    detail = detail or "token rejected"
+    log.warning("constrained decoding failed: %s", detail)
+    first = detail.split("<backtrace>")[0].split("<state>")[0].strip().splitlines()
+    first = first[0] if first else "token rejected"
+    return ConstraintError(f"constrained decoding failed: {first[:200]}")
 
 
 def available() -> bool:
@@ -90,7 +103,7 @@ class Constraint:
         buf = self._bits
         m.unsafe_compute_mask_ptr(buf.data_ptr(), buf.numel() * buf.element_size())
         if m.is_error():
-            raise ConstraintError(f"constrained decoding failed: {m.get_error()}")
+            raise _failure(m.get_error())
         bits = np.unpackbits(buf.numpy().view(np.uint8), bitorder="little")[: self.n_vocab]
         return torch.from_numpy(bits.astype(bool))
 
@@ -104,7 +117,7 @@ class Constraint:
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
-            raise ConstraintError(f"constrained decoding failed: {self.matcher.get_error() or 'token rejected'}")
+            raise _failure(self.matcher.get_error())
 
     @property
     def finished(self) -> bool:
@@ -137,9 +150,10 @@ class _VocabView:
         self.special_token_ids = special
 
     def __call__(self, s) -> list[int]:
+        """Tokens spelling exactly `s` (llguidance tokenizes the text a grammar forces with it)."""
         if isinstance(s, (bytes, bytearray)):
             s = bytes(s).decode("utf-8", errors="replace")
-        return self._tok.encode(s, add_special=False, parse_special=False)
+        return self._tok.encode_exact(s)
 
 
 class StructuredOutputs:
