@@ -71,7 +71,10 @@ class Model:
         self.gguf = GGUFFile(path)
         self.text = build_text_model(self.gguf)
         with load_progress(self.gguf) as progress:
-            populated = self.device.type == "cpu" and fits_in_memory(self.gguf.file_size) and self.gguf.populate(progress)
+            # MoE files only: a dense model's first prompt touches every weight anyway, an MoE model's first
+            # prompts fault its experts in page by page over many requests
+            populated = (self.device.type == "cpu" and self.text.cfg.moe is not None
+                         and fits_in_memory(self.gguf.file_size) and self.gguf.populate(progress))
             load_gguf_weights(self.text, self.gguf, dtype=dtype, device=self.device,
                               aliases=self.text.weight_aliases(), progress=None if populated else progress)
         self.text.eval()
@@ -231,7 +234,7 @@ def load_progress(f: GGUFFile):
 
 def fits_in_memory(n_bytes: int) -> bool:
     """Whether a file of n_bytes fits in 80% of the memory the kernel can give (MemAvailable) and
-    populating it at load is not switched off (OCULA_POPULATE=0): then ocula.load maps the whole model
+    populating it at load is not switched off (OCULA_POPULATE=0): then ocula.load maps a whole MoE model
     file in at once (GGUFFile.populate) instead of page by page during the first prompts."""
     if os.environ.get("OCULA_POPULATE", "1") == "0":
         return False
