@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -220,6 +221,31 @@ def test_disconnect_stops_generation(server):
     assert m[cancelled] == before[cancelled] + 1
     generated = m["ocula_tokens_generated_total"] - before["ocula_tokens_generated_total"]
     assert generated < 400  # stopped long before max_tokens
+
+
+def test_plain_request_stops_when_its_client_goes(server):
+    """A non-streaming client that leaves while its tokens keep coming: the sequence is cancelled within a poll
+    interval instead of being generated to max_tokens (before, the disconnect check ran only when no token had
+    come for a while, which never happens during a generation)."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Talk forever."}], "max_tokens": N_CTX - 40,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    before = metrics(server)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host.strip("[]"), int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.time() + 10
+    while time.time() < deadline and metrics(server)["ocula_tokens_generated_total"] == before["ocula_tokens_generated_total"]:
+        time.sleep(0.02)
+    sock.close()  # the client leaves once its tokens are coming
+    deadline = time.time() + 10
+    while time.time() < deadline and metrics(server)["ocula_active_sequences"] != 0:
+        time.sleep(0.05)
+    m = metrics(server)
+    assert m["ocula_active_sequences"] == 0
+    cancelled = 'ocula_scheduler_requests_total{outcome="cancelled"}'
+    assert m[cancelled] == before[cancelled] + 1
+    assert m["ocula_tokens_generated_total"] - before["ocula_tokens_generated_total"] < N_CTX - 40
 
 
 def _bad_cases(server_url: str, media_root: Path):

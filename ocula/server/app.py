@@ -293,8 +293,9 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         except (QueueFullError, SchedulerStoppedError) as e:
             raise to_api_error(e) from None
         handed_off = False
+        watch = ClientWatch(events, request, handle)
         try:
-            first = await next_event(events, request, handle)
+            first = await watch.next()
             if first is None:
                 return disconnected()
             if isinstance(first, Failed):
@@ -305,7 +306,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle)
             deltas: list[Delta] = []
             while True:
-                ev = await next_event(events, request, handle)
+                ev = await watch.next()
                 if ev is None:
                     return disconnected()
                 if isinstance(ev, Delta):
@@ -354,14 +355,26 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     return app
 
 
-async def next_event(events: asyncio.Queue, request: Request, handle):
-    """The next scheduler event, or None (and the request cancelled) when the client has gone."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                handle.cancel()
+class ClientWatch:
+    """The scheduler events of one request, checking every DISCONNECT_POLL seconds whether its client is
+    still there, also while tokens keep arriving (a check only when none came for a while never ran
+    during a long generation); when the client has gone, the request is cancelled and `next` gives None."""
+
+    def __init__(self, events: asyncio.Queue, request: Request, handle):
+        self.events, self.request, self.handle = events, request, handle
+        self.next_check = time.monotonic() + DISCONNECT_POLL
+
+    async def next(self):
+        while True:
+            wait = self.next_check - time.monotonic()
+            if wait > 0:
+                try:
+                    return await asyncio.wait_for(self.events.get(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            self.next_check = time.monotonic() + DISCONNECT_POLL
+            if await self.request.is_disconnected():
+                self.handle.cancel()
                 return None
 
 
