@@ -455,6 +455,14 @@ def test_redirect_target_is_rechecked(server, loopback_only, monkeypatch):
     assert "169.254.169.254" in msg and "link-local" in msg and "refused by the media policy" in msg
 
 
+def test_private_media_still_refuses_link_local(server, loopback_only):
+    """--allow-private-media lets the loopback test server through, but a redirect to the cloud metadata address
+    (link-local) is refused before any connection, unless link-local is allowed on its own as well."""
+    msg = _err(f"{server}/to-metadata", LOCAL)
+    assert "169.254.169.254" in msg and "link-local" in msg and "allow_link_local_urls=False" in msg
+    assert "link-local" in _err("http://[fe80::1]/x.png", LOCAL)
+
+
 @pytest.mark.parametrize("url, problem", [
     ("http://127.0.0.1/x.png", "loopback"),
     ("http://127.0.0.1:8080/x.png", "loopback"),

@@ -14,6 +14,9 @@ class MediaPolicy:
     max_redirects: int = 3
     allow_urls: bool = True
     allow_private_urls: bool = False         # refuse loopback/private/link-local/reserved targets
+    # link-local (169.254.0.0/16, fe80::/10: the cloud metadata services) stays refused under
+    # allow_private_urls unless this is set as well
+    allow_link_local_urls: bool = False
     allow_local_files: bool = True           # library default True; the server passes False or a root
     allowed_local_root: str | None = None    # when set, file paths / file:// URLs must resolve inside it
 

@@ -56,7 +56,7 @@ def _resolve(host: str, port: int, policy: MediaPolicy, url: str) -> list[tuple]
             raise fail(kind, f"cannot resolve host {host!r}: {e}") from None
         if not infos:
             raise fail(kind, f"host {host!r} resolves to no address")
-    if not policy.allow_private_urls:
+    if not policy.allow_private_urls or not policy.allow_link_local_urls:
         for info in infos:
             addr = info[4][0]
             try:
@@ -64,9 +64,14 @@ def _resolve(host: str, port: int, policy: MediaPolicy, url: str) -> list[tuple]
             except ValueError:
                 raise fail(kind, f"host {host!r} resolves to an unparsable address {addr!r}") from None
             problem = _address_problem(ip)
-            if problem is not None:
+            if problem is None:
+                continue
+            if not policy.allow_private_urls:
                 raise fail(kind, f"host {host!r} resolves to {addr}, {problem}, refused by the media policy "
                                  f"(allow_private_urls=False): {short(url)}")
+            if problem == "a link-local address":  # the cloud metadata range: its own switch
+                raise fail(kind, f"host {host!r} resolves to {addr}, {problem}, refused by the media policy "
+                                 f"even with private addresses allowed (allow_link_local_urls=False): {short(url)}")
     return infos
 
 

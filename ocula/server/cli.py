@@ -50,7 +50,10 @@ def add_parser(sub, add_model_args) -> None:
     m.add_argument("--allowed-media-path", default=None, metavar="DIR",
                    help="allow file:// URLs and paths inside DIR (default: no local files)")
     m.add_argument("--allow-private-media", action="store_true",
-                   help="allow image URLs on loopback/private networks (default: refused)")
+                   help="allow image URLs on loopback/private networks (default: refused); link-local "
+                        "addresses (169.254.0.0/16, fe80::/10: cloud metadata services) stay refused")
+    m.add_argument("--allow-link-local-media", action="store_true",
+                   help="with --allow-private-media, also allow link-local image URLs (default: refused)")
     m.add_argument("--no-remote-media", action="store_true", help="refuse http(s) image URLs")
     m.add_argument("--max-image-bytes", type=_size, default=_size("20M"), metavar="BYTES")
     m.add_argument("--max-image-pixels", type=int, default=50_000_000)
@@ -86,6 +89,7 @@ def cmd_serve(args) -> int:
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens,
         allowed_media_path=args.allowed_media_path, allow_private_media=args.allow_private_media,
+        allow_link_local_media=args.allow_link_local_media,
         allow_remote_media=not args.no_remote_media, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,

@@ -20,6 +20,7 @@ class ServerConfig:
     # media
     allowed_media_path: str | None = None  # file:// and paths only inside this directory (default: none)
     allow_private_media: bool = False  # URLs resolving to loopback/private addresses
+    allow_link_local_media: bool = False  # ... and to link-local ones (cloud metadata): a separate switch
     allow_remote_media: bool = True  # http(s) URLs at all
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
@@ -36,6 +37,7 @@ class ServerConfig:
             url_timeout=self.media_timeout,
             allow_urls=self.allow_remote_media,
             allow_private_urls=self.allow_private_media,
+            allow_link_local_urls=self.allow_link_local_media,
             allow_local_files=self.allowed_media_path is not None,
             allowed_local_root=self.allowed_media_path,
         )
