@@ -23,6 +23,7 @@ Known deviations from llama.cpp, all chosen to match the HF reference tokenizers
 """
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import threading
@@ -340,6 +341,12 @@ class Tokenizer:
         return self._types[id] in (CONTROL, UNKNOWN)
 
     # ------------------------------------------------------------------ decoding
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token spells (control tokens: their text): a text of n bytes takes at least
+        n / max_token_bytes tokens, a bound that needs no tokenizing."""
+        return max((len(self.token_to_bytes(i)) for i in range(self.vocab_size)), default=1) or 1
 
     def token_to_bytes(self, id: int) -> bytes:
         """The bytes one token stands for in decoded text (control tokens: their text)."""

@@ -207,6 +207,9 @@ BAD = [  # (id, body, status, error code, text in the message)
      "max_tokens asks for 1000 more"),
     ("body-too-large", {"messages": [{"role": "user", "content": "x" * 300_000}]}, 413, "request_too_large",
      "allowed"),
+    # refused from its length alone, before any tokenizing (characters / the longest token's bytes)
+    ("text-beyond-context", {"messages": [{"role": "user", "content": [{"type": "text", "text": "y" * 200_000}]}]},
+     400, "context_length_exceeded", "200000 characters, at least"),
 ]
 
 

@@ -45,6 +45,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     metrics = Metrics()
     policy = config.media_policy()
     created = int(time.time())
+    model.tokenizer.max_token_bytes  # noqa: B018 - computed now (0.2 s for 152k tokens), not in a request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -168,6 +169,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             check_auth(request)
             req = P.parse(schema, await read_json(request))
             P.check_unsupported(req)
+            refuse_text_beyond_context(req)
             params, explicit = P.sampling_params(req, config.default_max_tokens)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
@@ -189,6 +191,19 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await generation_route(request, "completions", P.CompletionRequest, prepare_completion)
+
+    def refuse_text_beyond_context(req) -> None:
+        """A prompt whose text alone needs more tokens than the context holds, counted without tokenizing
+        (characters / the vocabulary's longest token), is refused at once: tokenizing a 50 MB prompt to find
+        that out took 75 s on the scheduler thread, with every other request waiting."""
+        chars = _text_chars(getattr(req, "messages", None)) + _text_chars(getattr(req, "prompt", None))
+        at_least = chars // model.tokenizer.max_token_bytes
+        if at_least > sched.n_ctx:
+            raise APIError(400, f"the prompt's text has {chars} characters, at least {at_least} tokens (no token of "
+                                f"this vocabulary spells more than {model.tokenizer.max_token_bytes} bytes), but "
+                                f"the context holds {sched.n_ctx}; shorten the prompt",
+                           param="messages" if hasattr(req, "messages") else "prompt",
+                           code="context_length_exceeded")
 
     async def prepare_chat(req: P.ChatRequest, params, explicit: bool, bias):
         messages = req.messages
@@ -353,6 +368,21 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
     return app
+
+
+def _text_chars(value) -> int:
+    """Characters of a request's prompt text: string prompts, message contents and their text parts (image
+    data is not text)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value if isinstance(v, (str, dict, list)))
+    if isinstance(value, dict):
+        if "content" in value:
+            return _text_chars(value["content"])
+        text = value.get("text")
+        return len(text) if isinstance(text, str) else 0
+    return 0
 
 
 class ClientWatch:
