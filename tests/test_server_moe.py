@@ -4,12 +4,12 @@ tokens by expert); a second turn re-sending the image reuses its embedding and t
 import json
 
 import pytest
-from test_server_vision import FIXTURES, IMAGES, concurrent_streams, data_uri, image_msg, metrics
+# `client` is a fixture: the OpenAI client of whichever `server` the test module defines
+from test_server_vision import FIXTURES, IMAGES, client, concurrent_streams, data_uri, image_msg, metrics  # noqa: F401
 
 import ocula
 from ocula.server.testing import ServerProcess
 
-openai = pytest.importorskip("openai")
 MODEL = FIXTURES / "models" / "qwen3vlmoe" / "qwen3vlmoe-f16.gguf"
 MMPROJ = FIXTURES / "models" / "qwen3vlmoe" / "mmproj-qwen3vlmoe-f16.gguf"
 N_CTX = 1024
@@ -28,11 +28,6 @@ def server():
 @pytest.fixture(scope="module")
 def lib():
     return ocula.load(MODEL, mmproj=MMPROJ, n_ctx=N_CTX)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_concurrent_moe_streams_equal_alone(server, client, lib):

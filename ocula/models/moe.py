@@ -24,6 +24,7 @@ from ocula.models.layers import gated_act
 from ocula.quant import kernels, linear
 from ocula.quant.cviews import GATINGS, CViews, Step, Unsupported
 from ocula.quant.linear import QLinear, QuantizedWeight
+
 # Experts chosen by at most this many of a prompt's tokens run in one C call (ocula_moe_experts: whole experts
 # per thread, int8 mat-vecs in bf16 mode), the others as GEMMs from Python. Qwen3-30B-A3B Q4_K_M, 8 layers,
 # 512-token prompts, bf16, Zen 5, 2 threads, s per prompt (medians of 5, alternating): all from Python with up
@@ -41,6 +42,11 @@ class MoEConfig:
     weights_scale: float = 1.0  # multiplies the final expert weights
     fused_gate_up: bool = False  # experts stored as one ffn_gate_up_exps tensor (gate half first)
     n_ff_shared: int = 0  # width of an always-on shared expert (ffn_*_shexp), 0 = none
+
+    @property
+    def gate_up_rows(self) -> int:
+        """Rows of one expert's gate (and up, when fused) tensor: the first matmul's output width."""
+        return (2 if self.fused_gate_up else 1) * self.n_ff_exp
 
 
 def read_moe_config(f: GGUFFile, n_layer: int, *, gating: str = "softmax", norm_topk: bool = True) -> MoEConfig:
@@ -173,7 +179,7 @@ class SparseMoE(nn.Module):
         E, ff = cfg.n_expert, cfg.n_ff_exp
         self.ffn_gate_inp = QLinear(d, E)  # the router
         if cfg.fused_gate_up:
-            self.ffn_gate_up_exps = ExpertStack(E, 2 * ff, d)
+            self.ffn_gate_up_exps = ExpertStack(E, cfg.gate_up_rows, d)
         else:
             self.ffn_gate_exps = ExpertStack(E, ff, d)
             self.ffn_up_exps = ExpertStack(E, ff, d)
@@ -255,6 +261,6 @@ class SparseMoE(nn.Module):
             return None
         step = Step()
         step.d, step.moe_experts = self.ffn_down_exps.rows, self.cfg.n_expert
-        step.moe_ff = (2 if self.cfg.fused_gate_up else 1) * self.cfg.n_ff_exp
+        step.moe_ff = self.cfg.gate_up_rows
         step.par_min, step.nthreads = kernels.PARALLEL_MIN_WORK, 1
         return lib, views, moe_c, step

@@ -14,6 +14,7 @@ from torch import nn
 
 from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile, GGUFTensor
+from ocula.models.moe import ExpertStack
 from ocula.quant.dequant import dequantize
 from ocula.quant.linear import QEmbedding, QLinear, QuantizedWeight, tensor_from_array
 
@@ -69,8 +70,6 @@ def load_gguf_weights(
 
     def lookup(name: str) -> GGUFTensor:
         return f.tensor(aliases.get(name, name))
-
-    from ocula.models.moe import ExpertStack  # noqa: PLC0415 - moe imports this package's neighbours
 
     for mod_name, mod in gguf_named_modules(model):
         if isinstance(mod, ExpertStack):

@@ -61,8 +61,10 @@ class CViews:
     def moe(self, sparse, dtype: torch.dtype) -> Moe:
         """A SparseMoE (ocula.models.moe) without a shared expert."""
         cfg = sparse.cfg
-        if sparse.shared is not None or cfg.gating not in GATINGS:
+        if sparse.shared is not None:
             raise Unsupported("a shared expert")
+        if cfg.gating not in GATINGS:
+            raise Unsupported(f"gating {cfg.gating!r}")
         stacks = (sparse.ffn_gate_up_exps, None) if cfg.fused_gate_up else (sparse.ffn_gate_exps, sparse.ffn_up_exps)
         return Moe(self.lin(sparse.ffn_gate_inp, dtype), self.lin(stacks[0], dtype),
                    Lin() if stacks[1] is None else self.lin(stacks[1], dtype), self.lin(sparse.ffn_down_exps, dtype),

@@ -27,17 +27,16 @@ import torch
 
 from ocula.models.layers import ATTN_PARALLEL_MIN_WORK, ROPE_NEOX, KVCache
 from ocula.quant import kernels, linear
-from ocula.quant.cviews import CViews, Step, Unsupported, c_int, c_int64, c_void_p
-from ocula.quant.cviews import Lin as _Lin
-from ocula.quant.cviews import Moe as _Moe
+from ocula.quant.cviews import CViews, Lin, Moe, Step, Unsupported, c_int, c_int64, c_void_p
+
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 NORMS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [*((name, _Lin) for name in LINEARS), *((name, c_void_p) for name in NORMS), ("sliding", c_int),
-                ("moe", _Moe)]
+    _fields_ = [*((name, Lin) for name in LINEARS), *((name, c_void_p) for name in NORMS), ("sliding", c_int),
+                ("moe", Moe)]
 
 
 class _Seq(ctypes.Structure):
@@ -81,7 +80,7 @@ class FusedDecode:
             sparse = getattr(blk, "moe", None)
             if sparse is not None:
                 layer.moe = self.c.moe(sparse, model.compute_dtype)
-                moe_ff = max(moe_ff, (2 if sparse.cfg.fused_gate_up else 1) * sparse.cfg.n_ff_exp)
+                moe_ff = max(moe_ff, sparse.cfg.gate_up_rows)
                 moe_experts = max(moe_experts, sparse.cfg.n_expert)
             for name in LINEARS if sparse is None else LINEARS[:4]:
                 setattr(layer, name, self.c.lin(getattr(blk, name), model.compute_dtype))
