@@ -75,9 +75,30 @@ def resolve_model_paths(args) -> tuple[str, str | None]:
     return str(demo.assemble()), args.mmproj
 
 
+def check_model_args(args) -> None:
+    """Refuse bad numbers and devices before the model loads (which can take a while), as one error line."""
+    if args.threads is not None and args.threads < 1:
+        raise OculaError(f"-t/--threads must be >= 1, got {args.threads}")
+    if args.ctx_size is not None and args.ctx_size < 0:
+        raise OculaError(f"-c/--ctx-size must be a positive number of tokens (0: the model's own context), "
+                         f"got {args.ctx_size}")
+    from ocula.api import resolve_device
+
+    resolve_device(args.device)
+    if hasattr(args, "max_tokens"):
+        from ocula.api import sampling_params
+
+        sampling_params(sampling_options(args))
+        for flag in ("image_min_tokens", "image_max_tokens"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise OculaError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+
 def load_model(args):
     import ocula
 
+    check_model_args(args)
     model_path, mmproj = resolve_model_paths(args)
     t0 = time.perf_counter()
     model = ocula.load(model_path, mmproj=mmproj, dtype=args.dtype, device=args.device,

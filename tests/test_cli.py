@@ -59,3 +59,46 @@ def test_run_each_fixture_pair_with_an_image(name, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["timings"]["image_tokens"] > 0 and out["timings"]["image_encode_ms"] > 0
     assert len(out["token_ids"]) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-t", "-2"], "-t/--threads must be >= 1, got -2"),
+    (["--device", "tpu"], "device 'tpu' is not a device name torch knows"),
+    (["--device", "mps"], "device 'mps' is not supported: ocula runs on cpu or cuda"),
+    (["-c", "-5"], "-c/--ctx-size must be a positive number of tokens"),
+    (["--temp", "inf"], "temperature must be a finite number, got inf"),
+    (["--temp", "nan"], "temperature must be a finite number, got nan"),
+    (["--temp", "1e308"], "temperature must be in [0, 1e6]"),
+    (["--top-p", "nan"], "top_p must be a finite number"),
+    (["--repeat-penalty", "inf"], "repetition_penalty must be a finite number"),
+    (["--image-max-tokens", "0"], "--image-max-tokens must be >= 1"),
+])
+def test_bad_numbers_and_devices_are_one_error_line_before_loading(tiny_llama, capsys, args, message):
+    code = main(["run", "-m", str(tiny_llama), "-p", "x", "-n", "2", *args])
+    err = capsys.readouterr().err
+    assert code == 1 and f"ocula: error: {message}" in err, err
+    assert "loaded" not in err and "Traceback" not in err  # refused before the model loads
+
+
+def test_cuda_on_a_torch_without_it_is_an_error_line(tiny_llama, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert main(["run", "-m", str(tiny_llama), "-p", "x", "--device", "cuda"]) == 1
+    assert "ocula: error: device 'cuda' asked for, but" in capsys.readouterr().err
+
+
+def test_serve_port_out_of_range_and_busy_port_before_loading(tiny_llama, capsys):
+    import socket
+
+    pytest.importorskip("uvicorn")
+    assert main(["serve", "-m", str(tiny_llama), "--port", "99999"]) == 1
+    assert "ocula: error: --port must be in 0..65535, got 99999" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "-m", str(tiny_llama), "--host", "127.0.0.1", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"ocula: error: port {port} is already in use" in err and "loaded" not in err, err
