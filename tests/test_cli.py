@@ -102,3 +102,45 @@ def test_serve_port_out_of_range_and_busy_port_before_loading(tiny_llama, capsys
         assert main(["serve", "-m", str(tiny_llama), "--host", "127.0.0.1", "--port", str(port)]) == 1
     err = capsys.readouterr().err
     assert f"ocula: error: port {port} is already in use" in err and "loaded" not in err, err
+
+
+def run_chat(monkeypatch, capsys, args: list[str], lines: list[str]) -> tuple[int, str, str]:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    code = main(["chat", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@needs_shared
+def test_chat_refuses_a_broken_image_once_and_the_conversation_goes_on(tmp_path, monkeypatch, capsys):
+    files = manifest()["models"]["qwen2vl"]["gguf"]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    lines = ["/image " + str(broken), "/image " + str(tmp_path / "missing.png"), "hello", "/image "
+             + str(FIXTURES / "images/astronaut_224.png"), "what is this?", "and again?"]
+    import ocula.api
+
+    sent = []
+    chat = ocula.api.Model.chat
+    monkeypatch.setattr(ocula.api.Model, "chat", lambda self, messages, **kw: (sent.append(messages),
+                                                                              chat(self, messages, **kw))[1])
+    code, out, err = run_chat(monkeypatch, capsys, ["-m", str(FIXTURES / files["text"]), "--mmproj",
+                                                    str(FIXTURES / files["mmproj"]), "-n", "3", "--temp", "0",
+                                                    "--ignore-eos"], lines)
+    assert code == 0 and "Traceback" not in err
+    assert err.count("broken.png") == 1 and "the image was left out" in err, err   # refused once, at /image
+    assert "missing.png" in err
+    assert err.count("error:") == 2, err                  # the messages after it raised no error
+    assert "astronaut_224.png will go with your next message" in err
+    # three turns, each sent with the whole conversation so far; the image goes with the second only
+    assert [len(m) for m in sent] == [1, 3, 5], sent
+    assert sent[0][0]["content"] == "hello" and sent[2][:3] == sent[1]
+    assert [p["type"] for p in sent[1][2]["content"]] == ["image", "text"] and sent[2][4]["content"] == "and again?"
+
+
+def test_chat_image_on_a_text_only_model_is_refused_at_once(tiny_llama, monkeypatch, capsys):
+    code, out, err = run_chat(monkeypatch, capsys, ["-m", str(tiny_llama), "-n", "2", "--temp", "0", "--ignore-eos"],
+                              ["/image x.png", "hello", "hello again"])
+    assert code == 0 and "takes no images: start ocula chat with --mmproj" in err and err.count("error:") == 1, err
