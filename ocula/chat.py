@@ -114,6 +114,9 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             raise RequestError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
         content = m.get("content")
         if content is None:
+            if not (m["role"] == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+                raise RequestError(f"messages[{i}] has no 'content' (only an assistant message with 'tool_calls' "
+                                   "may leave it out); send \"content\": \"\" for an empty message")
             content = ""
         if isinstance(content, list):
             parts = []

@@ -314,7 +314,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if first is None:
                 return disconnected()
             if isinstance(first, Failed):
-                raise to_api_error(first.error)
+                raise to_api_error(first.error, "prompt" if endpoint == "completions" else None)
             assert isinstance(first, Started)
             if stream:
                 handed_off = True

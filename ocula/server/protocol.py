@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ocula.engine.sampling import SamplingParams
 from ocula.server.errors import APIError
@@ -21,16 +21,18 @@ MAX_TOP_LOGPROBS = 20
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities (Python's json reads `NaN`, `Infinity`) are refused as values of every number field;
+    # booleans are strict: "yes", "true", 1 are not true (use StrictBool, not bool, in request models)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Req):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(_Req):
     model: str | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
@@ -47,7 +49,7 @@ class _Sampling(_Req):
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     n: int | None = Field(None, ge=1)
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     # unsupported: refused when set (see check_unsupported)
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -60,7 +62,7 @@ class _Sampling(_Req):
 
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     image_min_tokens: int | None = Field(None, ge=1)
     image_max_tokens: int | None = Field(None, ge=1)
@@ -69,7 +71,7 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: StrictBool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
@@ -84,7 +86,9 @@ def parse(model: type[BaseModel], body: dict) -> Any:
         code = "missing_required_parameter" if kind == "missing" else "invalid_type" if "type" in kind or kind.endswith(
             ("_parsing", "_type")) else "invalid_value"
         extra = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-        raise APIError(400, f"{loc or 'body'}: {err['msg']}{extra}", param=loc or None, code=code) from None
+        value = err.get("input")
+        got = f", got {value!r}" if isinstance(value, (int, float, str)) and len(repr(value)) <= 40 else ""
+        raise APIError(400, f"{loc or 'body'}: {err['msg']}{got}{extra}", param=loc or None, code=code) from None
 
 
 _UNION_TAGS = {"str", "list[str]", "list[int]", "list[list[int]]", "function-after", "constrained-int",
