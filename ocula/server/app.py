@@ -26,7 +26,9 @@ from ocula.engine.scheduler import (
 )
 from ocula.errors import MediaError, OculaError
 from ocula.media import load_image
+from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
+from ocula.server.chat_tools import ChatPlan
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.metrics import Metrics
@@ -211,14 +213,22 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             normalize_messages(messages)
         except OculaError as e:
             raise to_api_error(e, None) from None
-        messages = await prepare_images(messages)
+        plan = ChatPlan(req, model.template.source)
+        messages = await prepare_images(plan.history(messages))
         constraint = await make_constraint(req.response_format)
+        if constraint is None and plan.tools.grammar() is not None:
+            try:
+                constraint = await run_in_threadpool(plan.constraint, structured_for(model))
+            except OculaError as e:
+                raise to_api_error(e, "tools") from None
+        if plan.needs_parse and plan.thinks:
+            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
 
         def build(timings, messages=messages):
             return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
-                                      max_images=config.max_images)
+                                      max_images=config.max_images, **plan.template_kwargs)
 
         logprobs = None
         if req.logprobs:
@@ -226,7 +236,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         elif req.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias)
-        return greq, ChatFormat(model_id, model.tokenizer, logprobs is not None)
+        return greq, plan.wrap(ChatFormat(model_id, model.tokenizer, logprobs is not None))
 
     async def prepare_completion(req: P.CompletionRequest, params, explicit: bool, bias):
         prompt = req.prompt
@@ -346,8 +356,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 ev = await events.get()
                 if isinstance(ev, Delta):
                     chunk = fmt.delta(ev)
-                    if chunk is not None:
-                        yield _data(chunk)
+                    for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
+                        yield _data(c)
                 elif isinstance(ev, Finished):
                     r = ev.result
                     metrics.tokens(r.prompt_tokens, r.completion_tokens, first.cached_tokens)

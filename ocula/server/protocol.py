@@ -1,7 +1,7 @@
 """OpenAI request schemas (validated with pydantic) and response builders.
 
 Unknown request fields are accepted and ignored (clients send `user`, `store`, `metadata`, ...). Fields OpenAI
-defines that would change the answer but ocula does not implement (`tools`, `functions`, `audio`, `n` > 1,
+defines that would change the answer but ocula does not implement (legacy `functions`, `audio`, `n` > 1,
 `best_of` > 1, `suffix`, ...) are refused with 400 `unsupported_parameter` rather than silently dropped.
 """
 from __future__ import annotations
@@ -50,9 +50,9 @@ class _Sampling(_Req):
     response_format: dict[str, Any] | None = None
     n: int | None = Field(None, ge=1)
     ignore_eos: StrictBool = False
-    # unsupported: refused when set (see check_unsupported)
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # chat only (ocula.server.chat_tools)
     tool_choice: Any = None
+    # unsupported: refused when set (see check_unsupported)
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -66,6 +66,9 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     image_min_tokens: int | None = Field(None, ge=1)
     image_max_tokens: int | None = Field(None, ge=1)
+    parallel_tool_calls: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: str | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -101,13 +104,15 @@ def check_unsupported(req: _Sampling) -> None:
 
     if req.n is not None and req.n > 1:
         refuse("n", "it returns one choice per request (n=1); send several requests instead")
-    for name in ("tools", "functions"):
-        if getattr(req, name):
-            refuse(name, "tool/function calling is not implemented")
-    for name in ("tool_choice", "function_call"):
-        v = getattr(req, name)
-        if v not in (None, "none", "auto"):
-            refuse(name, "tool/function calling is not implemented")
+    if req.functions:
+        refuse("functions", "the legacy functions field is not implemented; send tools instead")
+    if req.function_call not in (None, "none", "auto"):
+        refuse("function_call", "the legacy function_call field is not implemented; send tool_choice instead")
+    if not isinstance(req, ChatRequest):
+        if req.tools:
+            refuse("tools", "tools are taken by /v1/chat/completions only")
+        if req.tool_choice not in (None, "none", "auto"):
+            refuse("tool_choice", "tools are taken by /v1/chat/completions only")
     if req.audio is not None or (req.modalities and set(req.modalities) - {"text"}):
         refuse("modalities" if req.audio is None else "audio", "only text output is produced")
     if req.prediction is not None:
