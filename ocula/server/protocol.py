@@ -1,7 +1,7 @@
 """OpenAI request schemas (validated with pydantic) and response builders.
 
 Unknown request fields are accepted and ignored (clients send `user`, `store`, `metadata`, ...). Fields OpenAI
-defines that would change the answer but ocula does not implement (`tools`, `functions`, `audio`, `n` > 1,
+defines that would change the answer but ocula does not implement (`tools`, `functions`, `audio`,
 `best_of` > 1, `suffix`, ...) are refused with 400 `unsupported_parameter` rather than silently dropped.
 """
 from __future__ import annotations
@@ -95,8 +95,6 @@ def check_unsupported(req: _Sampling) -> None:
     def refuse(name: str, why: str) -> None:
         raise APIError(400, f"{name} is not supported by this server: {why}", param=name, code="unsupported_parameter")
 
-    if req.n is not None and req.n > 1:
-        refuse("n", "it returns one choice per request (n=1); send several requests instead")
     for name in ("tools", "functions"):
         if getattr(req, name):
             refuse(name, "tool/function calling is not implemented")
