@@ -12,6 +12,7 @@ the OpenAI routes keep OpenAI's.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,6 +53,14 @@ def native_error(e: APIError) -> JSONResponse:
     body = {"code": e.status, "message": e.message, "type": e.type}
     if e.param:
         body["param"] = e.param
+    if e.code == "context_length_exceeded":  # llama-server's type, and the numbers its clients read
+        body["type"] = "exceed_context_size_error"
+        m = re.search(r"has (\d+) (?:characters, at least (\d+) )?tokens", e.message)
+        if m:
+            body["n_prompt_tokens"] = int(m.group(2) or m.group(1))
+        m = re.search(r"context holds (\d+)", e.message)
+        if m:
+            body["n_ctx"] = int(m.group(1))
     return JSONResponse({"error": body}, status_code=e.status, headers=e.headers)
 
 
@@ -126,6 +135,10 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         ids = field(body, "tokens", list, [])
         check_token_ids(ids, model.text.cfg.n_vocab, "tokens")
         return JSONResponse({"content": tok.decode(ids)})
+
+    from ocula.server import native_completion
+
+    native_completion.register(app, ctx)
 
     @app.post("/apply-template")
     @native
