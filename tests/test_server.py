@@ -3,7 +3,7 @@ official `openai` client and raw httpx: answers equal the library's, streaming, 
 queue, and a bad-input suite after which the server is still healthy.
 
 Unknown request fields are accepted and ignored (documented in the README); OpenAI fields that would change
-the answer but are not implemented (legacy functions, n > 1, ...) are refused with 400.
+the answer but are not implemented (legacy functions, ...) are refused with 400.
 """
 import concurrent.futures as cf
 import json
@@ -224,7 +224,7 @@ BAD = [  # (id, body, status, error code, text in the message)
     ("stop-type", {"messages": MSGS, "stop": 5}, 400, "invalid_type", "stop"),
     ("seed-range", {"messages": MSGS, "seed": 2**70}, 400, "invalid_value", "seed"),
     ("n-zero", {"messages": MSGS, "n": 0}, 400, "invalid_value", "n"),
-    ("n-2", {"messages": MSGS, "n": 2}, 400, "unsupported_parameter", "n is not supported"),
+    ("n-too-many", {"messages": MSGS, "n": 17}, 400, "invalid_value", "at most 16 choices"),
     ("legacy-functions", {"messages": MSGS, "functions": [{"name": "f"}]}, 400, "unsupported_parameter",
      "send tools instead"),
     ("tool-choice-bogus", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}],

@@ -29,6 +29,7 @@ from ocula.media import load_image
 from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
 from ocula.server.chat_tools import ChatPlan
+from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.metrics import Metrics
@@ -176,7 +177,11 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
+            if (req.n or 1) > 1:
+                resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,
+                                         endpoint, t0)
+            else:
+                resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
             status = STREAMING if isinstance(resp, EventStream) else resp.status_code
             return resp
         except APIError as e:
@@ -369,7 +374,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                     status = err.status
                     yield _data(err.body())
                     break
-            yield "data: [DONE]\n\n"
+            if getattr(fmt, "done_marker", True):  # llama-server's native stream ends without one
+                yield "data: [DONE]\n\n"
         except BaseException:
             status = 499
             metrics.disconnects += 1
@@ -377,6 +383,11 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         finally:
             metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
+    from ocula.server.llama_routes import RouteContext, register_llama_routes
+
+    register_llama_routes(app, RouteContext(
+        model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
+        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health))
     return app
 
 

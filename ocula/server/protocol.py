@@ -1,7 +1,7 @@
 """OpenAI request schemas (validated with pydantic) and response builders.
 
 Unknown request fields are accepted and ignored (clients send `user`, `store`, `metadata`, ...). Fields OpenAI
-defines that would change the answer but ocula does not implement (legacy `functions`, `audio`, `n` > 1,
+defines that would change the answer but ocula does not implement (legacy `functions`, `audio`,
 `best_of` > 1, `suffix`, ...) are refused with 400 `unsupported_parameter` rather than silently dropped.
 """
 from __future__ import annotations
@@ -102,8 +102,6 @@ def check_unsupported(req: _Sampling) -> None:
     def refuse(name: str, why: str) -> None:
         raise APIError(400, f"{name} is not supported by this server: {why}", param=name, code="unsupported_parameter")
 
-    if req.n is not None and req.n > 1:
-        refuse("n", "it returns one choice per request (n=1); send several requests instead")
     if req.functions:
         refuse("functions", "the legacy functions field is not implemented; send tools instead")
     if req.function_call not in (None, "none", "auto"):
