@@ -33,6 +33,7 @@ from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.metrics import Metrics
+from ocula.server.web import add_web_routes
 
 log = logging.getLogger("ocula.server")
 DISCONNECT_POLL = 0.25  # seconds between client-disconnect checks of a non-streaming request
@@ -67,6 +68,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
+
+    add_web_routes(app)
 
     # ------------------------------------------------------------ errors
 
@@ -145,6 +148,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
+            "modalities": {"vision": model.supports_images, "audio": False},
             "architecture": model.architecture,
         }
 
@@ -505,7 +509,7 @@ class ChatFormat:
         if include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": [],
-                        "usage": _usage(first, ev)})
+                        "usage": _usage(first, ev), "timings": _timings(first, ev)})
         return out
 
     def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:

@@ -73,6 +73,7 @@ def cmd_serve(args) -> int:
             from None
     from ocula.cli import load_model
     from ocula.server.config import ServerConfig
+    from ocula.server.web import page_url
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
@@ -100,6 +101,7 @@ def cmd_serve(args) -> int:
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
           f" (vision: {'yes' if model.supports_images else 'no'}, context {model.n_ctx}, {args.threads} compute "
           f"thread(s), up to {args.parallel} sequences at once)", file=sys.stderr)
+    print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
