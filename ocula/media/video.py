@@ -284,15 +284,21 @@ def probe_bytes(data: bytes, kind: str, limits: VideoLimits | None = None, where
         raise fail(kind, f"too many bytes: {len(data)} > max_bytes {limits.max_bytes}{suffix}")
     try:
         container = av.open(io.BytesIO(data), mode="r")
+    except av.error.EOFError:
+        raise fail(kind, f"zero-length or truncated clip: the data ends before any frame{suffix}") from None
     except av.error.FFmpegError:
         raise fail(kind, f"not a video file (no container format recognised){suffix}") from None
     try:
+        fmt = container.format.name or ""
+        if fmt.endswith("_pipe") or fmt in ("image2", "webp"):  # FFmpeg reads still images as 1-frame videos
+            raise fail(kind, f"is a still image ({fmt.removesuffix('_pipe')}), not a video: send it as an "
+                             f"image part{suffix}")
         if not container.streams.video:
             raise fail(kind, f"has no video stream{suffix}")
         stream = container.streams.video[0]
         name = stream.codec_context.name if stream.codec_context is not None else None
         if stream.codec_context is None or not _can_decode(av, name):
-            raise fail(kind, f"the video codec {name or stream.codec_tag or 'unknown'!r} cannot be decoded{suffix}")
+            raise fail(kind, f"the video codec {name or 'unknown'!r} cannot be decoded{suffix}")
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise fail(kind, f"the video stream has no frame size{suffix}")

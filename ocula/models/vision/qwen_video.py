@@ -36,7 +36,9 @@ TEMPORAL = 2  # temporal_patch_size of every released Qwen-VL
 QWEN25_TOKENS_PER_SECOND = 2  # released Qwen2.5-VL models; absent from the GGUF
 MAX_ASPECT = 200
 OPTION_NAMES = ("fps", "num_frames", "do_sample_frames", "min_frames", "max_frames", "size", "min_pixels",
-                "max_pixels", "max_tokens")
+                "max_pixels", "cap_pixels_per_frame", "max_tokens")
+# cap_pixels_per_frame budgets (the processors' max_video_tokens, which a call cannot change)
+CAP_TOTAL_TOKENS = {2: 128000, 3: 768}
 
 # the processors' defaults (transformers 5.24; Qwen3-VL: the hub repos' video_preprocessor_config.json)
 DEFAULTS = {
@@ -56,11 +58,12 @@ class VideoSettings:
     max_frames: int
     min_pixels: int
     max_pixels: int
+    cap_pixels_per_frame: bool = False
     max_tokens: int | None = None  # ocula's own cap on the merged tokens of one clip
 
     def key(self) -> str:
         return (f"{self.do_sample_frames}:{self.fps!r}:{self.num_frames}:{self.min_frames}:{self.max_frames}:"
-                f"{self.min_pixels}:{self.max_pixels}:{self.max_tokens}")
+                f"{self.min_pixels}:{self.max_pixels}:{self.cap_pixels_per_frame}:{self.max_tokens}")
 
 
 def _positive_int(name, value):
@@ -91,8 +94,9 @@ def settings(version: int, options: dict | None) -> VideoSettings:
     hi = _positive_int("size.longest_edge / max_pixels", size["longest_edge"])
     if lo > hi:
         raise RequestError(f"video pixel budget is empty: min {lo} > max {hi}")
-    if "do_sample_frames" in options and not isinstance(options["do_sample_frames"], bool):
-        raise RequestError(f"video option do_sample_frames must be true or false, got {options['do_sample_frames']!r}")
+    for name in ("do_sample_frames", "cap_pixels_per_frame"):
+        if name in options and not isinstance(options[name], bool):
+            raise RequestError(f"video option {name} must be true or false, got {options[name]!r}")
     if "fps" in options:
         fps = options["fps"]
         if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0:
@@ -107,8 +111,10 @@ def settings(version: int, options: dict | None) -> VideoSettings:
     d.update(options)
     if d["min_frames"] > d["max_frames"]:
         raise RequestError(f"video min_frames {d['min_frames']} > max_frames {d['max_frames']}")
+    if version == 3:  # Qwen3VLVideoProcessor.sample_frames reads its own min/max_frames, never the call's
+        d["min_frames"], d["max_frames"] = DEFAULTS[3]["min_frames"], DEFAULTS[3]["max_frames"]
     return VideoSettings(d["do_sample_frames"], d["fps"], d["num_frames"], d["min_frames"], d["max_frames"],
-                         lo, hi, d.get("max_tokens"))
+                         lo, hi, bool(d.get("cap_pixels_per_frame", False)), d.get("max_tokens"))
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -158,12 +164,24 @@ def _check_aspect(height: int, width: int) -> None:
 
 def frame_size(version: int, n_frames: int, height: int, width: int, factor: int, s: VideoSettings) -> tuple[int, int]:
     """Resized frame (height, width): per frame for Qwen2/2.5-VL, over all n_frames for Qwen3-VL."""
+    max_pixels = s.max_pixels
+    if s.cap_pixels_per_frame:  # qwen-vl-utils' bound on the whole clip, as the processors apply it
+        if version == 3:
+            per_frame = max(min(CAP_TOTAL_TOKENS[3] * factor * factor, max_pixels // n_frames),
+                            int(s.min_pixels * 1.05))
+            max_pixels = per_frame * n_frames
+        else:
+            total = int(CAP_TOTAL_TOKENS[2] * factor * factor * 0.9)
+            max_pixels = max(min(max_pixels, total * TEMPORAL // n_frames), int(s.min_pixels * 1.05))
+    if version == 3 and (height < factor or width < factor):  # Qwen3-VL scales tiny frames up first
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
     _check_aspect(height, width)
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
     t = n_frames if version == 3 else 1
     t_bar = round(n_frames / TEMPORAL) * TEMPORAL if version == 3 else 1
-    if t_bar * h_bar * w_bar > s.max_pixels:
-        beta = math.sqrt(t * height * width / s.max_pixels)
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(t * height * width / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
     elif t_bar * h_bar * w_bar < s.min_pixels:
