@@ -308,13 +308,13 @@ async function generate(c) {
   }
   const message = { role: "assistant", content: "", images: [] };
   c.messages.push(message);
-  await store.put(c);
-  localStorage.setItem(CURRENT_KEY, c.id);
   const controller = new AbortController();
   state.streaming = { controller, conversation: c, message };
   setBusy(true);
   clearNotice();
   render();
+  await store.put(c);
+  localStorage.setItem(CURRENT_KEY, c.id);
   refreshList();
   const t0 = performance.now();
   let tFirst = null;
