@@ -419,6 +419,27 @@ def test_server_errors_are_shown_readably(vlm_page):
     assert message.locator(".status").inner_text() == "failed" and message.locator(".retry").is_visible()
 
 
+def test_settings_shape_the_request(vlm_page, vlm):
+    p = vlm_page
+    p.new_chat()
+    p.settings(systemPrompt="You answer in JSON.", temperature=0, topP=0.5, maxTokens=12, imageMaxTokens=16,
+               jsonMode=True, extra='{"seed": 7}')
+    p.page.set_input_files("#file-input", str(IMAGES / "wide_1000x50.png"))
+    p.ask("Settings check")
+    message = p.wait_answer()
+    sent = p.sent[-1]
+    assert sent["messages"][0] == {"role": "system", "content": "You answer in JSON."}
+    assert (sent["top_p"], sent["max_tokens"], sent["image_max_tokens"], sent["seed"]) == (0.5, 12, 16, 7)
+    assert sent["response_format"] == {"type": "json_object"}
+    api = greedy_answer(vlm.url, sent)
+    saved = p.conversation("Settings check")["messages"][1]["content"]
+    assert saved == api["choices"][0]["message"]["content"] and saved.lstrip().startswith("{")
+    assert stats_of(message)["image"] == api["timings"]["image_tokens"]
+    unbudgeted = greedy_answer(vlm.url, {k: v for k, v in sent.items() if k != "image_max_tokens"})
+    assert 0 < api["timings"]["image_tokens"] < unbudgeted["timings"]["image_tokens"]  # the budget took effect
+    p.settings(systemPrompt="", topP="", imageMaxTokens="", jsonMode=False, extra="")
+
+
 def test_settings_refuse_bad_values(vlm_page):
     p = vlm_page
     p.page.click("#open-settings")

@@ -167,6 +167,7 @@ async function openConversation(id) {
   const c = id ? await store.get(id) : null;
   state.conversation = c || newConversation();
   if (c) localStorage.setItem(CURRENT_KEY, c.id);
+  $("app").classList.remove("side-shown"); // on a narrow screen the list covers the chat: close it
   render();
   await refreshList();
 }
