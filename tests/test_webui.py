@@ -23,7 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from ocula.server.testing import ServerProcess, free_port  # noqa: E402
-from ocula.server.web import page_files  # noqa: E402
+from ocula.server.web import page_files, page_url  # noqa: E402
 
 try:
     from playwright.sync_api import sync_playwright
@@ -230,6 +230,13 @@ def test_page_files_are_served_with_a_strict_policy(vlm):
     card = httpx.get(vlm.url + "/v1/models").json()["data"][0]
     assert card["modalities"] == {"vision": True, "audio": False}
     assert f"ocula: chat page at http://127.0.0.1:{vlm.port}/" in vlm.output()
+
+
+def test_page_address_printed_at_start_up():
+    assert page_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/"
+    assert page_url("0.0.0.0", 80) == "http://127.0.0.1:80/"  # listening everywhere: reachable here on loopback
+    assert page_url("::1", 8080) == "http://[::1]:8080/"
+    assert page_url("localhost", 9000) == "http://localhost:9000/"
 
 
 def test_markdown_renders_formatting_and_escapes_html(vlm_page):
@@ -479,6 +486,9 @@ def test_api_key_is_asked_once_and_images_are_refused_by_a_text_only_model(brows
     notice = page.locator("#notice.error")
     assert "does not take images (the server was started without --mmproj)" in notice.inner_text()
     assert page.locator("#attachments img").count() == 0
+    page.click("#notice-close")
+    page.click("#attach")
+    assert "does not take images" in page.locator("#notice.error").inner_text()
     page.click("#notice-close")
     page.evaluate("""(b64) => {
         const data = new DataTransfer();

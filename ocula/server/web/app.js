@@ -61,7 +61,8 @@ function showModel() {
     span.textContent = b;
     return span;
   }));
-  $("attach").disabled = m.vision === false;
+  // kept clickable: a click explains why no image can be attached
+  $("attach").classList.toggle("unavailable", m.vision === false);
   $("attach").title = m.vision === false ? "This model does not take images" : "Attach images";
 }
 
