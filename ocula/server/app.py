@@ -28,6 +28,7 @@ from ocula.errors import MediaError, OculaError
 from ocula.media import load_image
 from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
+from ocula.server.agent_apis import register_agent_apis
 from ocula.server.chat_tools import ChatPlan
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
@@ -96,8 +97,10 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+        if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key')",
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
@@ -162,14 +165,15 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     # ------------------------------------------------------------ generation routes
 
-    async def generation_route(request: Request, endpoint: str, schema, prepare):
+    async def generation_route(request: Request, endpoint: str, schema, prepare, body: dict | None = None):
         """What the generation routes share: auth, parsing, sampling parameters, the run and its metrics.
-        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format."""
+        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format.
+        `body`: a request already read and translated (the Responses and Messages APIs)."""
         t0 = time.perf_counter()
         status = 500
         try:
             check_auth(request)
-            req = P.parse(schema, await read_json(request))
+            req = P.parse(schema, body if body is not None else await read_json(request))
             P.check_unsupported(req)
             refuse_text_beyond_context(req)
             params, explicit = P.sampling_params(req, config.default_max_tokens)
@@ -377,6 +381,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         finally:
             metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
+    register_agent_apis(app, lambda request, endpoint, body: generation_route(
+        request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
     return app
 
 
