@@ -155,6 +155,7 @@ def test_responses_image(vision_server):
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "'input_file'"),
     ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "cannot take audio"),
     ({"input": "x", "temperature": -1}, "temperature"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "needs a JSON schema"),
 ])
 def test_responses_errors(oai, body, fragment):
     with pytest.raises(openai.BadRequestError) as e:
@@ -194,6 +195,8 @@ def test_messages_tool_round_trip_and_stream(claude, tools_server):
         kinds = [e.type for e in stream]
         final = stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "content_block_start" in kinds
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == m.usage.input_tokens + \
+        m.usage.cache_read_input_tokens
     assert [b.input for b in final.content if b.type == "tool_use"] == [use.input]
     follow = ask + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
@@ -235,7 +238,7 @@ def test_messages_image_base64_and_url(vision_server):
 
 @pytest.mark.parametrize("body,fragment", [
     ({"messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
-    ({"max_tokens": 5, "messages": []}, "messages must be"),
+    ({"max_tokens": 5}, "messages must be"),
     ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "'user' or 'assistant'"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
      "'document' block"),
@@ -263,3 +266,19 @@ def test_messages_auth_by_x_api_key(tools_server):
     ok = httpx.post(tools_server.url + "/v1/messages/count_tokens", headers={"x-api-key": KEY},
                     json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
     assert ok.status_code == 200 and ok.json()["input_tokens"] > 0
+
+
+def test_messages_stream_start_counts_the_prompt_and_empty_conversation(tools_server):
+    r = httpx.post(tools_server.url + "/v1/messages", headers={"x-api-key": KEY}, timeout=60, json={
+        "model": "m", "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "Say hello"}]})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    names = [line[7:] for line in r.text.splitlines() if line.startswith("event: ")]
+    assert names == [e["type"] for e in events]
+    start = events[0]["message"]
+    assert start["content"] == [] and start["usage"]["input_tokens"] > 0
+    assert [e["index"] for e in events if e["type"] == "content_block_start"] == [0]
+    assert events[-2]["type"] == "message_delta" and events[-2]["usage"]["output_tokens"] == 3
+    # an empty conversation is answered (as llama-server does), not refused
+    empty = httpx.post(tools_server.url + "/v1/messages", headers={"x-api-key": KEY}, timeout=60,
+                       json={"model": "m", "max_tokens": 2, "messages": []})
+    assert empty.status_code == 200 and empty.json()["content"][0]["type"] == "text"

@@ -22,6 +22,7 @@ class ChatCall:
     def __init__(self, chat: Chat, request: Request, endpoint: str):
         self.chat, self.request, self.endpoint = chat, request, endpoint
         self.handle = None
+        self.prompt_tokens = self.cached_tokens = 0  # known once a stream has started
 
     async def answer(self, body: dict) -> dict:
         resp = await self.chat(self.request, self.endpoint, {**body, "stream": False})
@@ -40,6 +41,9 @@ class ChatCall:
         if not isinstance(resp, StreamingResponse):  # the client left before it started
             raise APIError(resp.status_code, "the request ended before it started", code="cancelled")
         self.handle = getattr(resp, "handle", None)
+        started = getattr(resp, "started", None)
+        if started is not None:
+            self.prompt_tokens, self.cached_tokens = started.prompt_tokens, started.cached_tokens
         return self._read(resp.body_iterator)
 
     async def _read(self, lines) -> AsyncIterator[dict]:
@@ -85,6 +89,7 @@ def register_agent_apis(app: FastAPI, chat: Chat, read_json, check_auth, model_i
     from ocula.server import anthropic_api, responses_api
 
     @app.post("/v1/responses")
+    @app.post("/responses")
     async def responses(request: Request):
         body = await read_json_authed(request)
         return await responses_api.handle(body, ChatCall(chat, request, "responses"), model_id)

@@ -38,8 +38,10 @@ def to_chat(body: dict, need_max_tokens: bool = True) -> dict:
     if system is not None:
         messages.append({"role": "system", "content": _text_of(system, "system")})
     turns = body.get("messages")
-    if not isinstance(turns, list) or not turns:
-        raise _bad("messages must be a non-empty list of {\"role\": ..., \"content\": ...}", "messages")
+    if not isinstance(turns, list):
+        raise _bad("messages must be a list of {\"role\": ..., \"content\": ...}", "messages")
+    if not turns:  # as llama-server: an empty conversation is one empty user turn
+        turns = [{"role": "user", "content": ""}]
     for i, m in enumerate(turns):
         where = f"messages.{i}"
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
@@ -177,6 +179,8 @@ def full(answer: dict, model_id: str) -> dict:
     for c in msg.get("tool_calls") or []:
         blocks.append({"type": "tool_use", "id": _tool_use_id(c["id"]), "name": c["function"]["name"],
                        "input": json.loads(c["function"]["arguments"] or "{}")})
+    if not any(b["type"] != "thinking" for b in blocks):  # an empty answer is still one (empty) text block
+        blocks.append({"type": "text", "text": ""})
     return _envelope(model_id, blocks, STOP_REASONS.get(choice["finish_reason"], "end_turn"),
                      _usage(answer.get("usage")))
 
@@ -190,7 +194,8 @@ async def handle(body: dict, call: ChatCall, model_id: str):
     if not body.get("stream"):
         return JSONResponse(full(await call.answer(chat), model_id))
     chunks = await call.chunks(chat)
-    return SSE(stream_events(chunks, model_id), call)
+    started = {"prompt_tokens": call.prompt_tokens, "prompt_tokens_details": {"cached_tokens": call.cached_tokens}}
+    return SSE(stream_events(chunks, model_id, started), call)
 
 
 async def count_tokens(body: dict, call: ChatCall):
@@ -203,14 +208,16 @@ async def count_tokens(body: dict, call: ChatCall):
     return JSONResponse({"input_tokens": answer["usage"]["prompt_tokens"]})
 
 
-async def stream_events(chunks: AsyncIterator[dict], model_id: str) -> AsyncIterator[dict]:
-    start = _envelope(model_id, [], None, _usage(None))
+async def stream_events(chunks: AsyncIterator[dict], model_id: str, started: dict) -> AsyncIterator[dict]:
+    start = _envelope(model_id, [], None, _usage(started))
     yield {"type": "message_start", "message": start}
     index, open_kind = -1, None
     usage, finish = None, None
 
     def close():
-        return {"type": "content_block_stop", "index": index}
+        if open_kind == "thinking":  # clients expect a signature before a thinking block ends (none here)
+            yield {"type": "content_block_delta", "index": index, "delta": {"type": "signature_delta", "signature": ""}}
+        yield {"type": "content_block_stop", "index": index}
 
     try:
         async for chunk in chunks:
@@ -224,7 +231,8 @@ async def stream_events(chunks: AsyncIterator[dict], model_id: str) -> AsyncIter
                         continue
                     if open_kind != kind:
                         if open_kind is not None:
-                            yield close()
+                            for e in close():
+                                yield e
                         index, open_kind = index + 1, kind
                         block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" \
                             else {"type": "text", "text": ""}
@@ -236,7 +244,8 @@ async def stream_events(chunks: AsyncIterator[dict], model_id: str) -> AsyncIter
                     fn = tc.get("function") or {}
                     if tc.get("id"):
                         if open_kind is not None:
-                            yield close()
+                            for e in close():
+                                yield e
                         index, open_kind = index + 1, "tool_use"
                         yield {"type": "content_block_start", "index": index, "content_block": {
                             "type": "tool_use", "id": _tool_use_id(tc["id"]), "name": fn.get("name"), "input": {}}}
@@ -247,10 +256,14 @@ async def stream_events(chunks: AsyncIterator[dict], model_id: str) -> AsyncIter
         kind = "overloaded_error" if e.status == 503 else "api_error"
         yield {"type": "error", "error": {"type": kind, "message": e.message}}
         return
-    if open_kind is not None:
-        yield close()
+    if open_kind is None:  # an empty answer is still one (empty) text block
+        index, open_kind = 0, "text"
+        yield {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    for e in close():
+        yield e
     u = _usage(usage)
     yield {"type": "message_delta", "delta": {"stop_reason": STOP_REASONS.get(finish, "end_turn"),
                                               "stop_sequence": None},
-           "usage": {"output_tokens": u["output_tokens"], "input_tokens": u["input_tokens"]}}
+           "usage": {"output_tokens": u["output_tokens"], "input_tokens": u["input_tokens"],
+                     "cache_read_input_tokens": u["cache_read_input_tokens"]}}
     yield {"type": "message_stop"}

@@ -332,7 +332,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             assert isinstance(first, Started)
             if stream:
                 handed_off = True
-                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle)
+                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle, first)
             deltas: list[Delta] = []
             while True:
                 ev = await watch.next()
@@ -427,10 +427,10 @@ class ClientWatch:
 class EventStream(StreamingResponse):
     """text/event-stream whose generation is cancelled however the response ends (done, error, disconnect)."""
 
-    def __init__(self, content, handle):
+    def __init__(self, content, handle, started: Started | None = None):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handle = handle
+        self.handle, self.started = handle, started
 
     async def __call__(self, scope, receive, send):
         try:

@@ -150,6 +150,8 @@ def _response_format(fmt: Any) -> dict:
     if not isinstance(fmt, dict):
         raise _bad("text.format must be an object such as {\"type\": \"json_schema\", ...}", "text.format")
     if fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise _bad("text.format.schema: a json_schema format needs a JSON schema object", "text.format.schema")
         return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "output"),
                                                        "schema": fmt.get("schema", {}), "strict": fmt.get("strict")}}
     return fmt
