@@ -28,6 +28,7 @@ from ocula.errors import MediaError, OculaError
 from ocula.media import load_image
 from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
+from ocula.server.agent_apis import register_agent_apis
 from ocula.server.chat_tools import ChatPlan
 from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
@@ -100,8 +101,10 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+        if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key')",
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
@@ -167,14 +170,15 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     # ------------------------------------------------------------ generation routes
 
-    async def generation_route(request: Request, endpoint: str, schema, prepare):
+    async def generation_route(request: Request, endpoint: str, schema, prepare, body: dict | None = None):
         """What the generation routes share: auth, parsing, sampling parameters, the run and its metrics.
-        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format."""
+        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format.
+        `body`: a request already read and translated (the Responses and Messages APIs)."""
         t0 = time.perf_counter()
         status = 500
         try:
             check_auth(request)
-            req = P.parse(schema, await read_json(request))
+            req = P.parse(schema, body if body is not None else await read_json(request))
             P.check_unsupported(req)
             refuse_text_beyond_context(req)
             params, explicit = P.sampling_params(req, config.default_max_tokens)
@@ -337,7 +341,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             assert isinstance(first, Started)
             if stream:
                 handed_off = True
-                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle)
+                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle, first)
             deltas: list[Delta] = []
             while True:
                 ev = await watch.next()
@@ -392,6 +396,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     register_llama_routes(app, RouteContext(
         model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
         prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health))
+    register_agent_apis(app, lambda request, endpoint, body: generation_route(
+        request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
     return app
 
 
@@ -436,10 +442,10 @@ class ClientWatch:
 class EventStream(StreamingResponse):
     """text/event-stream whose generation is cancelled however the response ends (done, error, disconnect)."""
 
-    def __init__(self, content, handle):
+    def __init__(self, content, handle, started: Started | None = None):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handle = handle
+        self.handle, self.started = handle, started
 
     async def __call__(self, scope, receive, send):
         try:
