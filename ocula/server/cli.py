@@ -46,6 +46,8 @@ def add_parser(sub, add_model_args) -> None:
                    help="image embedding cache size (default 512M)")
     s.add_argument("--default-max-tokens", type=int, default=None,
                    help="answer length when a request sets no max_tokens (default: until the context is full)")
+    s.add_argument("--pooling", choices=["none", "mean", "cls", "last"], default=None,
+                   help="embeddings: how token states are pooled (default: the GGUF's pooling_type, else last)")
     m = p.add_argument_group("media")
     m.add_argument("--allowed-media-path", default=None, metavar="DIR",
                    help="allow file:// URLs and paths inside DIR (default: no local files)")
@@ -87,7 +89,7 @@ def cmd_serve(args) -> int:
     config = ServerConfig(
         model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
-        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens,
+        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
         allowed_media_path=args.allowed_media_path, allow_private_media=args.allow_private_media,
         allow_link_local_media=args.allow_link_local_media,
         allow_remote_media=not args.no_remote_media, max_image_bytes=args.max_image_bytes,

@@ -136,9 +136,10 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         check_token_ids(ids, model.text.cfg.n_vocab, "tokens")
         return JSONResponse({"content": tok.decode(ids)})
 
-    from ocula.server import native_completion
+    from ocula.server import embeddings, native_completion
 
     native_completion.register(app, ctx)
+    embeddings.register(app, ctx)
 
     @app.post("/apply-template")
     @native
