@@ -155,3 +155,33 @@ def test_n_choices_completions_and_json(server, lib):
             json.loads(c["message"]["content"])
     r = post(server, "/v1/chat/completions", {"messages": MSGS, "n": 17})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_llama_server_conventions_on_openai_routes(server):
+    # llama-server's json_schema / grammar request fields constrain chat and completions too
+    r = post(server, "/chat/completions", {"messages": MSGS, "max_tokens": 10, "json_schema": {"const": "42"}})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == '"42"'
+    r = post(server, "/v1/completions", {"prompt": "the", "max_tokens": 8, "grammar": 'root ::= "a"{5,5}'})
+    assert r.json()["choices"][0]["text"] == "aaaaa"
+    r = post(server, "/v1/chat/completions", {"messages": MSGS, "grammar": "root ::= nowhere"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "grammar"
+    r = post(server, "/v1/chat/completions", {"messages": MSGS, "json_schema": {"const": 1},
+                                              "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "not both" in r.json()["error"]["message"]
+    # system_fingerprint in llama-server's b<build> form; the first stream chunk has content null;
+    # the usage chunk carries llama-server's timings
+    body = post(server, "/chat/completions", {"messages": MSGS, "max_tokens": 3, "ignore_eos": True}).json()
+    assert body["system_fingerprint"].startswith("b") and "cmpl" in body["id"]
+    assert body["timings"]["predicted_n"] == 3 and body["timings"]["prompt_n"] + body["timings"]["cache_n"] == \
+        body["usage"]["prompt_tokens"]
+    with httpx.stream("POST", server.url + "/chat/completions", timeout=60,
+                      json={"messages": MSGS, "max_tokens": 3, "stream": True, "ignore_eos": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+    assert "timings" not in chunks[0]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["timings"]["predicted_n"] == 3
+    assert "predicted_per_second" in chunks[-1]["timings"]
+    # GET /models also lists the model as llama-server does (capabilities as a list)
+    listed = httpx.get(server.url + "/models").json()["models"][0]
+    assert listed["name"] == "tiny" and listed["capabilities"] == ["completion"]

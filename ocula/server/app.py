@@ -30,7 +30,9 @@ from ocula.server import protocol as P
 from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
+from ocula.server.llama_routes import listed_model
 from ocula.server.metrics import Metrics
+from ocula.server.native_completion import extension_constraint, llama_timings
 
 log = logging.getLogger("ocula.server")
 DISCONNECT_POLL = 0.25  # seconds between client-disconnect checks of a non-streaming request
@@ -149,7 +151,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()], "models": [listed_model(model, model_id)]}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request):
@@ -217,7 +219,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         except OculaError as e:
             raise to_api_error(e, None) from None
         messages = await prepare_images(messages)
-        constraint = await make_constraint(req.response_format)
+        constraint = await make_constraint(req.response_format, req)
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
 
@@ -245,7 +247,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if bad:
                 raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
                                     f"(0..{model.text.cfg.n_vocab - 1})", param="prompt", code="invalid_value")
-        constraint = await make_constraint(req.response_format)
+        constraint = await make_constraint(req.response_format, req)
 
         def build(timings, prompt=prompt):
             return model._as_prompt(prompt)
@@ -288,7 +290,9 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
         return await run_in_threadpool(load_all)
 
-    async def make_constraint(response_format: Any):
+    async def make_constraint(response_format: Any, req=None):
+        if req is not None and (req.grammar or req.json_schema is not None):  # llama-server's fields
+            return await extension_constraint(model, req, response_format)
         if response_format is None:
             return None
         try:
@@ -480,7 +484,7 @@ class ChatFormat:
         return {"content": P.chat_logprobs(self.tokenizer, items or []), "refusal": None}
 
     def start(self) -> list[dict]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": None})]
 
     def delta(self, ev: Delta) -> dict | None:
         if not ev.text and not (self.logprobs and ev.logprobs):
@@ -495,7 +499,7 @@ class ChatFormat:
         if include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": [],
-                        "usage": _usage(first, ev)})
+                        "usage": _usage(first, ev), "timings": _timings(first, ev)})
         return out
 
     def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:
@@ -542,6 +546,7 @@ class CompletionFormat:
             c = self._chunk("")
             c["choices"] = []
             c["usage"] = _usage(first, ev)
+            c["timings"] = _timings(first, ev)
             out.append(c)
         return out
 
@@ -567,6 +572,7 @@ def _logprobs(deltas: list[Delta]) -> list:
 def _timings(first: Started, ev: Finished) -> dict:
     t = ev.result.timings
     return {
+        **llama_timings(first, ev.result),  # llama-server's keys (prompt_n, predicted_per_second, ...)
         "queue_ms": round(first.queue_ms, 2), "prompt_ms": round(t.prompt_ms, 2), "ttft_ms": round(t.ttft_ms, 2),
         "generation_ms": round(t.generation_ms, 2), "generation_tps": round(t.generation_tps, 2),
         "cached_tokens": first.cached_tokens, "image_tokens": first.image_tokens,

@@ -179,6 +179,17 @@ def props_body(ctx: RouteContext) -> dict:
     }
 
 
+def listed_model(model, model_id: str) -> dict:
+    """The model as llama-server's (Ollama-style) `models` list in GET /models shows it."""
+    caps = ["completion"] + (["multimodal"] if model.supports_images else [])
+    return {
+        "name": model_id, "model": model_id, "modified_at": "", "size": str(model.gguf.file_size), "digest": "",
+        "type": "model", "description": "", "tags": [], "capabilities": caps, "parameters": "",
+        "details": {"parent_model": "", "format": "gguf", "family": model.architecture,
+                    "families": [model.architecture], "parameter_size": "", "quantization_level": ""},
+    }
+
+
 def build_info(version: str) -> str:
     """llama-server reports 'b<build>-<commit>'; ocula reports its version in that form."""
     return f"b{version}-ocula"

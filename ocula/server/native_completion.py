@@ -312,6 +312,22 @@ async def make_constraint(ctx, options: Options):
     return None
 
 
+async def extension_constraint(model, req, response_format):
+    """A constraint for llama-server's `json_schema` / `grammar` request fields (on the OpenAI routes too)."""
+    if response_format is not None:
+        raise APIError(400, "send either response_format or llama-server's json_schema / grammar, not both",
+                       param="response_format", code="invalid_value")
+    if req.grammar and req.json_schema is not None:
+        raise APIError(400, "send either json_schema or grammar, not both", param="grammar", code="invalid_value")
+    try:
+        if req.grammar:
+            return await run_in_threadpool(grammar_constraint, model, req.grammar)
+        return await run_in_threadpool(model.response_constraint,
+                                       {"type": "json_schema", "json_schema": {"schema": req.json_schema}})
+    except OculaError as e:
+        raise to_api_error(e, "grammar" if req.grammar else "json_schema") from None
+
+
 def grammar_constraint(model, gbnf: str):
     """A Constraint for a GBNF (or Lark) grammar, compiled by llguidance."""
     from ocula.engine.structured import Constraint, llguidance, structured_for
@@ -415,23 +431,13 @@ class NativeFormat:
         stop_type, word = self.stop_type(r)
         body = self._base(content, r.finish_reason)
         prompt = self.seen.get("prompt")
-        t = r.timings
-        prompt_n = r.prompt_tokens - first.cached_tokens
-        predicted_ms = t.generation_ms
         body.update({
             "stop": True, "stop_type": stop_type, "stopping_word": word, "truncated": False,
             "has_new_line": "\n" in r.text, "tokens_predicted": r.completion_tokens,
             "tokens_evaluated": r.prompt_tokens, "tokens_cached": first.cached_tokens,
             "generation_settings": self.options.settings(self.ctx.model_id),
             "prompt": self.prompt_text(prompt),
-            "timings": {
-                "cache_n": first.cached_tokens, "prompt_n": prompt_n, "prompt_ms": round(t.prompt_ms, 3),
-                "prompt_per_token_ms": round(t.prompt_ms / prompt_n, 3) if prompt_n else 0.0,
-                "prompt_per_second": round(prompt_n / t.prompt_ms * 1000, 3) if t.prompt_ms else 0.0,
-                "predicted_n": r.completion_tokens, "predicted_ms": round(predicted_ms, 3),
-                "predicted_per_token_ms": round(predicted_ms / r.completion_tokens, 3) if r.completion_tokens else 0.0,
-                "predicted_per_second": round(r.completion_tokens / predicted_ms * 1000, 3) if predicted_ms else 0.0,
-            },
+            "timings": llama_timings(first, r),
             "usage": P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens),
         })
         return body
@@ -450,6 +456,21 @@ class NativeFormat:
         if prompt is None:
             return ""
         return b"".join(self.tok.token_to_bytes(t) for t in prompt.token_ids).decode("utf-8", errors="replace")
+
+
+def llama_timings(first: Started, r) -> dict:
+    """llama-server's `timings` object: prompt_n counts the prompt tokens computed (not cached)."""
+    t = r.timings
+    prompt_n = r.prompt_tokens - first.cached_tokens
+    predicted_n, predicted_ms = r.completion_tokens, t.generation_ms
+    return {
+        "cache_n": first.cached_tokens, "prompt_n": prompt_n, "prompt_ms": round(t.prompt_ms, 3),
+        "prompt_per_token_ms": round(t.prompt_ms / prompt_n, 3) if prompt_n else 0.0,
+        "prompt_per_second": round(prompt_n / t.prompt_ms * 1000, 3) if t.prompt_ms else 0.0,
+        "predicted_n": predicted_n, "predicted_ms": round(predicted_ms, 3),
+        "predicted_per_token_ms": round(predicted_ms / predicted_n, 3) if predicted_n else 0.0,
+        "predicted_per_second": round(predicted_n / predicted_ms * 1000, 3) if predicted_ms else 0.0,
+    }
 
 
 def pick(body: dict, path: str):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ocula.engine.sampling import SamplingParams
 from ocula.server.errors import APIError
 
-SYSTEM_FINGERPRINT = "ocula"
+SYSTEM_FINGERPRINT = "b0-ocula"  # llama-server's "b<build>-<commit>" form, which its clients and tests expect
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
@@ -48,6 +48,9 @@ class _Sampling(_Req):
     response_format: dict[str, Any] | None = None
     n: int | None = Field(None, ge=1)
     ignore_eos: bool = False
+    # llama-server extensions: constrain the answer to a JSON schema or a GBNF grammar
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
     # unsupported: refused when set (see check_unsupported)
     tools: list[Any] | None = None
     tool_choice: Any = None
