@@ -185,3 +185,15 @@ def test_llama_server_conventions_on_openai_routes(server):
     # GET /models also lists the model as llama-server does (capabilities as a list)
     listed = httpx.get(server.url + "/models").json()["models"][0]
     assert listed["name"] == "tiny" and listed["capabilities"] == ["completion"]
+
+
+def test_input_tokens(server, lib):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers."}]
+    for path in ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"):
+        r = post(server, path, {"model": "tiny", "messages": msgs})
+        assert r.json() == {"object": "chat.completion.input_tokens", "input_tokens": len(lib.prompt_token_ids(msgs))}
+    r = post(server, "/v1/chat/completions/input_tokens", {"messages": [{"role": "bot", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    r = post(server, "/v1/chat/completions/input_tokens", {"messages": image})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_input_not_supported"

@@ -170,6 +170,8 @@ def test_multimodal_data_equals_chat():
     with ServerProcess(["-m", str(VLM), "--mmproj", str(VLM_MMPROJ), "-c", "1024", "--threads", "1"]) as s:
         chat = httpx.post(s.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 8, "temperature": 0},
                           timeout=120).json()
+        counted = httpx.post(s.url + "/v1/chat/completions/input_tokens", json={"messages": msgs}, timeout=60).json()
+        assert counted["input_tokens"] == chat["usage"]["prompt_tokens"]  # image tokens included
         text = httpx.post(s.url + "/apply-template", json={"messages": msgs}, timeout=60).json()["prompt"]
         assert text.count(lib.vision.vision.placeholder) == 1
         prompt = text.replace(lib.vision.vision.placeholder, "<__media__>")

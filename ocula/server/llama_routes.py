@@ -11,6 +11,7 @@ the OpenAI routes keep OpenAI's.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 from dataclasses import dataclass
@@ -140,6 +141,38 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
 
     native_completion.register(app, ctx)
     embeddings.register(app, ctx)
+
+    async def input_tokens(request: Request):
+        """How many tokens a chat request's prompt takes (template, images expanded), without generating."""
+        from ocula.chat import normalize_messages
+        from ocula.engine.generate import Timings
+
+        ctx.check_auth(request)
+        body = await ctx.read_json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "messages must be a non-empty list of {'role': ..., 'content': ...} objects",
+                           param="messages", code="invalid_value")
+        try:
+            normalize_messages(messages)
+        except OculaError as e:
+            raise to_api_error(e, "messages") from None
+        messages = await ctx.prepare_images(messages)
+        img_min = field(body, "image_min_tokens", int, ctx.config.image_min_tokens)
+        img_max = field(body, "image_max_tokens", int, ctx.config.image_max_tokens)
+
+        def count() -> int:
+            return len(model.build_prompt(messages, Timings(), img_min, img_max, media_policy=ctx.policy,
+                                          max_images=ctx.config.max_images))
+
+        try:
+            n = await asyncio.wrap_future(ctx.sched.call(count))
+        except OculaError as e:
+            raise to_api_error(e, "messages") from None
+        return JSONResponse({"object": "chat.completion.input_tokens", "input_tokens": n})
+
+    for path in ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"):
+        app.add_api_route(path, input_tokens, methods=["POST"])
 
     @app.post("/apply-template")
     @native
