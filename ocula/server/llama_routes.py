@@ -54,6 +54,8 @@ def native_error(e: APIError) -> JSONResponse:
     body = {"code": e.status, "message": e.message, "type": e.type}
     if e.param:
         body["param"] = e.param
+    if e.status == 401:
+        body["type"] = "authentication_error"
     if e.code == "context_length_exceeded":  # llama-server's type, and the numbers its clients read
         body["type"] = "exceed_context_size_error"
         m = re.search(r"has (\d+) (?:characters, at least (\d+) )?tokens", e.message)

@@ -17,6 +17,7 @@ both kinds of client read it. Streams are llama-server's: one `data:` object per
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -56,11 +57,15 @@ async def completion(ctx, request: Request):
     prompts = split_prompts(body.get("prompt"))
     refuse_text_beyond_context(ctx, prompts)
     stream = field(body, "stream", bool, False)
-    if stream and len(prompts) > 1:
-        raise APIError(400, f"prompt: streaming answers one prompt at a time, got {len(prompts)}", param="prompt",
-                       code="unsupported_parameter")
+    n_cmpl = field(body, "n_cmpl", int, None)
+    n_cmpl = field(body, "n", int, 1) if n_cmpl is None else n_cmpl
+    if n_cmpl < 1:
+        raise APIError(400, "n_cmpl must be >= 1", param="n_cmpl", code="invalid_value")
+    if stream and len(prompts) * n_cmpl > 1:
+        raise APIError(400, f"streaming answers one prompt and one completion at a time, got {len(prompts)} "
+                            f"prompt(s) x n_cmpl {n_cmpl}", param="prompt", code="unsupported_parameter")
     options = Options(ctx, body)
-    if len(prompts) == 1:
+    if len(prompts) == 1 and n_cmpl == 1:
         greq, fmt = await prepare(ctx, options, prompts[0], 0)
         try:
             return await ctx.run(request, greq, fmt, stream, False, "completion", t0)
@@ -68,7 +73,15 @@ async def completion(ctx, request: Request):
             raise about_prompt(e) from None
     from ocula.server.choices import collect, disconnected, submit_all
 
-    prepared = [await prepare(ctx, options, p, i) for i, p in enumerate(prompts)]
+    from ocula.server.choices import sample_requests
+
+    prepared = []
+    for p in prompts:  # n_cmpl samples of each prompt, the first sharing its prefill with the others
+        greq, fmt = await prepare(ctx, options, p, len(prepared))
+        for sample in sample_requests(greq, n_cmpl):
+            twin = copy.copy(fmt)
+            twin.index = len(prepared)
+            prepared.append((sample, twin))
     group, events = await submit_all(ctx.sched, [g for g, _ in prepared])
     try:
         outcomes = await collect(request, group, events, len(prepared))
@@ -181,6 +194,8 @@ class Options:
         self.return_tokens = field(body, "return_tokens", bool, False)
         self.response_fields = field(body, "response_fields", list, [])
         self.logit_bias = logit_bias(ctx.model, body.get("logit_bias"))
+        if self.params.ignore_eos:  # as llama-server: the end-of-generation tokens can not be sampled at all
+            self.logit_bias = {**(self.logit_bias or {}), **{t: -math.inf for t in ctx.model.tokenizer.eot_ids}}
         self.json_schema = field(body, "json_schema", dict)
         self.grammar = field(body, "grammar", str)
         if self.json_schema is not None and self.grammar:
@@ -195,6 +210,8 @@ class Options:
             "repeat_penalty": p.repetition_penalty, "repeat_last_n": p.penalty_last_n,
             "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty, "stop": p.stop,
             "ignore_eos": p.ignore_eos, "n_probs": self.n_probs, "model": model_id,
+            "logit_bias": [{"token": t, "bias": None if math.isinf(b) else b}  # null: -inf (banned)
+                           for t, b in (self.logit_bias or {}).items()],
             "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
         }
 
