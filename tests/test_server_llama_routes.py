@@ -197,3 +197,23 @@ def test_input_tokens(server, lib):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
     r = post(server, "/v1/chat/completions/input_tokens", {"messages": image})
     assert r.status_code == 400 and r.json()["error"]["code"] == "image_input_not_supported"
+
+
+def test_server_sampling_defaults_and_slots(tiny_path, lib):
+    args = ["-m", str(tiny_path), "--threads", "1", "--temp", "0", "--seed", "42", "-n", "5", "--top-k", "7",
+            "--parallel", "2"]
+    with ServerProcess(args) as s:
+        params = httpx.get(s.url + "/props").json()["default_generation_settings"]["params"]
+        assert (params["temperature"], params["seed"], params["n_predict"], params["top_k"]) == (0, 42, 5, 7)
+        want = lib.chat(MSGS, max_tokens=5, temperature=0, ignore_eos=True)
+        r = post(s, "/v1/chat/completions", {"messages": MSGS, "ignore_eos": True}).json()  # server defaults apply
+        assert r["choices"][0]["message"]["content"] == want.text and r["usage"]["completion_tokens"] == 5
+        b = post(s, "/completion", {"prompt": "the", "n_predict": 50}).json()  # -n caps n_predict there
+        assert b["generation_settings"]["n_predict"] == 5 and b["generation_settings"]["seed"] == 42
+        assert b["generation_settings"]["temperature"] == 0
+        slots = httpx.get(s.url + "/slots").json()
+        assert len(slots) == 2 and not any(x["is_processing"] for x in slots) and slots[0]["n_ctx"] == 256
+    from ocula.server.testing import ServerProcess as SP
+
+    with pytest.raises(RuntimeError, match="bad sampling default"):
+        SP(["-m", str(tiny_path), "--top-p", "0"], startup_timeout=30).start()

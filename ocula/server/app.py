@@ -173,7 +173,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             req = P.parse(schema, await read_json(request))
             P.check_unsupported(req)
             refuse_text_beyond_context(req)
-            params, explicit = P.sampling_params(req, config.default_max_tokens)
+            params, explicit = P.sampling_params(req, config.default_max_tokens, config.sampling_defaults)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

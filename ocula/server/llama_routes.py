@@ -114,6 +114,15 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         ctx.check_auth(request)
         return JSONResponse(props_body(ctx))
 
+    @app.get("/slots")
+    @native
+    async def slots(request: Request):
+        """The decoding lanes (--parallel): which are busy. ocula has no per-slot state to save or restore."""
+        ctx.check_auth(request)
+        busy = ctx.sched.active
+        return JSONResponse([{"id": i, "id_task": -1, "n_ctx": ctx.sched.n_ctx, "speculative": False,
+                              "is_processing": i < busy} for i in range(ctx.sched.max_batch)])
+
     # ------------------------------------------------------------ tokens and templates
 
     @app.post("/tokenize")
@@ -234,7 +243,7 @@ def default_params(ctx: RouteContext) -> dict:
     """The sampling settings a request gets when it sets none, under llama-server's names."""
     from ocula.engine.sampling import SamplingParams
 
-    d = SamplingParams()
+    d = SamplingParams(**ctx.config.sampling_defaults)
     mt = ctx.config.default_max_tokens
     return {
         "n_predict": -1 if mt is None else mt, "seed": -1 if d.seed is None else d.seed,

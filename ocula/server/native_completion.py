@@ -164,7 +164,7 @@ class Options:
         if default is not None and default >= 0:
             n_predict = default if n_predict is None else min(n_predict, default)
         self.n_predict = n_predict
-        opts: dict[str, Any] = {"max_tokens": n_predict}
+        opts: dict[str, Any] = {**ctx.config.sampling_defaults, "max_tokens": n_predict}
         for name, key in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
                           ("repeat_penalty", "repetition_penalty"), ("presence_penalty", "presence_penalty"),
                           ("frequency_penalty", "frequency_penalty")):

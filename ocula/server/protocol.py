@@ -118,11 +118,13 @@ def check_unsupported(req: _Sampling) -> None:
             refuse("echo", "echo with logprobs (prompt logprobs) is not implemented")
 
 
-def sampling_params(req: _Sampling, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
-    """SamplingParams for a request, and whether max_tokens was given explicitly."""
+def sampling_params(req: _Sampling, default_max_tokens: int | None,
+                    defaults: dict | None = None) -> tuple[SamplingParams, bool]:
+    """SamplingParams for a request (over the server's `defaults`), and whether max_tokens was given explicitly."""
     mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     explicit = mt is not None
-    opts: dict[str, Any] = {"max_tokens": mt if explicit else default_max_tokens}
+    opts: dict[str, Any] = dict(defaults or {})
+    opts["max_tokens"] = mt if explicit else default_max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty"):
         v = getattr(req, name)
         if v is not None:
