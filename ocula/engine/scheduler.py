@@ -448,7 +448,8 @@ class Scheduler:
             req.constraint.accept(token)
         lp = None
         if req.logprobs is not None:
-            lp = [self._logprob(raw, token, req.logprobs)]
+            lp = [self._sampled_prob(seq.sampler, logits, seq.history, token, req.logprobs)
+                  if req.post_sampling_probs else self._logprob(raw, token, req.logprobs)]
         seq.out_ids.append(token)
         seq.history.append(token)
         self.stats.generated_tokens += 1
@@ -481,6 +482,22 @@ class Scheduler:
             vals, ids = torch.topk(lsm, min(k, lsm.shape[-1]))
             top = [(int(i), float(v)) for i, v in zip(ids, vals)]
         return TokenLogprob(int(token), float(lsm[token]), top)
+
+    @staticmethod
+    def _sampled_prob(sampler: Sampler, logits: torch.Tensor, history: list[int], token: int, k: int) -> TokenLogprob:
+        """The chosen token's and the top k's log-probabilities in the distribution the token was drawn from
+        (after bias, grammar, penalties, top-k/top-p/min-p and temperature; greedy: all mass on the argmax)."""
+        if sampler.params.greedy:
+            probs = torch.zeros(logits.shape[-1])
+            probs[token] = 1.0
+        else:
+            probs = sampler.probabilities(sampler.apply_penalties(logits, history)).float().cpu()
+        lps = torch.log(probs)
+        top = []
+        if k > 0:
+            vals, ids = torch.topk(lps, min(k, lps.shape[-1]))
+            top = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        return TokenLogprob(int(token), float(lps[token]), top)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         if reason == "length" or (seq.req.constraint is not None and reason == "stop"):

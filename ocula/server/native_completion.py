@@ -151,7 +151,7 @@ class Options:
             if v is not None and v != neutral:
                 raise APIError(400, f"{name} is not supported by this server (only {name}={neutral})", param=name,
                                code="unsupported_parameter")
-        for name in ("lora", "post_sampling_probs"):
+        for name in ("lora",):
             if body.get(name):
                 raise APIError(400, f"{name} is not supported by this server", param=name,
                                code="unsupported_parameter")
@@ -191,6 +191,7 @@ class Options:
         self.n_probs = field(body, "n_probs", int, 0)
         if not 0 <= self.n_probs <= 100:
             raise APIError(400, "n_probs must be in [0, 100]", param="n_probs", code="invalid_value")
+        self.post_sampling = field(body, "post_sampling_probs", bool, False)
         self.return_tokens = field(body, "return_tokens", bool, False)
         self.response_fields = field(body, "response_fields", list, [])
         self.logit_bias = logit_bias(ctx.model, body.get("logit_bias"))
@@ -282,7 +283,8 @@ async def prepare(ctx, options: Options, prompt, index: int):
         return p
 
     greq = GenerationRequest(build, options.params, False, constraint,
-                             options.n_probs if options.n_probs > 0 else None, options.logit_bias)
+                             options.n_probs if options.n_probs > 0 else None, options.logit_bias,
+                             post_sampling_probs=options.post_sampling)
     return greq, NativeFormat(ctx, options, index, seen)
 
 
@@ -406,14 +408,21 @@ class NativeFormat:
                 "choices": [{"text": content, "index": self.index, "logprobs": None, "finish_reason": finish}]}
 
     def probs(self, items) -> list[dict]:
+        """completion_probabilities: logprob / top_logprobs, or with post_sampling_probs prob / top_probs."""
+        post = self.options.post_sampling
+
         def entry(tid: int, lp: float) -> dict:
-            return {"id": tid, "token": P.token_text(self.tok, tid), "bytes": list(self.tok.token_to_bytes(tid)),
-                    "logprob": lp}
+            e = {"id": tid, "token": P.token_text(self.tok, tid), "bytes": list(self.tok.token_to_bytes(tid))}
+            if post:
+                e["prob"] = math.exp(lp)
+            else:
+                e["logprob"] = lp
+            return e
 
         out = []
         for it in items or []:
             e = entry(it.token, it.logprob)
-            e["top_logprobs"] = [entry(t, lp) for t, lp in it.top]
+            e["top_probs" if post else "top_logprobs"] = [entry(t, lp) for t, lp in it.top]
             out.append(e)
         return out
 
