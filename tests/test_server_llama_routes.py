@@ -217,3 +217,17 @@ def test_server_sampling_defaults_and_slots(tiny_path, lib):
 
     with pytest.raises(RuntimeError, match="bad sampling default"):
         SP(["-m", str(tiny_path), "--top-p", "0"], startup_timeout=30).start()
+
+
+def test_stream_logprobs_on_every_content_chunk(server, lib):
+    greedy = lib.chat(MSGS, max_tokens=6, temperature=0, ignore_eos=True).text
+    stop = greedy[-1] + "\x00"  # holds the last character back until the end: it leaves as the tail
+    body = {"messages": MSGS, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stop": [stop], "stream": True,
+            "logprobs": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    content = [c["choices"][0] for c in chunks[1:] if c["choices"][0]["finish_reason"] is None]
+    assert content[-1]["delta"]["content"] == greedy[-1]  # the tail chunk
+    assert all(c["logprobs"] is not None for c in content)
+    assert sum(len(c["logprobs"]["content"]) for c in content) == 6
+    assert "".join(c["delta"]["content"] for c in content) == greedy

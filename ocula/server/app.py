@@ -493,8 +493,8 @@ class ChatFormat:
 
     def finish(self, first: Started, ev: Finished, include_usage: bool) -> list[dict]:
         out = []
-        if ev.tail:
-            out.append(self._chunk({"content": ev.tail}))
+        if ev.tail:  # text held back earlier; its tokens' logprobs went out already (an empty list here)
+            out.append(self._chunk({"content": ev.tail}, None, self._lp([])))
         out.append(self._chunk({}, ev.result.finish_reason))
         if include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
