@@ -33,8 +33,10 @@ from ocula.server.chat_tools import ChatPlan
 from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
+from ocula.server.llama_routes import listed_model
 from ocula.server.metrics import Metrics
 from ocula.server.web import add_web_routes
+from ocula.server.native_completion import extension_constraint, llama_timings
 
 log = logging.getLogger("ocula.server")
 DISCONNECT_POLL = 0.25  # seconds between client-disconnect checks of a non-streaming request
@@ -158,7 +160,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()], "models": [listed_model(model, model_id)]}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request):
@@ -181,7 +183,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             req = P.parse(schema, body if body is not None else await read_json(request))
             P.check_unsupported(req)
             refuse_text_beyond_context(req)
-            params, explicit = P.sampling_params(req, config.default_max_tokens)
+            params, explicit = P.sampling_params(req, config.default_max_tokens, config.sampling_defaults)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -228,7 +230,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise to_api_error(e, None) from None
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
-        constraint = await make_constraint(req.response_format)
+        constraint = await make_constraint(req.response_format, req)
         if constraint is None and plan.tools.grammar() is not None:
             try:
                 constraint = await run_in_threadpool(plan.constraint, structured_for(model))
@@ -263,7 +265,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if bad:
                 raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
                                     f"(0..{model.text.cfg.n_vocab - 1})", param="prompt", code="invalid_value")
-        constraint = await make_constraint(req.response_format)
+        constraint = await make_constraint(req.response_format, req)
 
         def build(timings, prompt=prompt):
             return model._as_prompt(prompt)
@@ -306,7 +308,9 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
         return await run_in_threadpool(load_all)
 
-    async def make_constraint(response_format: Any):
+    async def make_constraint(response_format: Any, req=None):
+        if req is not None and (req.grammar or req.json_schema is not None):  # llama-server's fields
+            return await extension_constraint(model, req, response_format)
         if response_format is None:
             return None
         try:
@@ -500,7 +504,7 @@ class ChatFormat:
         return {"content": P.chat_logprobs(self.tokenizer, items or []), "refusal": None}
 
     def start(self) -> list[dict]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": None})]
 
     def delta(self, ev: Delta) -> dict | None:
         if not ev.text and not (self.logprobs and ev.logprobs):
@@ -509,8 +513,8 @@ class ChatFormat:
 
     def finish(self, first: Started, ev: Finished, include_usage: bool) -> list[dict]:
         out = []
-        if ev.tail:
-            out.append(self._chunk({"content": ev.tail}))
+        if ev.tail:  # text held back earlier; its tokens' logprobs went out already (an empty list here)
+            out.append(self._chunk({"content": ev.tail}, None, self._lp([])))
         out.append(self._chunk({}, ev.result.finish_reason))
         if include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -562,6 +566,7 @@ class CompletionFormat:
             c = self._chunk("")
             c["choices"] = []
             c["usage"] = _usage(first, ev)
+            c["timings"] = _timings(first, ev)
             out.append(c)
         return out
 
@@ -587,6 +592,7 @@ def _logprobs(deltas: list[Delta]) -> list:
 def _timings(first: Started, ev: Finished) -> dict:
     t = ev.result.timings
     return {
+        **llama_timings(first, ev.result),  # llama-server's keys (prompt_n, predicted_per_second, ...)
         "queue_ms": round(first.queue_ms, 2), "prompt_ms": round(t.prompt_ms, 2), "ttft_ms": round(t.ttft_ms, 2),
         "generation_ms": round(t.generation_ms, 2), "generation_tps": round(t.generation_tps, 2),
         "cached_tokens": first.cached_tokens, "image_tokens": first.image_tokens,

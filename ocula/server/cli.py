@@ -44,8 +44,18 @@ def add_parser(sub, add_model_args) -> None:
                    help="KV prefix cache pool size (default 512M; 0 disables)")
     s.add_argument("--image-cache", type=_size, default=None, metavar="BYTES",
                    help="image embedding cache size (default 512M)")
-    s.add_argument("--default-max-tokens", type=int, default=None,
-                   help="answer length when a request sets no max_tokens (default: until the context is full)")
+    s.add_argument("--default-max-tokens", "-n", "--n-predict", dest="default_max_tokens", type=int, default=None,
+                   help="answer length when a request sets no max_tokens (default: until the context is full; "
+                        "on llama-server's /completion it also caps n_predict)")
+    d = p.add_argument_group("sampling defaults (what a request gets when it does not say; llama-server's flags)")
+    d.add_argument("--temp", "--temperature", dest="temperature", type=float, default=None, help="default 0.8")
+    d.add_argument("--top-k", type=int, default=None, help="default 40")
+    d.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    d.add_argument("--min-p", type=float, default=None, help="default 0.05")
+    d.add_argument("--repeat-penalty", dest="repetition_penalty", type=float, default=None, help="default 1.0")
+    d.add_argument("-s", "--seed", type=int, default=None, help="default: a fresh random seed per request")
+    s.add_argument("--pooling", choices=["none", "mean", "cls", "last"], default=None,
+                   help="embeddings: how token states are pooled (default: the GGUF's pooling_type, else last)")
     m = p.add_argument_group("media")
     m.add_argument("--allowed-media-path", default=None, metavar="DIR",
                    help="allow file:// URLs and paths inside DIR (default: no local files)")
@@ -89,7 +99,8 @@ def cmd_serve(args) -> int:
     config = ServerConfig(
         model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
-        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens,
+        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
+        sampling_defaults=sampling_defaults(args),
         allowed_media_path=args.allowed_media_path, allow_private_media=args.allow_private_media,
         allow_link_local_media=args.allow_link_local_media,
         allow_remote_media=not args.no_remote_media, max_image_bytes=args.max_image_bytes,
@@ -132,6 +143,22 @@ def check_listen_address(host: str, port: int) -> None:
                     raise OculaError(f"not allowed to listen on {where} (ports below 1024 need privileges); "
                                      "pick another with --port") from None
                 raise OculaError(f"cannot listen on {where}: {e.strerror or e}") from None
+
+
+def sampling_defaults(args) -> dict:
+    """The sampling flags given on the command line (the rest keep the library's defaults)."""
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if out.get("seed", 0) < 0:  # llama-server's -1: random
+        del out["seed"]
+    from ocula.engine.sampling import SamplingParams
+    from ocula.errors import RequestError
+
+    try:
+        SamplingParams(**out)
+    except RequestError as e:
+        raise OculaError(f"bad sampling default: {e}") from None
+    return out
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,6 +17,8 @@ class ServerConfig:
     prefill_chunk: int = 512
     prefix_cache_bytes: int = 512 * 1024 * 1024
     default_max_tokens: int | None = None  # when a request gives none; None: until the context is full
+    sampling_defaults: dict = field(default_factory=dict)  # SamplingParams fields set by --temp, --seed, ...
+    pooling: str | None = None  # embeddings: none/mean/cls/last (default: the GGUF's pooling_type, else last)
     # media
     allowed_media_path: str | None = None  # file:// and paths only inside this directory (default: none)
     allow_private_media: bool = False  # URLs resolving to loopback/private addresses
