@@ -2,9 +2,9 @@
 time (headers or body), so that no single socket read ever waits long enough to time out."""
 from __future__ import annotations
 
+import select
 import socket
 import threading
-import time
 
 PNG_1X1 = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc0000003"
@@ -24,6 +24,8 @@ class DripServer:
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
         self.connections = 0
+        self.open = self.most_open = 0  # connections being served now / at most at once
+        self._count = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -36,7 +38,10 @@ class DripServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.connections += 1
+            with self._count:
+                self.connections += 1
+                self.open += 1
+                self.most_open = max(self.most_open, self.open)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -53,11 +58,15 @@ class DripServer:
                 if self._stop.is_set():
                     break
                 conn.sendall(dripped[i : i + 1])
-                time.sleep(self.interval)
+                readable, _, _ = select.select([conn], [], [], self.interval)
+                if readable and not conn.recv(1):  # the client closed: stop at once (counted as gone)
+                    break
         except OSError:  # the client gave up: what a deadline should make it do
             pass
         finally:
             conn.close()
+            with self._count:
+                self.open -= 1
 
     def close(self) -> None:
         self._stop.set()

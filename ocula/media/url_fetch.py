@@ -45,8 +45,8 @@ def _address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str |
 class _Deadline:
     """One fetch's total time: its sockets are shut down when it passes (a daemon timer thread)."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, shown: float):
+        self.seconds = shown  # the budget named in the error (a caller may have spent part of it already)
         self.at = time.monotonic() + seconds
         self.expired = False
         self._sockets: list[socket.socket] = []
@@ -207,11 +207,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # urllib then raises HTTPError with the 30x status; we follow by hand after re-checking
 
 
-def fetch_url(url: str, policy: MediaPolicy) -> tuple[bytes, str]:
-    """The body of `url` (after redirects) and the URL it finally came from, all within policy.url_timeout."""
+def fetch_url(url: str, policy: MediaPolicy, time_left: float | None = None) -> tuple[bytes, str]:
+    """The body of `url` (after redirects) and the URL it finally came from, all within policy.url_timeout
+    (or `time_left` seconds, what remains of it when the caller has already waited)."""
     if not policy.allow_urls:
         raise fail("URL", f"URLs are not allowed by the media policy: {short(url)}")
-    deadline = _Deadline(policy.url_timeout)
+    deadline = _Deadline(policy.url_timeout if time_left is None else time_left, policy.url_timeout)
     try:
         return _fetch(url, policy, deadline)
     finally:
