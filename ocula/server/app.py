@@ -1,8 +1,9 @@
 """FastAPI application: OpenAI routes, SSE streaming, auth, errors, metrics.
 
 The event loop never runs the model: requests become `GenerationRequest`s for the scheduler thread, whose
-events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) in
-the thread pool before a request is queued, so a slow URL never stalls the scheduler; encoding happens on the
+events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) off
+the event loop before a request is queued (URLs on a pool of their own: `media_loader`), so a slow URL never
+stalls the scheduler or another request's images; encoding happens on the
 scheduler thread, through the model's image-embedding cache.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ from ocula.engine.scheduler import (
     Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
 )
 from ocula.errors import MediaError, OculaError
-from ocula.media import load_image
 from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
 from ocula.server.agent_apis import register_agent_apis
@@ -34,6 +34,7 @@ from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.llama_routes import listed_model
+from ocula.server.media_loader import MediaLoader
 from ocula.server.metrics import Metrics
 from ocula.server.web import add_web_routes
 from ocula.server.native_completion import extension_constraint, llama_timings
@@ -51,6 +52,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                                    prefill_chunk=config.prefill_chunk, prefix_cache_bytes=config.prefix_cache_bytes)
     metrics = Metrics()
     policy = config.media_policy()
+    media = MediaLoader(policy, config.max_media_fetches)
     created = int(time.time())
     model.tokenizer.max_token_bytes  # noqa: B018 - computed now (0.2 s for 152k tokens), not in a request
 
@@ -60,6 +62,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         try:
             yield
         finally:
+            media.close()
             if own_scheduler:
                 await run_in_threadpool(sched.stop)
 
@@ -293,20 +296,19 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise APIError(400, f"{len(found)} images sent but at most {config.max_images} are allowed per request",
                            param="messages", code="too_many_images")
 
-        def load_all():
-            out = [dict(m) for m in messages]
-            for i, j in found:
-                part = messages[i]["content"][j]
-                where = f"messages[{i}].content[{j}]"
-                try:
-                    image = load_image(_image_source(part, where), policy)
-                except MediaError as e:
-                    raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
-                content = out[i]["content"] = list(out[i]["content"])
-                content[j] = {"type": "image", "image": image}
-            return out
+        async def load_one(i: int, j: int):
+            where = f"messages[{i}].content[{j}]"
+            try:
+                return await media.load(_image_source(messages[i]["content"][j], where))
+            except MediaError as e:
+                raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
 
-        return await run_in_threadpool(load_all)
+        images = await asyncio.gather(*(load_one(i, j) for i, j in found))
+        out = [dict(m) for m in messages]
+        for (i, j), image in zip(found, images):
+            content = out[i]["content"] = list(out[i]["content"])
+            content[j] = {"type": "image", "image": image}
+        return out
 
     async def make_constraint(response_format: Any, req=None):
         if req is not None and (req.grammar or req.json_schema is not None):  # llama-server's fields

@@ -68,6 +68,11 @@ def add_parser(sub, add_model_args) -> None:
     m.add_argument("--max-image-bytes", type=_size, default=_size("20M"), metavar="BYTES")
     m.add_argument("--max-image-pixels", type=int, default=50_000_000)
     m.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    m.add_argument("--media-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="total time for one image URL fetch: connect, headers, body (default 10)")
+    m.add_argument("--max-media-fetches", type=int, default=8, metavar="N",
+                   help="image URLs fetched at once over all requests; more wait for a slot within "
+                        "--media-timeout (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
     m.add_argument("--image-max-tokens", type=int, default=None)
     p.set_defaults(func=cmd_serve)
@@ -87,6 +92,8 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
+    if not args.media_timeout > 0 or args.max_media_fetches < 1:
+        raise OculaError("--media-timeout must be > 0 seconds and --max-media-fetches >= 1")
     check_listen_address(args.host, args.port)  # before the model loads: a busy port is known at once
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
@@ -105,6 +112,7 @@ def cmd_serve(args) -> int:
         allow_link_local_media=args.allow_link_local_media,
         allow_remote_media=not args.no_remote_media, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+        media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_body_bytes=args.max_request_bytes,
     )

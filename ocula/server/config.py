@@ -27,7 +27,8 @@ class ServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_images: int = 8  # per request
-    media_timeout: float = 10.0
+    media_timeout: float = 10.0  # seconds for a whole image URL fetch, waiting for a fetch slot included
+    max_media_fetches: int = 8  # image URLs fetched at once (over all requests)
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
     max_body_bytes: int | None = None  # default: enough for max_images base64 images
