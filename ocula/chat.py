@@ -42,6 +42,7 @@ GEMMA_TEMPLATE = (
 )
 FALLBACK_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+VIDEO_PART_TYPES = ("video", "video_url", "input_video")  # taken out before templating (engine/video_prompt.py)
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -120,9 +121,13 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             for j, part in enumerate(content):
                 if isinstance(part, str):
                     part = {"type": "text", "text": part}
+                if isinstance(part, dict) and part.get("type") in VIDEO_PART_TYPES:
+                    parts.append({"type": "video"})
+                    continue
                 if not isinstance(part, dict) or part.get("type") not in ("text", *IMAGE_PART_TYPES):
                     raise RequestError(
-                        f"messages[{i}].content[{j}] must be a part of type 'text', 'image_url' or 'image'"
+                        f"messages[{i}].content[{j}] must be a part of type 'text', 'image_url', 'image' or "
+                        "'video_url'"
                     )
                 if part["type"] == "text" and not isinstance(part.get("text"), str):
                     raise RequestError(f"messages[{i}].content[{j}].text must be a string")

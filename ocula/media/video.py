@@ -139,6 +139,8 @@ def open_video(source, policy: MediaPolicy | None = None, limits: VideoLimits | 
         fps = fps or part_fps
         if isinstance(source, dict):
             raise MediaError("video content part: nested parts are not accepted")
+        if isinstance(source, VideoClip):
+            return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return probe_bytes(bytes(source), "video bytes", limits)
     if isinstance(source, os.PathLike):

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ocula.chat import IMAGE_PART_TYPES, normalize_messages
+from ocula.server.video import prepare_videos
 from ocula.engine.scheduler import (
     Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
 )
@@ -212,13 +213,14 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         except OculaError as e:
             raise to_api_error(e, None) from None
         messages = await prepare_images(messages)
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
         constraint = await make_constraint(req.response_format)
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
 
         def build(timings, messages=messages):
             return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
-                                      max_images=config.max_images)
+                                      max_images=config.max_images, video_options=video_options)
 
         logprobs = None
         if req.logprobs:

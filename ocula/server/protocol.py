@@ -64,6 +64,7 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     image_min_tokens: int | None = Field(None, ge=1)
     image_max_tokens: int | None = Field(None, ge=1)
+    video_options: dict[str, Any] | None = None  # HF video processor keywords (ocula.engine.video_prompt)
 
 
 class CompletionRequest(_Sampling):

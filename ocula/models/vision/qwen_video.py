@@ -247,7 +247,6 @@ def process_video(vision, clip, options: dict | None) -> ProcessedVideo:
         raise RequestError("this mmproj has no second patch-embedding half (v.patch_embd.weight.1): it cannot "
                            "encode video")
     indices = sample_indices(version, clip.total_frames, clip.fps, s)
-    frames = clip.frames(indices)
     if version == 3 and len(indices) < TEMPORAL:
         raise RequestError(f"video: Qwen3-VL needs at least {TEMPORAL} sampled frames, got {len(indices)}")
     h, w = frame_size(version, len(indices), clip.height, clip.width, p * m, s)
@@ -256,7 +255,7 @@ def process_video(vision, clip, options: dict | None) -> ProcessedVideo:
     if s.max_tokens is not None and n_tokens > s.max_tokens:
         raise RequestError(f"video needs {n_tokens} tokens ({n_slots} temporal slots of {h}x{w} px), more than "
                            f"max_tokens {s.max_tokens}: lower fps / max_frames / max_pixels")
-    resized = resize_frames(frames, h, w)
+    resized = resize_frames(clip.frames(indices), h, w)  # decoded only once the token count is known to fit
     pixels = video_pixel_values(resized, vision.cfg.image_mean, vision.cfg.image_std, p, m)
     processed = ProcessedImage(pixel_values=pixels, n_tokens=n_tokens, grid_thw=(n_slots, h // p, w // p),
                                extra={"resized": (h, w), "video": True})
