@@ -40,3 +40,13 @@ def test_bad_video_flags_are_one_line(capsys, extra, message):
     code = main(["run", "-m", str(MODEL), "--mmproj", str(MMPROJ), "-p", "hi", "-n", "1", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("ocula: error:") and message in err[-1]
+
+
+def test_bench_video_json(capsys):
+    assert main(["bench", "-m", str(MODEL), "--mmproj", str(MMPROJ), "--video", str(CLIP), "--reps", "1",
+                 "--warmup", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    r = report["videos"][0]["ocula"]
+    assert r["frames"] == 8  # 2 s at --video-fps' default 4
+    assert r["tokens"] == 4 * 5 * 7  # 4 temporal slots of a 140x196 frame (5x7 merged tokens)
+    assert r["encode_ms"]["median"] > 0 and r["encode_ms_per_frame"] > 0 and r["decode_ms"]["median"] > 0
