@@ -182,9 +182,9 @@ class Model:
         from ocula.chat import image_parts
 
         if image_parts(messages) or video_prompt.has_video(messages):
+            what = "images" if image_parts(messages) else "videos"
             raise RequestError(
-                f"{self.gguf.path.name} is a text-only model: images and videos need a vision projector (load it "
-                "with mmproj=...)"
+                f"{self.gguf.path.name} is a text-only model: {what} need a vision projector (load it with mmproj=...)"
             )
         return self._text_prompt(text, add_special=False)
 

@@ -156,3 +156,15 @@ def test_local_file_policy(tmp_path, clip_bytes):
     with pytest.raises(MediaError, match="outside the allowed local root"):
         open_video(path.as_uri(), MediaPolicy(allowed_local_root=str(tmp_path / "elsewhere")))
     assert open_video(path.as_uri(), MediaPolicy(allowed_local_root=str(tmp_path))).total_frames == 40
+
+
+def test_raw_elementary_stream_without_timestamps():
+    data = make_clip(n=12, fps=10, gop=4, fmt="h264")
+    clip = open_video(data)
+    assert clip.total_frames == 12
+    assert np.array_equal(clip.frames([0, 5, 11]), full_decode_in_order(data)[[0, 5, 11]])
+
+
+def full_decode_in_order(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])

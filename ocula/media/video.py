@@ -90,7 +90,8 @@ class VideoClip:
         return np.stack([got[i] for i in indices])
 
     def _decode(self, wanted: list[int]) -> dict[int, np.ndarray]:
-        """Decode the wanted display-order frames; each run of them sharing one keyframe costs one seek."""
+        """Decode the wanted display-order frames; each run of them sharing one keyframe costs one seek. Frames a
+        seek did not reach (a container whose index disagrees with its packets) come from one plain pass."""
         av = _av()
         index_of_pts = {p: i for i, p in enumerate(self._pts)}
         groups: dict[int, list[int]] = {}
@@ -102,26 +103,31 @@ class VideoClip:
             with av.open(io.BytesIO(self._data), mode="r") as container:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
-                first = True
-                for key in sorted(groups):
-                    need = set(groups[key])
-                    if not first or key > 0:
+                for n, key in enumerate(sorted(groups)):
+                    if n or key:
                         container.seek(self._pts[key], stream=stream, backward=True, any_frame=False)
-                    first = False
-                    for frame in container.decode(stream):
-                        i = index_of_pts.get(frame.pts)
-                        if i is None:
-                            continue
-                        if i in need:
-                            out[i] = frame.to_ndarray(format="rgb24")
-                            need.discard(i)
-                        if not need:
-                            break
-                    if need:
-                        raise MediaError(f"{self.kind}: frames {sorted(need)[:4]} could not be decoded")
+                    self._collect(container.decode(stream), index_of_pts, set(groups[key]), out)
+            missing = set(wanted) - set(out)
+            if missing:
+                with av.open(io.BytesIO(self._data), mode="r") as container:
+                    stream = container.streams.video[0]
+                    self._collect(container.decode(stream), index_of_pts, missing, out)
         except av.error.FFmpegError as e:
             raise fail(self.kind, f"decoding failed: {e}") from None
+        missing = set(wanted) - set(out)
+        if missing:
+            raise fail(self.kind, f"frames {sorted(missing)[:4]} could not be decoded")
         return out
+
+    @staticmethod
+    def _collect(frames, index_of_pts: dict, need: set, out: dict) -> None:
+        for frame in frames:
+            i = index_of_pts.get(frame.pts)
+            if i in need:
+                out[i] = frame.to_ndarray(format="rgb24")
+                need.discard(i)
+                if not need:
+                    return
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -139,6 +145,8 @@ def open_video(source, policy: MediaPolicy | None = None, limits: VideoLimits | 
         fps = fps or part_fps
         if isinstance(source, dict):
             raise MediaError("video content part: nested parts are not accepted")
+        if isinstance(source, VideoClip):
+            return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return probe_bytes(bytes(source), "video bytes", limits)
     if isinstance(source, os.PathLike):
@@ -312,8 +320,8 @@ def probe_bytes(data: bytes, kind: str, limits: VideoLimits | None = None, where
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue  # the demuxer's flush packet
-            if packet.pts is None:
-                raise fail(kind, f"packets without timestamps are not supported{suffix}")
+            if packet.pts is None:  # e.g. a raw elementary stream: count and keep the frames by decoding once
+                return _decoded_clip(data, fps, kind, limits, suffix)
             pts.append(packet.pts)
             if packet.is_keyframe:
                 keys.add(packet.pts)
@@ -337,6 +345,22 @@ def probe_bytes(data: bytes, kind: str, limits: VideoLimits | None = None, where
     digest = hashlib.sha256(data).hexdigest()
     return VideoClip(data=data, frames=None, timestamps=timestamps, fps=fps, width=width, height=height,
                      digest=digest, kind=kind, pts=pts, keyframes=keyframes)
+
+
+def _decoded_clip(data: bytes, fps: float, kind: str, limits: VideoLimits, suffix: str) -> VideoClip:
+    """A clip whose packets carry no timestamps: every frame decoded now, in output order, at the stream's rate."""
+    frames = []
+    with _av().open(io.BytesIO(data), mode="r") as container:
+        for frame in container.decode(container.streams.video[0]):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) > limits.max_frames or len(frames) / fps > limits.max_duration:
+                raise fail(kind, f"longer than max_frames {limits.max_frames} / max_duration "
+                                 f"{limits.max_duration:g} s{suffix}")
+    if not frames:
+        raise fail(kind, f"zero-length clip: the video stream has no frames{suffix}")
+    h, w = frames[0].shape[:2]
+    return VideoClip(data=None, frames=np.stack(frames), timestamps=[i / fps for i in range(len(frames))], fps=fps,
+                     width=w, height=h, digest=hashlib.sha256(data).hexdigest(), kind=kind)
 
 
 def _can_decode(av, name: str | None) -> bool:

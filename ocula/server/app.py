@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ocula.chat import IMAGE_PART_TYPES, normalize_messages
+from ocula.server.video import prepare_videos
 from ocula.engine.scheduler import (
     Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
 )
@@ -233,6 +234,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise to_api_error(e, None) from None
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
         constraint = await make_constraint(req.response_format, req)
         if constraint is None and plan.tools.grammar() is not None:
             try:
@@ -246,7 +248,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
         def build(timings, messages=messages):
             return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
-                                      max_images=config.max_images, **plan.template_kwargs)
+                                      max_images=config.max_images, video_options=video_options,
+                                      **plan.template_kwargs)
 
         logprobs = None
         if req.logprobs:

@@ -75,6 +75,15 @@ def add_parser(sub, add_model_args) -> None:
                         "--media-timeout (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
     m.add_argument("--image-max-tokens", type=int, default=None)
+    v = p.add_argument_group("video")
+    v.add_argument("--max-videos", type=int, default=2, help="videos per request (default 2)")
+    v.add_argument("--max-video-bytes", type=_size, default=_size("100M"), metavar="BYTES")
+    v.add_argument("--max-video-seconds", type=float, default=600.0, help="longest clip accepted (default 600)")
+    v.add_argument("--video-fps", type=float, default=None,
+                   help="frames sampled per second (default: the model's video processor's own setting)")
+    v.add_argument("--video-max-frames", type=int, default=None, help="most frames sampled from one clip")
+    v.add_argument("--video-max-tokens", type=int, default=None, help="most tokens one clip may take "
+                   "(default: the context size)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -115,6 +124,7 @@ def cmd_serve(args) -> int:
         media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_body_bytes=args.max_request_bytes,
+        **_video_config(args),
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
@@ -167,6 +177,20 @@ def sampling_defaults(args) -> dict:
     except RequestError as e:
         raise OculaError(f"bad sampling default: {e}") from None
     return out
+
+
+def _video_config(args) -> dict:
+    for name in ("max_videos", "video_max_frames", "video_max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_videos" else 1):
+            raise OculaError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("max_video_seconds", "video_fps"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise OculaError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    return dict(max_videos=args.max_videos, max_video_bytes=args.max_video_bytes,
+                max_video_seconds=args.max_video_seconds, video_fps=args.video_fps,
+                video_max_frames=args.video_max_frames, video_max_tokens=args.video_max_tokens)
 
 
 def _is_loopback(host: str) -> bool:

@@ -72,6 +72,7 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: StrictBool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_format: str | None = None
+    video_options: dict[str, Any] | None = None  # HF video processor keywords (ocula.engine.video_prompt)
 
 
 class CompletionRequest(_Sampling):
