@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -113,7 +112,7 @@ def load_model(args):
     return model
 
 
-def user_message(text: str, images: list[str]) -> dict:
+def user_message(text: str, images: list) -> dict:
     if not images:
         return {"role": "user", "content": text}
     parts = [{"type": "image", "image": img} for img in images]
@@ -227,7 +226,7 @@ def chat_image(model, source: str):
         print("usage: /image PATH (or an http(s) URL)", file=sys.stderr)
         return None
     if not model.supports_images:
-        print(f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj", file=sys.stderr)
+        print(no_images_note(model), file=sys.stderr)
         return None
     from ocula.media import load_image
 
@@ -238,6 +237,10 @@ def chat_image(model, source: str):
         return None
     print(f"(image {source} will go with your next message)", file=sys.stderr)
     return image
+
+
+def no_images_note(model) -> str:
+    return f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj"
 
 
 def completion_chat(model, opts: dict) -> int:
@@ -259,10 +262,8 @@ def completion_chat(model, opts: dict) -> int:
             print("(transcript cleared)", file=sys.stderr)
             continue
         if line.strip().startswith("/image"):
-            if not model.supports_images:
-                chat_image(model, "-")  # says the model takes no images
-            else:
-                print("error: images need a chat template: start ocula chat with --chat-template", file=sys.stderr)
+            print(no_images_note(model) if not model.supports_images else
+                  "error: images need a chat template: start ocula chat with --chat-template", file=sys.stderr)
             continue
         if not line.strip():
             continue
