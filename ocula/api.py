@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 
 from ocula.chat import ChatTemplate
+from ocula.engine import video_prompt
 from ocula.engine.generate import Chunk, Engine, Result, Timings
 from ocula.engine.prompt import Prompt
 from ocula.engine.sampling import SamplingParams
@@ -166,17 +167,28 @@ class Model:
 
     def build_prompt(self, messages: list[dict], timings: Timings | None = None,
                      image_min_tokens: int | None = None, image_max_tokens: int | None = None,
-                     media_policy=None, max_images: int | None = None, **template_kwargs) -> Prompt:
-        """Render the chat template and turn the conversation into decoder input (images encoded)."""
+                     media_policy=None, max_images: int | None = None, video_options: dict | None = None,
+                     video_limits=None, **template_kwargs) -> Prompt:
+        """Render the chat template and turn the conversation into decoder input (images and videos encoded).
+        `video_options`: the HF video processor's keywords (fps, num_frames, do_sample_frames, min_frames,
+        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt)."""
+        videos = []
+        if self.vision is not None and video_prompt.has_video(messages):
+            if self.supports_native_video:
+                messages, videos = video_prompt.take_video_parts(messages)
+            else:
+                messages = video_prompt.frames_as_images(messages, media_policy, video_options, video_limits)
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)
-            return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images)
+            return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images,
+                                            videos, video_options, video_limits)
         from ocula.chat import image_parts
 
-        if image_parts(messages):
+        if image_parts(messages) or video_prompt.has_video(messages):
+            what = "images" if image_parts(messages) else "videos"
             raise RequestError(
-                f"{self.gguf.path.name} is a text-only model: images need a vision projector (load it with mmproj=...)"
+                f"{self.gguf.path.name} is a text-only model: {what} need a vision projector (load it with mmproj=...)"
             )
         return self._text_prompt(text, add_special=False)
 
@@ -186,7 +198,7 @@ class Model:
         return Prompt.from_tokens(ids, self.text.cfg.is_mrope)
 
     def prompt_token_ids(self, messages: list[dict], **image_options) -> list[int]:
-        """Prompt ids with each image's placeholder expanded as the HF processor does."""
+        """Prompt ids with each image's (and video's) placeholder expanded as the HF processor does."""
         return self.build_prompt(messages, **image_options).token_ids
 
     def encode_image(self, image, *, deepstack: bool = False, image_min_tokens: int | None = None,
@@ -198,6 +210,22 @@ class Model:
         if self.vision is None:
             raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
         _, enc = self.vision.encode(image, ImageOptions(image_min_tokens, image_max_tokens))
+        return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
+
+    @property
+    def supports_native_video(self) -> bool:
+        """Whether the projector takes clips itself (Qwen2/2.5/3-VL); other families get frames as images."""
+        return self.vision is not None and getattr(self.vision.vision, "temporal", 1) == 2
+
+    def encode_video(self, video, *, video_options: dict | None = None, deepstack: bool = False):
+        """Projector output [n_tokens, n_embd] for a clip (path, URL, bytes, frames or a video part), slot by slot
+        (Qwen2/2.5/3-VL). With deepstack=True returns (features, [per-layer deepstack features])."""
+        if self.vision is None:
+            raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
+        if not self.supports_native_video:
+            raise RequestError(f"{self.vision.vision.cfg.projector_type!r} has no video encoder: its chats take a "
+                               "clip as sampled frames (images), see encode_image")
+        _, enc = video_prompt.encode_video(self.vision, video, video_options)
         return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
 
     def _as_prompt(self, source) -> Prompt:
@@ -227,12 +255,13 @@ class Model:
 
     def chat(self, messages: list[dict], *, stream: bool = False, image_min_tokens: int | None = None,
              image_max_tokens: int | None = None, response_format: dict | None = None,
-             **sampling: Any) -> Result | Iterator[Chunk]:
+             video_options: dict | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
         """Answer a conversation. `response_format` is OpenAI's: {"type": "json_object"} or
         {"type": "json_schema", "json_schema": {"schema": {...}}} constrains the answer to that JSON."""
         constraint = self.response_constraint(response_format)
         timings = Timings()
-        prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens)
+        prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens,
+                                   video_options=video_options)
         return self._run(prompt, stream, timings, sampling, constraint)
 
     def generate(self, prompt: str | list[int], *, stream: bool = False, response_format: dict | None = None,

@@ -46,6 +46,12 @@ def add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     i.add_argument("--image", action="append", default=[], help="image file or URL (repeatable; needs --mmproj)")
     i.add_argument("--image-min-tokens", type=int, default=None)
     i.add_argument("--image-max-tokens", type=int, default=None)
+    v = p.add_argument_group("video")
+    v.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="video file or URL (repeatable; needs --mmproj; needs PyAV: pip install 'ocula[video]')")
+    v.add_argument("--video-fps", type=float, default=None,
+                   help="frames sampled per second (default: the model's video processor's setting)")
+    v.add_argument("--video-max-frames", type=int, default=None, help="most frames sampled from one clip")
 
 
 def sampling_options(args) -> dict:
@@ -112,11 +118,26 @@ def load_model(args):
     return model
 
 
-def user_message(text: str, images: list) -> dict:
-    if not images:
+def user_message(text: str, images: list, videos: list[str] = ()) -> dict:
+    if not images and not videos:
         return {"role": "user", "content": text}
-    parts = [{"type": "image", "image": img} for img in images]
+    parts = [{"type": "image", "image": img} for img in images] + [{"type": "video", "video": v} for v in videos]
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def media_options(args) -> dict:
+    """chat() keywords for the image budget and the video sampling flags."""
+    video: dict = {}
+    if args.video_fps is not None:
+        if not args.video_fps > 0:
+            raise OculaError(f"--video-fps must be a positive number, got {args.video_fps}")
+        video.update(do_sample_frames=True, fps=args.video_fps)
+    if args.video_max_frames is not None:
+        if args.video_max_frames < 1:
+            raise OculaError(f"--video-max-frames must be a positive integer, got {args.video_max_frames}")
+        video.update(do_sample_frames=True, max_frames=args.video_max_frames)
+    return dict(image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
+                video_options=video or None)
 
 
 # ---------------------------------------------------------------- commands
@@ -126,14 +147,14 @@ def cmd_run(args) -> int:
     check_template_args(args)
     model = load_model(args)
     opts = sampling_options(args)
-    image_opts = dict(image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens)
+    image_opts = media_options(args)
     completion = choose_completion(args, model)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if completion:
         stream = model.generate(prompt, stream=True, **opts)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append(user_message(prompt, args.image))
+        messages.append(user_message(prompt, args.image, args.video))
         stream = model.chat(messages, stream=True, **image_opts, **opts)
     result = None
     for chunk in stream:
@@ -168,11 +189,12 @@ def cmd_chat(args) -> int:
     check_template_args(args)
     model = load_model(args)
     opts = sampling_options(args)
-    image_opts = dict(image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens)
+    image_opts = media_options(args)
     if choose_completion(args, model):
         return completion_chat(model, opts)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     pending_images = [image for image in (chat_image(model, source) for source in args.image) if image is not None]
+    pending_videos = list(args.video)
     print("ocula chat: /image PATH adds an image, /clear starts over, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -190,7 +212,7 @@ def cmd_chat(args) -> int:
             return 0
         if line == "/clear":
             history = history[:1] if args.system else []
-            pending_images = []
+            pending_images, pending_videos = [], []
             print("(conversation cleared)", file=sys.stderr)
             continue
         if line.startswith("/image"):
@@ -198,7 +220,7 @@ def cmd_chat(args) -> int:
             if image is not None:
                 pending_images.append(image)
             continue
-        message = user_message(line, pending_images)
+        message = user_message(line, pending_images, pending_videos)
         answer = ""
         try:
             for chunk in model.chat(history + [message], stream=True, **image_opts, **opts):
@@ -210,13 +232,14 @@ def cmd_chat(args) -> int:
         except OculaError as e:
             # the message is not added to the conversation, and its images are dropped: a bad image must not
             # make every later message fail
-            dropped = f" ({len(pending_images)} image(s) left out)" if pending_images else ""
+            n = len(pending_images) + len(pending_videos)
+            dropped = f" ({n} image(s)/video(s) left out)" if n else ""
             print(f"\nerror: {e}{dropped}; the conversation is unchanged", file=sys.stderr)
-            pending_images = []
+            pending_images, pending_videos = [], []
             continue
         print()
         history += [message, {"role": "assistant", "content": answer}]
-        pending_images = []
+        pending_images, pending_videos = [], []
 
 
 def chat_image(model, source: str):

@@ -43,8 +43,8 @@ def check_template_args(args) -> None:
     """Before the model loads: the flags agree and a --chat-template parses."""
     if args.raw and args.chat_template:
         raise OculaError("--raw and --chat-template contradict each other: pick one")
-    if args.raw and args.image:
-        raise OculaError("--raw prompts cannot carry images; drop --raw to use the chat template")
+    if args.raw and (args.image or getattr(args, "video", None)):
+        raise OculaError("--raw prompts cannot carry images or videos; drop --raw to use the chat template")
     if args.chat_template:
         ChatTemplate(template_source(args.chat_template))  # a TemplateError (an OculaError) if it does not parse
 
@@ -62,9 +62,10 @@ def choose_completion(args, model) -> bool:
     if not model.template.is_fallback:
         return False
     name = model.gguf.path.name
-    if args.image or getattr(args, "system", None):
+    media = args.image or getattr(args, "video", None)
+    if media or getattr(args, "system", None):
         print(f"ocula: {name} has no chat template; using {fallback_name(model.architecture)} for the "
-              f"{'images' if args.image else 'system message'} (--chat-template to choose another)", file=sys.stderr)
+              f"{'images or videos' if media else 'system message'} (--chat-template to choose another)", file=sys.stderr)
         return False
     print(f"ocula: {name} has no chat template (a base model?): completing the prompt as is "
           "(--chat-template chatml|gemma|FILE to chat through a template)", file=sys.stderr)

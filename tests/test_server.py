@@ -3,7 +3,7 @@ official `openai` client and raw httpx: answers equal the library's, streaming, 
 queue, and a bad-input suite after which the server is still healthy.
 
 Unknown request fields are accepted and ignored (documented in the README); OpenAI fields that would change
-the answer but are not implemented (tools, n > 1, ...) are refused with 400.
+the answer but are not implemented (legacy functions, ...) are refused with 400.
 """
 import concurrent.futures as cf
 import json
@@ -180,7 +180,11 @@ BAD = [  # (id, body, status, error code, text in the message)
     ("bad-role", {"messages": [{"role": "bot", "content": "hi"}]}, 400, "invalid_request", "'bot'"),
     ("content-int", {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_request", "content"),
     ("audio-part", {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400, "invalid_request",
-     "content[0]"),
+     "messages[0].content[0] is a part of type 'input_audio', but this model cannot take audio input"),
+    ("file-part", {"messages": [{"role": "user", "content": ["hi", {"type": "file", "file": {}}]}]}, 400,
+     "invalid_request", "messages[0].content[1] is a part of type 'file'"),
+    ("unknown-part", {"messages": [{"role": "user", "content": [{"type": "hologram"}]}]}, 400, "invalid_request",
+     "unknown part type 'hologram'"),
     ("temperature-type", {"messages": MSGS, "temperature": "hot"}, 400, "invalid_type", "temperature"),
     ("temperature-range", {"messages": MSGS, "temperature": -1}, 400, "invalid_value", "temperature"),
     ("top-p-range", {"messages": MSGS, "top_p": 0}, 400, "invalid_value", "top_p"),
@@ -220,9 +224,11 @@ BAD = [  # (id, body, status, error code, text in the message)
     ("stop-type", {"messages": MSGS, "stop": 5}, 400, "invalid_type", "stop"),
     ("seed-range", {"messages": MSGS, "seed": 2**70}, 400, "invalid_value", "seed"),
     ("n-zero", {"messages": MSGS, "n": 0}, 400, "invalid_value", "n"),
-    ("n-2", {"messages": MSGS, "n": 2}, 400, "unsupported_parameter", "n is not supported"),
-    ("tools", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "unsupported_parameter", "tools"),
+    ("n-too-many", {"messages": MSGS, "n": 17}, 400, "invalid_value", "at most 16 choices"),
+    ("legacy-functions", {"messages": MSGS, "functions": [{"name": "f"}]}, 400, "unsupported_parameter",
+     "send tools instead"),
+    ("tool-choice-bogus", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}],
+                           "tool_choice": "bogus"}, 400, "invalid_value", "tool_choice must be"),
     ("logit-bias-key", {"messages": MSGS, "logit_bias": {"abc": 1}}, 400, "invalid_value", "logit_bias"),
     ("logit-bias-id", {"messages": MSGS, "logit_bias": {"999999": 1}}, 400, "invalid_value", "outside the vocab"),
     ("top-logprobs-alone", {"messages": MSGS, "top_logprobs": 2}, 400, "invalid_value", "logprobs"),

@@ -1,7 +1,7 @@
 """OpenAI request schemas (validated with pydantic) and response builders.
 
 Unknown request fields are accepted and ignored (clients send `user`, `store`, `metadata`, ...). Fields OpenAI
-defines that would change the answer but ocula does not implement (`tools`, `functions`, `audio`, `n` > 1,
+defines that would change the answer but ocula does not implement (legacy `functions`, `audio`,
 `best_of` > 1, `suffix`, ...) are refused with 400 `unsupported_parameter` rather than silently dropped.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from ocula.engine.sampling import SamplingParams
 from ocula.server.errors import APIError
 
-SYSTEM_FINGERPRINT = "ocula"
+SYSTEM_FINGERPRINT = "b0-ocula"  # llama-server's "b<build>-<commit>" form, which its clients and tests expect
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
@@ -50,9 +50,12 @@ class _Sampling(_Req):
     response_format: dict[str, Any] | None = None
     n: int | None = Field(None, ge=1)
     ignore_eos: StrictBool = False
-    # unsupported: refused when set (see check_unsupported)
-    tools: list[Any] | None = None
+    # llama-server extensions: constrain the answer to a JSON schema or a GBNF grammar
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
+    tools: list[Any] | None = None  # chat only (ocula.server.chat_tools)
     tool_choice: Any = None
+    # unsupported: refused when set (see check_unsupported)
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -66,6 +69,10 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     image_min_tokens: int | None = Field(None, ge=1)
     image_max_tokens: int | None = Field(None, ge=1)
+    parallel_tool_calls: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: str | None = None
+    video_options: dict[str, Any] | None = None  # HF video processor keywords (ocula.engine.video_prompt)
 
 
 class CompletionRequest(_Sampling):
@@ -99,15 +106,15 @@ def check_unsupported(req: _Sampling) -> None:
     def refuse(name: str, why: str) -> None:
         raise APIError(400, f"{name} is not supported by this server: {why}", param=name, code="unsupported_parameter")
 
-    if req.n is not None and req.n > 1:
-        refuse("n", "it returns one choice per request (n=1); send several requests instead")
-    for name in ("tools", "functions"):
-        if getattr(req, name):
-            refuse(name, "tool/function calling is not implemented")
-    for name in ("tool_choice", "function_call"):
-        v = getattr(req, name)
-        if v not in (None, "none", "auto"):
-            refuse(name, "tool/function calling is not implemented")
+    if req.functions:
+        refuse("functions", "the legacy functions field is not implemented; send tools instead")
+    if req.function_call not in (None, "none", "auto"):
+        refuse("function_call", "the legacy function_call field is not implemented; send tool_choice instead")
+    if not isinstance(req, ChatRequest):
+        if req.tools:
+            refuse("tools", "tools are taken by /v1/chat/completions only")
+        if req.tool_choice not in (None, "none", "auto"):
+            refuse("tool_choice", "tools are taken by /v1/chat/completions only")
     if req.audio is not None or (req.modalities and set(req.modalities) - {"text"}):
         refuse("modalities" if req.audio is None else "audio", "only text output is produced")
     if req.prediction is not None:
@@ -121,11 +128,13 @@ def check_unsupported(req: _Sampling) -> None:
             refuse("echo", "echo with logprobs (prompt logprobs) is not implemented")
 
 
-def sampling_params(req: _Sampling, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
-    """SamplingParams for a request, and whether max_tokens was given explicitly."""
+def sampling_params(req: _Sampling, default_max_tokens: int | None,
+                    defaults: dict | None = None) -> tuple[SamplingParams, bool]:
+    """SamplingParams for a request (over the server's `defaults`), and whether max_tokens was given explicitly."""
     mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     explicit = mt is not None
-    opts: dict[str, Any] = {"max_tokens": mt if explicit else default_max_tokens}
+    opts: dict[str, Any] = dict(defaults or {})
+    opts["max_tokens"] = mt if explicit else default_max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty"):
         v = getattr(req, name)
         if v is not None:
