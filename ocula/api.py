@@ -118,7 +118,11 @@ class Model:
             from ocula.engine.multimodal import VisionRuntime
             from ocula.models.vision import build_vision_model
 
+            from ocula.models.vision.pairing import check_pairing
+
             vision = build_vision_model(mmproj, self.text.cfg.n_embd, dtype=dtype, device=self.device)
+            check_pairing(vision.cfg.projector_type, vision.gguf.path.name, self.gguf,
+                          lambda token: self.tokenizer.token_id(token) is not None, vision.cfg)
             self.kernels += use_kernels(vision, dtype, kernels)
             self.vision = VisionRuntime(vision, self.tokenizer, self.text.cfg)
         self.engine = Engine(self.text, self.tokenizer, n_ctx=n_ctx)
