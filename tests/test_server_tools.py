@@ -257,3 +257,17 @@ def test_reasoning_content_split(scripted):
     assert "".join(d.get("content") or "" for d in deltas) == "It is sunny."
     raw = scripted(text, reasoning_format="none").json()["choices"][0]["message"]
     assert raw["content"] == text and "reasoning_content" not in raw
+
+
+def test_library_chat_with_tools(lib):
+    r = lib.chat(ASK, tools=[TIME, WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                 max_tokens=80, temperature=0)
+    (call,) = r.parsed.tool_calls
+    assert call.name == "get_weather" and valid_weather(json.loads(call.arguments))
+    assert r.parsed.content == ""
+    plain = lib.chat(ASK, max_tokens=5, temperature=0)
+    assert plain.parsed.content == plain.text and plain.parsed.tool_calls == []
+    with pytest.raises(ocula.errors.RequestError, match="not among the tools"):
+        lib.chat(ASK, tools=[TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    with pytest.raises(ocula.errors.UnsupportedError, match="stream"):
+        lib.chat(ASK, tools=[TIME], stream=True)

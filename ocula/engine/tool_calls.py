@@ -60,6 +60,24 @@ class ToolCall:
 Event = Union[tuple, ToolCall]  # ("content", text) | ("reasoning", text) | ToolCall
 
 
+@dataclass
+class ParsedAnswer:
+    """A chat answer split as the server splits it: text, reasoning and tool calls."""
+
+    content: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+
+
+def parse_answer(text: str, plan: "ToolPlan | None", reasoning: bool = True, in_reasoning: bool = False) -> ParsedAnswer:
+    parser = OutputParser(plan if plan is not None and plan.active else None, reasoning, in_reasoning)
+    events = parser.feed(text) + parser.finish()
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    content = "".join(e[1] for e in events if not isinstance(e, ToolCall) and e[0] == "content")
+    thought = "".join(e[1] for e in events if not isinstance(e, ToolCall) and e[0] == "reasoning")
+    return ParsedAnswer(content, thought, calls)
+
+
 def detect_format(template_source: str | None) -> str:
     src = template_source or ""
     if "<function=" in src and "<parameter=" in src:
