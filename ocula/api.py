@@ -206,20 +206,20 @@ class Model:
         if stream and plan.active:
             raise UnsupportedError("chat(stream=True) with tools is not supported; stream through the server, "
                                    "or call without stream and read result.parsed")
+        messages = plan.history(messages)
+        kwargs = {**(chat_template_kwargs or {}), **plan.template_kwargs()}
+        thinking = "<think>" in self.template.source and \
+            self.apply_chat_template(messages, **kwargs).rstrip().endswith("<think>")
         constraint = self.response_constraint(response_format)
-        grammar = plan.grammar()
+        grammar = plan.grammar(close_think=thinking)
         if constraint is None and grammar is not None:
             from ocula.engine.structured import structured_for
 
             constraint = structured_for(self).for_lark(grammar, "the tool schema")
-        messages = plan.history(messages)
-        kwargs = {**(chat_template_kwargs or {}), **plan.template_kwargs()}
         timings = Timings()
         prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens, **kwargs)
         result = self._run(prompt, stream, timings, sampling, constraint)
         if not stream:
-            thinking = "<think>" in self.template.source and \
-                self.apply_chat_template(messages, **kwargs).rstrip().endswith("<think>")
             result.parsed = parse_answer(result.text, plan, in_reasoning=thinking)
         return result
 

@@ -38,10 +38,20 @@ def run(parser_factory, text):
 
 
 def merge(events):
+    """Events as (kind, text) runs and ("call", name, arguments); a streamed call's argument pieces must add
+    up to its final arguments."""
     out = []
+    pieces = None
     for e in events:
-        if isinstance(e, ToolCall):
-            out.append(("call", e.name, json.loads(e.arguments)))
+        if not isinstance(e, ToolCall) and e[0] == "call_begin":
+            pieces = []
+        elif not isinstance(e, ToolCall) and e[0] == "call_args":
+            pieces.append(e[1])
+        elif isinstance(e, ToolCall) or e[0] == "call_end":
+            call = e if isinstance(e, ToolCall) else e[1]
+            if not isinstance(e, ToolCall):
+                assert "".join(pieces) == call.arguments
+            out.append(("call", call.name, json.loads(call.arguments)))
         elif out and out[-1][0] == e[0]:
             out[-1] = (e[0], out[-1][1] + e[1])
         else:
@@ -177,3 +187,38 @@ def test_forced_call_grammar_admits_the_formats_call_and_nothing_else(structured
     if named:
         assert "get_weather" not in p.grammar()
     assert plan(fmt, "auto").grammar() is None and plan(fmt, "none").grammar() is None
+
+
+def test_forced_call_after_an_open_think(structured):
+    """A template whose prompt opens <think> (thinking models): the forced answer closes it, then calls."""
+    model, so = structured
+    p = plan("hermes", "required", parallel=False)
+    text = "</think>\n\n" + FORCED_TEXT["hermes"]
+    c = so.for_lark(p.grammar(close_think=True))
+    for t in model.tokenizer.encode_exact(text):
+        c.accept(t)
+    assert c.accepting
+    whole, streamed = run(lambda: p.parser(True, in_reasoning=True), text)
+    assert whole == streamed == [("call", "search", {"q": "owls"})]
+    with pytest.raises(Exception, match="constrained decoding failed"):
+        c2 = so.for_lark(p.grammar(close_think=True))
+        for t in model.tokenizer.encode_exact(FORCED_TEXT["hermes"]):
+            c2.accept(t)
+
+
+def test_hermes_arguments_stream_as_they_arrive():
+    p = plan("hermes")
+    parser = p.parser()
+    text = 'Sure.\n<tool_call>\n{"name": "search", "arguments": {"q": "deep {nested} text", "n": {"a": 1}}}\n</tool_call>'
+    head = text.index('{"q"')
+    events = parser.feed(text[: head + 12])  # the name is known, the arguments have begun
+    assert ("content", "Sure.") in events
+    begin = [e for e in events if not isinstance(e, ToolCall) and e[0] == "call_begin"]
+    assert len(begin) == 1 and begin[0][1].name == "search"
+    sent = "".join(e[1] for e in events if not isinstance(e, ToolCall) and e[0] == "call_args")
+    assert sent and '{"q": "deep {nested'.startswith(sent)
+    rest = parser.feed(text[head + 12:]) + parser.finish()
+    sent += "".join(e[1] for e in rest if not isinstance(e, ToolCall) and e[0] == "call_args")
+    (end,) = [e for e in rest if not isinstance(e, ToolCall) and e[0] == "call_end"]
+    assert sent == end[1].arguments == '{"q": "deep {nested} text", "n": {"a": 1}}'
+    assert end[1].id == begin[0][1].id

@@ -57,7 +57,9 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-Event = Union[tuple, ToolCall]  # ("content", text) | ("reasoning", text) | ToolCall
+# ("content" | "reasoning", text) | a whole ToolCall | a streamed Hermes call: ("call_begin", ToolCall),
+# ("call_args", text)..., ("call_end", ToolCall)
+Event = Union[tuple, ToolCall]
 
 
 @dataclass
@@ -72,10 +74,16 @@ class ParsedAnswer:
 def parse_answer(text: str, plan: "ToolPlan | None", reasoning: bool = True, in_reasoning: bool = False) -> ParsedAnswer:
     parser = OutputParser(plan if plan is not None and plan.active else None, reasoning, in_reasoning)
     events = parser.feed(text) + parser.finish()
-    calls = [e for e in events if isinstance(e, ToolCall)]
+    return ParsedAnswer(*split_events(events))
+
+
+def split_events(events: list) -> tuple[str, str, list[ToolCall]]:
+    """(content, reasoning, tool calls) of a whole answer's parser events."""
+    calls = [e if isinstance(e, ToolCall) else e[1] for e in events
+             if isinstance(e, ToolCall) or e[0] == "call_end"]
     content = "".join(e[1] for e in events if not isinstance(e, ToolCall) and e[0] == "content")
     thought = "".join(e[1] for e in events if not isinstance(e, ToolCall) and e[0] == "reasoning")
-    return ParsedAnswer(content, thought, calls)
+    return content, thought, calls
 
 
 def detect_format(template_source: str | None) -> str:
@@ -214,33 +222,35 @@ class ToolPlan:
 
     # ------------------------------------------------------------ forcing a call
 
-    def grammar(self) -> str | None:
-        """llguidance lark grammar that admits only calls of the offered tools (tool_choice required or named)."""
+    def grammar(self, close_think: bool = False) -> str | None:
+        """llguidance lark grammar that admits only calls of the offered tools (tool_choice required or named).
+        close_think: the prompt left a `<think>` open, so the answer first closes it (no thinking)."""
         if self.mode != "required" or not self.tools:
             return None
         tools = self.offered
         many = self.parallel and not self.forced
+        start = 'start: "</think>\\n\\n" ' if close_think else "start: "
         if self.format == "hermes":
             call = f'"{CALL_OPEN}\\n" %json {_dump(_any_call(tools, "arguments"))} "\\n{CALL_CLOSE}"'
-            return _repeat(call, '"\\n"', many)
+            return start + _repeat(call, '"\\n"', many)
         if self.format == "qwen3_xml":
             rules = [f"call_{i}: {_xml_call(t['function'])}" for i, t in enumerate(tools)]
             alts = " | ".join(f"call_{i}" for i in range(len(tools)))
-            return _repeat(f"({alts})", '"\\n"', many) + "\n" + "\n".join(rules) + "\n"
+            return start + _repeat(f"({alts})", '"\\n"', many) + "\n" + "\n".join(rules) + "\n"
         if self.format == "llama3":
-            return f"start: %json {_dump(_any_call(tools, 'parameters'))}\n"
+            return f"{start}%json {_dump(_any_call(tools, 'parameters'))}\n"
         if self.format == "mistral":
             arr = {"type": "array", "items": _any_call(tools, "arguments"), "minItems": 1,
                    "x-guidance": COMPACT}
             if not many:
                 arr["maxItems"] = 1
-            return f'start: "{MISTRAL_OPEN}" %json {_dump(arr)}\n'
+            return f'{start}"{MISTRAL_OPEN}" %json {_dump(arr)}\n'
         arr = {"type": "array", "items": _any_call(tools, "arguments"), "minItems": 1}
         if not many:
             arr["maxItems"] = 1
         body = {"type": "object", "properties": {"tool_calls": arr}, "required": ["tool_calls"],
                 "additionalProperties": False, "x-guidance": COMPACT}
-        return f"start: %json {_dump(body)}\n"
+        return f"{start}%json {_dump(body)}\n"
 
     def parser(self, reasoning: bool = True, in_reasoning: bool = False) -> "OutputParser":
         return OutputParser(self if self.active else None, reasoning, in_reasoning)
@@ -269,7 +279,7 @@ def _dump(obj: Any) -> str:
 
 
 def _repeat(item: str, sep: str, many: bool) -> str:
-    return f"start: {item} ({sep} {item})*\n" if many else f"start: {item}\n"
+    return f"{item} ({sep} {item})*\n" if many else f"{item}\n"
 
 
 def _arguments_schema(params: dict) -> dict:
@@ -333,6 +343,7 @@ class OutputParser:
         self.buf = ""
         self.blank = ""  # whitespace held back: dropped if only calls follow
         self.calls: list[ToolCall] = []
+        self.live: dict | None = None  # a Hermes call being streamed: its ToolCall, where its arguments start
         fmt = plan.format if plan else None
         self.json_whole = fmt in ("llama3", "generic")
         self.openers: tuple[str, ...] = ()
@@ -436,6 +447,15 @@ class OutputParser:
             return
         close = CALL_CLOSE if buf.startswith(CALL_OPEN) else "</function>"
         at = buf.find(close)
+        if self.live is None and close == CALL_CLOSE:
+            head = _HERMES_HEAD.match(buf)
+            if head and _known(self.plan, head.group(1)):
+                call = ToolCall(head.group(1), "", self.plan.new_id())
+                self.live = {"call": call, "at": head.end(), "sent": 0}
+                out.append(("call_begin", call))
+        if self.live is not None:
+            self._stream_arguments(buf, at, final, out)
+            return
         if at == -1:
             if final:
                 self._emit_calls(_parse_block(buf, self.plan), buf, out)
@@ -445,6 +465,35 @@ class OutputParser:
         block = buf[: at + len(close)]
         self._emit_calls(_parse_block(block, self.plan), block, out)
         self.buf = buf[at + len(close):]
+        self.mode = "content"
+
+    def _stream_arguments(self, buf: str, close_at: int, final: bool, out: list) -> None:
+        """A Hermes call whose name is known: its arguments go out as they arrive, all but a tail that may be
+        the call's own end ('}', blanks, the start of '</tool_call>')."""
+        live = self.live
+        end = close_at if close_at != -1 else len(buf)
+        args = buf[live["at"]:end]
+        if close_at == -1 and not final:
+            cut = len(args) - _partial_suffix(args, (CALL_CLOSE,))
+            cut = len(args[:cut].rstrip())
+            if cut and args[cut - 1] == "}":
+                cut -= 1
+            if cut > live["sent"]:
+                out.append(("call_args", args[live["sent"]:cut]))
+                live["sent"] = cut
+            return
+        args = args.rstrip()
+        if args.endswith("}") and close_at != -1:
+            args = args[:-1].rstrip()  # the call object's end
+        if len(args) > live["sent"]:
+            out.append(("call_args", args[live["sent"]:]))
+        call = live["call"]
+        call.arguments = args
+        self.live = None
+        self.calls.append(call)
+        self.blank = ""
+        out.append(("call_end", call))
+        self.buf = buf[close_at + len(CALL_CLOSE):] if close_at != -1 else ""
         self.mode = "content"
 
     def _whole(self, final: bool, out: list) -> None:
@@ -525,6 +574,8 @@ def _parse_block(block: str, plan) -> list[ToolCall] | None:
     return [call] if call else None
 
 
+# `<tool_call>` + `{"name": "NAME", "arguments": ` : from here a Hermes call's arguments can be streamed
+_HERMES_HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"arguments"\s*:\s*(?=\S)')
 _FUNCTION_RE = re.compile(r"^<function=([^>\n]+)>(.*?)(?:</function>\s*)?$", re.S)
 _PARAM_RE = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
 
