@@ -200,7 +200,8 @@ class Model:
         the Result's `parsed` (ocula.engine.tool_calls.ParsedAnswer) holds the answer's text, reasoning and
         tool calls; "required" or a named function forces a valid call. `chat_template_kwargs` go to the
         template (e.g. {"enable_thinking": False})."""
-        from ocula.engine.tool_calls import ToolPlan, parse_answer
+        from ocula.engine.tool_calls import ToolPlan
+        from ocula.engine.tool_parse import parse_answer
 
         plan = ToolPlan.create(tools, tool_choice, self.template.source, parallel_tool_calls)
         if stream and plan.active:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ocula.engine.tool_calls import OutputParser, ToolCall, ToolPlan, check_tool_choice, check_tools, detect_format
+from ocula.engine.tool_calls import ToolCall, ToolPlan, check_tool_choice, check_tools, detect_format
+from ocula.engine.tool_parse import OutputParser
 from ocula.errors import RequestError
 
 llguidance = pytest.importorskip("llguidance")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from ocula.engine.request import Delta, Finished, Started
-from ocula.engine.tool_calls import THINK_OPEN, ToolCall, ToolPlan, split_events
+from ocula.engine.tool_calls import THINK_OPEN, ToolCall, ToolPlan
+from ocula.engine.tool_parse import split_events
 from ocula.errors import RequestError
 from ocula.server.errors import APIError
 
