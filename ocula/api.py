@@ -213,9 +213,11 @@ class Model:
             self.apply_chat_template(messages, **kwargs).rstrip().endswith("<think>")
         constraint = self.response_constraint(response_format)
         grammar = plan.grammar(close_think=thinking)
-        if constraint is None and grammar is not None:
-            from ocula.engine.structured import structured_for
+        from ocula.engine.structured import available, structured_for
 
+        if plan.mode == "auto" and not available():
+            grammar = None  # without llguidance, auto calls are only parsed
+        if constraint is None and grammar is not None:
             constraint = structured_for(self).for_lark(grammar, "the tool schema")
         timings = Timings()
         prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens, **kwargs)

@@ -157,12 +157,12 @@ def structured(tiny_llama):
     return model, structured_for(model)
 
 
-FORCED_TEXT = {
-    "hermes": '<tool_call>\n{"name":"search","arguments":{"q":"owls"}}\n</tool_call>',
+FORCED_TEXT = {  # JSON spaced as the templates' tojson writes it
+    "hermes": '<tool_call>\n{"name": "search", "arguments": {"q": "owls"}}\n</tool_call>',
     "qwen3_xml": "<tool_call>\n<function=search>\n<parameter=q>\nowls\n</parameter>\n</function>\n</tool_call>",
-    "llama3": '{"name":"search","parameters":{"q":"owls"}}',
-    "mistral": '[TOOL_CALLS][{"name":"search","arguments":{"q":"owls"}}]',
-    "generic": '{"tool_calls":[{"name":"search","arguments":{"q":"owls"}}]}',
+    "llama3": '{"name": "search", "parameters": {"q": "owls"}}',
+    "mistral": '[TOOL_CALLS][{"name": "search", "arguments": {"q": "owls"}}]',
+    "generic": '{"tool_calls": [{"name": "search", "arguments": {"q": "owls"}}]}',
 }
 
 
@@ -187,7 +187,32 @@ def test_forced_call_grammar_admits_the_formats_call_and_nothing_else(structured
             bad.accept(t)
     if named:
         assert "get_weather" not in p.grammar()
-    assert plan(fmt, "auto").grammar() is None and plan(fmt, "none").grammar() is None
+    assert plan(fmt, "none").grammar() is None
+    assert (plan(fmt, "auto").grammar() is None) == (fmt not in ("hermes", "qwen3_xml"))
+    compact = so.for_lark(p.grammar())  # JSON without the spaces the templates write is not what was taught
+    if fmt != "qwen3_xml":
+        with pytest.raises(Exception, match="constrained decoding failed"):
+            for t in model.tokenizer.encode_exact(text.replace(": ", ":")):
+                compact.accept(t)
+
+
+def feed(so, model, grammar, text):
+    c = so.for_lark(grammar)
+    for t in model.tokenizer.encode_exact(text):
+        c.accept(t)
+    return c
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "qwen3_xml"])
+def test_auto_grammar_is_free_text_until_a_call_opens(structured, fmt):
+    model, so = structured
+    for parallel in (True, False):
+        g = plan(fmt, "auto", parallel).grammar()
+        assert feed(so, model, g, "Just an answer, with <tags> and <tool talk.").accepting
+        c = feed(so, model, g, "Let me look.\n" + FORCED_TEXT[fmt])
+        assert c.accepting and c.finished != parallel
+        with pytest.raises(Exception, match="constrained decoding failed"):  # an unknown tool, once opened
+            feed(so, model, g, "Hm.\n" + FORCED_TEXT[fmt].replace("search", "rm_rf"))
 
 
 def test_forced_call_after_an_open_think(structured):

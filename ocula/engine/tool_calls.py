@@ -38,8 +38,9 @@ MISTRAL_OPEN = "[TOOL_CALLS]"
 PYTHON_TAG = "<|python_tag|>"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_TOOLS = 128
-# JSON in forced calls is compact: a weak model cannot wander off into endless blanks
-COMPACT = {"whitespace_flexible": False}
+# JSON in forced calls is spaced as json.dumps (and the templates' tojson) writes it, `{"a": 1, "b": 2}`, and
+# has no other whitespace: what models are trained on, and a weak model cannot wander off into endless blanks
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GENERIC_SYSTEM = (
     "You can call these tools (JSON schemas of their arguments):\n{tools}\n\n"
     "To call tools, answer with only this JSON object and nothing else:\n"
@@ -197,20 +198,29 @@ class ToolPlan:
     # ------------------------------------------------------------ forcing a call
 
     def grammar(self, close_think: bool = False) -> str | None:
-        """llguidance lark grammar that admits only calls of the offered tools (tool_choice required or named).
-        close_think: the prompt left a `<think>` open, so the answer first closes it (no thinking)."""
-        if self.mode != "required" or not self.tools:
+        """llguidance lark grammar for the answer: with tool_choice required or named, only calls of the offered
+        tools; with auto (Hermes and XML formats), any text, but once the model opens `<tool_call>` the rest
+        must be a valid call. close_think: the prompt left a `<think>` open, so a forced answer first closes it
+        (no thinking)."""
+        if not self.active or (self.mode == "auto" and self.format not in ("hermes", "qwen3_xml")):
             return None
         tools = self.offered
         many = self.parallel and not self.forced
-        start = 'start: "</think>\\n\\n" ' if close_think else "start: "
-        if self.format == "hermes":
-            call = f'"{CALL_OPEN}\\n" %json {_dump(_any_call(tools, "arguments"))} "\\n{CALL_CLOSE}"'
-            return start + _repeat(call, '"\\n"', many)
-        if self.format == "qwen3_xml":
-            rules = [f"call_{i}: {_xml_call(t['function'])}" for i, t in enumerate(tools)]
-            alts = " | ".join(f"call_{i}" for i in range(len(tools)))
-            return start + _repeat(f"({alts})", '"\\n"', many) + "\n" + "\n".join(rules) + "\n"
+        start = 'start: "</think>\\n\\n" ' if close_think and self.mode == "required" else "start: "
+        if self.format in ("hermes", "qwen3_xml"):
+            if self.format == "hermes":
+                rules = [f'body: "\\n" %json {_dump(_any_call(tools, "arguments"))} "\\n{CALL_CLOSE}"']
+            else:
+                rules = [f"body_{i}: {_xml_call(t['function'])}" for i, t in enumerate(tools)]
+                rules.append("body: " + " | ".join(f"body_{i}" for i in range(len(tools))))
+            call = f'"{CALL_OPEN}" body'
+            if self.mode == "auto":
+                # free text without `<tool_call>`, or text up to the first `<tool_call>` (a lazy lexeme ends
+                # there) and then calls: the model decides whether to call, the grammar how
+                more = f' ("\\n" {call})*' if many else ""
+                rules += ["FREE: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/", "opened[lazy]: /(?s:.*)<tool_call>/"]
+                return f"start: FREE | opened body{more}\n" + "\n".join(rules) + "\n"
+            return start + _repeat(call, '"\\n"', many) + "\n".join(rules) + "\n"
         if self.format == "llama3":
             return f"{start}%json {_dump(_any_call(tools, 'parameters'))}\n"
         if self.format == "mistral":
@@ -276,10 +286,12 @@ def _any_call(tools: list[dict], args_key: str) -> dict:
 
 
 def _xml_call(fn: dict) -> str:
+    """A Qwen3-Coder / Qwen3.5 call after its `<tool_call>`: `<function=NAME>`, one `<parameter=P>` per property
+    (required ones mandatory, in schema order), `</function>`, `</tool_call>`."""
     params = fn["parameters"] if isinstance(fn["parameters"], dict) else {}
     props = params.get("properties") or {}
     required = set(params.get("required") or [])
-    parts = [f'"{CALL_OPEN}\\n<function={fn["name"]}>\\n"']
+    parts = [f'"\\n<function={fn["name"]}>\\n"']  # what follows `<tool_call>`
     for name, schema in props.items():
         if not isinstance(schema, dict):
             schema = {}

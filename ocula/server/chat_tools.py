@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from ocula.engine.request import Delta, Finished, Started
+from ocula.engine.structured import available as structured_available
 from ocula.engine.tool_calls import THINK_OPEN, ToolCall, ToolPlan
 from ocula.engine.tool_parse import split_events
 from ocula.errors import RequestError
@@ -58,8 +59,8 @@ class ChatPlan:
 
     def constraint(self, structured):
         grammar = self.tools.grammar(close_think=self.in_reasoning)
-        if grammar is None:
-            return None
+        if grammar is None or (self.tools.mode == "auto" and not structured_available()):
+            return None  # without llguidance, auto calls are only parsed
         return structured.for_lark(grammar, "the tool schema")
 
     def wrap(self, fmt):
