@@ -212,7 +212,7 @@ class Model:
         thinking = "<think>" in self.template.source and \
             self.apply_chat_template(messages, **kwargs).rstrip().endswith("<think>")
         constraint = self.response_constraint(response_format)
-        grammar = plan.grammar(close_think=thinking)
+        grammar = plan.grammar(close_think=thinking, tokenizer=self.tokenizer)
         from ocula.engine.structured import available, structured_for
 
         if plan.mode == "auto" and not available():

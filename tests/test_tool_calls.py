@@ -82,6 +82,9 @@ def test_detect_format_from_template_syntax():
     ("llama3", '<|python_tag|>{"name": "search", "parameters": {"q": "x"}}', [("call", "search", {"q": "x"})]),
     ("mistral", '[TOOL_CALLS][{"name": "search", "arguments": {"q": "wind"}}]', [("call", "search", {"q": "wind"})]),
     ("mistral", '[TOOL_CALLS]search[ARGS]{"q": "sea"}', [("call", "search", {"q": "sea"})]),
+    # [TOOL_CALLS] is a control token that the decoder drops: the call list alone
+    ("mistral", '[{"name": "search", "arguments": {"q": "gale"}}]', [("call", "search", {"q": "gale"})]),
+    ("mistral", "[1] is a footnote", [("content", "[1] is a footnote")]),
     ("generic", '{"tool_calls": [{"name": "search", "arguments": {"q": "owls"}}]}', [("call", "search", {"q": "owls"})]),
     ("generic", '{"response": "Hello!"}', [("content", "Hello!")]),
     # not a call: an unknown function name, broken JSON, plain JSON in a JSON-answer format
@@ -248,3 +251,17 @@ def test_hermes_arguments_stream_as_they_arrive():
     (end,) = [e for e in rest if not isinstance(e, ToolCall) and e[0] == "call_end"]
     assert sent == end[1].arguments == '{"q": "deep {nested} text", "n": {"a": 1}}'
     assert end[1].id == begin[0][1].id
+
+
+def test_a_marker_that_is_a_control_token_is_forced_as_that_token():
+    class Vocab:
+        def token_id(self, text):
+            return 5 if text == "[TOOL_CALLS]" else None
+
+        def is_special(self, tid):
+            return tid == 5
+
+    g = plan("mistral", "required").grammar(tokenizer=Vocab())
+    assert g.startswith("start: <[5]> %json")
+    assert llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", g)) == ""
+    assert plan("mistral", "required").grammar().startswith('start: "[TOOL_CALLS]" %json')

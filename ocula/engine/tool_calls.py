@@ -197,11 +197,11 @@ class ToolPlan:
 
     # ------------------------------------------------------------ forcing a call
 
-    def grammar(self, close_think: bool = False) -> str | None:
+    def grammar(self, close_think: bool = False, tokenizer=None) -> str | None:
         """llguidance lark grammar for the answer: with tool_choice required or named, only calls of the offered
         tools; with auto (Hermes and XML formats), any text, but once the model opens `<tool_call>` the rest
         must be a valid call. close_think: the prompt left a `<think>` open, so a forced answer first closes it
-        (no thinking)."""
+        (no thinking). tokenizer: to write a marker that is one control token as that token (`<[id]>`)."""
         if not self.active or (self.mode == "auto" and self.format not in ("hermes", "qwen3_xml")):
             return None
         tools = self.offered
@@ -228,7 +228,7 @@ class ToolPlan:
                    "x-guidance": COMPACT}
             if not many:
                 arr["maxItems"] = 1
-            return f'{start}"{MISTRAL_OPEN}" %json {_dump(arr)}\n'
+            return f'{start}{_marker(MISTRAL_OPEN, tokenizer)} %json {_dump(arr)}\n'
         arr = {"type": "array", "items": _any_call(tools, "arguments"), "minItems": 1}
         if not many:
             arr["maxItems"] = 1
@@ -241,6 +241,15 @@ class ToolPlan:
         from ocula.engine.tool_parse import OutputParser
 
         return OutputParser(self if self.active else None, reasoning, in_reasoning)
+
+
+def _marker(text: str, tokenizer) -> str:
+    """A grammar literal for a format's marker: its control token when the vocabulary has one (the model was
+    trained to write that token, which llguidance never produces from a quoted string), else the text."""
+    tid = tokenizer.token_id(text) if tokenizer is not None else None
+    if tid is not None and tokenizer.is_special(tid):
+        return f"<[{tid}]>"
+    return json.dumps(text)
 
 
 def _call_for_template(call: Any) -> dict:

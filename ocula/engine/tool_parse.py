@@ -67,7 +67,10 @@ class OutputParser:
         self.calls: list[ToolCall] = []
         self.live: dict | None = None  # a Hermes call being streamed: its ToolCall, where its arguments start
         fmt = plan.format if plan else None
-        self.json_whole = fmt in ("llama3", "generic")
+        # answers that are calls as a whole: JSON (Llama 3, generic); a Mistral call list whose [TOOL_CALLS]
+        # control token the decoder dropped
+        self.whole_starts: tuple[str, ...] = ("{", PYTHON_TAG) if fmt in ("llama3", "generic") else \
+            ('[{"',) if fmt == "mistral" else ()
         self.openers: tuple[str, ...] = ()
         if fmt in ("hermes", "qwen3_xml"):
             self.openers = (CALL_OPEN, "<function=") if fmt == "qwen3_xml" else (CALL_OPEN,)
@@ -105,10 +108,10 @@ class OutputParser:
             return
         if self.reasoning and THINK_OPEN.startswith(head) and head and not final:
             return
-        if self.json_whole and (head.startswith("{") or head.startswith(PYTHON_TAG)):
+        if head.startswith(self.whole_starts):
             self.mode = "whole"
             return
-        if self.json_whole and PYTHON_TAG.startswith(head) and not final:
+        if not final and any(w.startswith(head) for w in self.whole_starts):
             return
         self.mode = "content"
 
@@ -129,9 +132,11 @@ class OutputParser:
         head = self.buf.lstrip()
         if not head and not final:
             return
-        if self.json_whole and (head.startswith("{") or head.startswith(PYTHON_TAG)):
+        if head.startswith(self.whole_starts):
             self.buf = head
             self.mode = "whole"
+            return
+        if not final and any(w.startswith(head) for w in self.whole_starts):
             return
         self.buf = head
         self.mode = "content"

@@ -58,7 +58,7 @@ class ChatPlan:
         self.in_reasoning = tail.endswith(THINK_OPEN)
 
     def constraint(self, structured):
-        grammar = self.tools.grammar(close_think=self.in_reasoning)
+        grammar = self.tools.grammar(close_think=self.in_reasoning, tokenizer=structured.tokenizer)
         if grammar is None or (self.tools.mode == "auto" and not structured_available()):
             return None  # without llguidance, auto calls are only parsed
         return structured.for_lark(grammar, "the tool schema")
