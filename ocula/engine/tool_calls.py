@@ -294,6 +294,14 @@ def _any_call(tools: list[dict], args_key: str) -> dict:
     return {**schema, "x-guidance": COMPACT}
 
 
+def is_text_param(schema: dict) -> bool:
+    """An XML-format parameter whose value is written as bare text: a string, or an enum of strings."""
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return all(isinstance(v, str) for v in enum)
+    return schema.get("type") == "string"
+
+
 def _xml_call(fn: dict) -> str:
     """A Qwen3-Coder / Qwen3.5 call after its `<tool_call>`: `<function=NAME>`, one `<parameter=P>` per property
     (required ones mandatory, in schema order), `</function>`, `</tool_call>`."""
@@ -304,7 +312,11 @@ def _xml_call(fn: dict) -> str:
     for name, schema in props.items():
         if not isinstance(schema, dict):
             schema = {}
-        if schema.get("type") == "string" and "enum" not in schema:
+        enum = schema.get("enum")
+        if is_text_param(schema) and isinstance(enum, list) and enum:
+            # templates write string values bare (`args_value | string`), not as JSON
+            item = f'("<parameter={name}>\\n" ({" | ".join(json.dumps(v) for v in enum)}) "\\n</parameter>\\n")'
+        elif is_text_param(schema):
             # text up to the closing tag as ONE lexeme (a separate "\n</parameter>" lexeme after a free-text one
             # is ambiguous for the lexer); the text cannot contain '<'
             item = f'("<parameter={name}>\\n" /[^<]*\\n<\\/parameter>\\n/)'

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from ocula.engine.tool_calls import (
-    CALL_CLOSE, CALL_OPEN, MISTRAL_OPEN, PYTHON_TAG, THINK_CLOSE, THINK_OPEN, ToolCall, ToolPlan,
+    CALL_CLOSE, CALL_OPEN, MISTRAL_OPEN, PYTHON_TAG, THINK_CLOSE, THINK_OPEN, ToolCall, ToolPlan, is_text_param,
 )
 
 
@@ -318,7 +318,7 @@ def _parse_xml_function(text: str, plan) -> ToolCall | None:
     for pname, raw in _PARAM_RE.findall(m.group(2)):
         pname = pname.strip()
         schema = props.get(pname) if isinstance(props.get(pname), dict) else {}
-        if schema.get("type") == "string":
+        if is_text_param(schema):
             args[pname] = raw
             continue
         try:
