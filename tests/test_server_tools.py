@@ -165,6 +165,11 @@ def test_tool_choice_none_and_template_kwargs(client, lib):
     ({"tools": "get_weather"}, "tools", "tools"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs", "tools"),
     ({"reasoning_format": "loud"}, "reasoning_format", "reasoning_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], "tool_choice": "required"},
+     "tools", "the tool schema is not usable"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": []}}}]},
+     "tools", "'properties' must be an object"),
     ({"messages": [{"role": "assistant", "tool_calls": [7]}]}, "messages", "tool_calls"),
 ])
 def test_bad_tool_requests_are_400(server, body, param, fragment):

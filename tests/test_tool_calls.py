@@ -131,6 +131,8 @@ def test_tool_and_choice_validation():
         check_tools([{"type": "web_search"}])
     with pytest.raises(RequestError, match="used by two tools"):
         check_tools([SEARCH, SEARCH])
+    with pytest.raises(RequestError, match="'properties' must be an object"):
+        check_tools([{"type": "function", "function": {"name": "f", "parameters": {"properties": ["a"]}}}])
     with pytest.raises(RequestError, match=r"tools\[0\].function.name"):
         check_tools([{"type": "function", "function": {"name": "has space"}}])
 

@@ -96,6 +96,9 @@ def check_tools(tools: Any) -> list[dict]:
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise RequestError(f"tools[{i}].function.parameters must be a JSON schema object")
+        if not isinstance(params.get("properties", {}), dict) or not isinstance(params.get("required", []), list):
+            raise RequestError(f"tools[{i}].function.parameters: 'properties' must be an object and 'required' a "
+                               "list of names")
         clean = {"name": name, "parameters": params}
         if isinstance(fn.get("description"), str):
             clean = {"name": name, "description": fn["description"], "parameters": params}
@@ -294,6 +297,11 @@ def _any_call(tools: list[dict], args_key: str) -> dict:
     return {**schema, "x-guidance": COMPACT}
 
 
+def _lit(text: str) -> str:
+    """A lark string literal for any text (quotes, backslashes, newlines escaped)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def is_text_param(schema: dict) -> bool:
     """An XML-format parameter whose value is written as bare text: a string, or an enum of strings."""
     enum = schema.get("enum")
@@ -313,16 +321,17 @@ def _xml_call(fn: dict) -> str:
         if not isinstance(schema, dict):
             schema = {}
         enum = schema.get("enum")
+        tag = _lit(f"<parameter={name}>\n")
         if is_text_param(schema) and isinstance(enum, list) and enum:
             # templates write string values bare (`args_value | string`), not as JSON
-            item = f'("<parameter={name}>\\n" ({" | ".join(json.dumps(v) for v in enum)}) "\\n</parameter>\\n")'
+            item = f'({tag} ({" | ".join(_lit(v) for v in enum)}) "\\n</parameter>\\n")'
         elif is_text_param(schema):
             # text up to the closing tag as ONE lexeme (a separate "\n</parameter>" lexeme after a free-text one
             # is ambiguous for the lexer); the text cannot contain '<'
-            item = f'("<parameter={name}>\\n" /[^<]*\\n<\\/parameter>\\n/)'
+            item = f'({tag} /[^<]*\\n<\\/parameter>\\n/)'
         else:
             value = f"%json {_dump({**schema, 'x-guidance': COMPACT})}"
-            item = f'("<parameter={name}>\\n" {value} "\\n</parameter>\\n")'
+            item = f'({tag} {value} "\\n</parameter>\\n")'
         parts.append(item if name in required else item + "?")
     parts.append(f'"</function>\\n{CALL_CLOSE}"')
     return " ".join(parts)

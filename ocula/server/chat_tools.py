@@ -15,7 +15,7 @@ from ocula.engine.tool_parse import split_events
 from ocula.errors import RequestError
 from ocula.server.errors import APIError
 
-REASONING_FORMATS = ("auto", "deepseek", "none", "parsed")
+REASONING_FORMATS = ("auto", "deepseek", "deepseek-legacy", "none", "parsed")  # llama-server's names
 
 
 class ChatPlan:
