@@ -235,14 +235,14 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
         messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
+        if plan.needs_parse and plan.thinks:
+            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         constraint = await make_constraint(req.response_format, req)
         if constraint is None and plan.tools.grammar() is not None:
             try:
                 constraint = await run_in_threadpool(plan.constraint, structured_for(model))
             except OculaError as e:
                 raise to_api_error(e, "tools") from None
-        if plan.needs_parse and plan.thinks:
-            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
 
