@@ -218,3 +218,25 @@ def test_post_sampling_probs(server, lib):
         probs = [t["prob"] for t in p["top_probs"]]
         assert sum(x > 0 for x in probs) == 5 and abs(sum(probs) - 1) < 1e-5 and p["prob"] > 0
         assert probs == sorted(probs, reverse=True)
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "seed": 2**70},
+    {"prompt": "x", "response_fields": [1]},
+    {"prompt": "x", "logit_bias": [["the", "much"]]},
+    {"prompt": [1, 1.5]},
+    {"prompt": [{"foo": 1}]},
+    {"prompt": [[]]},
+    {"prompt": "x", "stop": [1]},
+    {"prompt": "x", "n_predict": 1.5},
+    {"prompt": "x", "top_k": -5},
+])
+def test_bad_values_are_400(server, body):
+    r = post(server, "/completion", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == 400 and "internal" not in r.json()["error"]["message"]
+
+
+def test_nan_bias_is_400(server):
+    r = httpx.post(server.url + "/completion", content=b'{"prompt": "x", "logit_bias": [["a", NaN]]}', timeout=30)
+    assert r.status_code == 400 and "finite" in r.json()["error"]["message"]

@@ -129,7 +129,11 @@ async def prepare_inputs(ctx, raw) -> list[tuple]:
     if isinstance(raw, dict):
         items = [raw]
     else:
-        items = split_prompts(raw)
+        try:
+            items = split_prompts(raw)
+        except APIError as e:
+            e.message, e.param = e.message.replace("prompt", "input", 1), "input"
+            raise
     try:
         refuse_text_beyond_context(ctx, items)
     except APIError as e:

@@ -175,6 +175,8 @@ class Options:
         if last_n is not None:
             opts["penalty_last_n"] = last_n
         seed = field(body, "seed", int)
+        if seed is not None and seed >= 2**64:
+            raise APIError(400, "seed must be below 2**64 (-1: a random seed)", param="seed", code="invalid_value")
         if seed is not None and seed >= 0:
             opts["seed"] = seed
         stop = field(body, "stop", (list, str), [])
@@ -194,6 +196,9 @@ class Options:
         self.post_sampling = field(body, "post_sampling_probs", bool, False)
         self.return_tokens = field(body, "return_tokens", bool, False)
         self.response_fields = field(body, "response_fields", list, [])
+        if not all(isinstance(f, str) for f in self.response_fields):
+            raise APIError(400, "response_fields must be a list of strings such as \"timings/predicted_n\"",
+                           param="response_fields", code="invalid_type")
         self.logit_bias = logit_bias(ctx.model, body.get("logit_bias"))
         if self.params.ignore_eos:  # as llama-server: the end-of-generation tokens can not be sampled at all
             self.logit_bias = {**(self.logit_bias or {}), **{t: -math.inf for t in ctx.model.tokenizer.eot_ids}}
@@ -234,9 +239,9 @@ def logit_bias(model, value) -> dict[int, float] | None:
     for key, bias in pairs:
         if bias is False:
             bias = -math.inf
-        elif isinstance(bias, bool) or not isinstance(bias, NUMBER):
-            raise APIError(400, f"logit_bias: the bias for {key!r} must be a number or false", param="logit_bias",
-                           code="invalid_type")
+        elif isinstance(bias, bool) or not isinstance(bias, NUMBER) or not math.isfinite(bias):
+            raise APIError(400, f"logit_bias: the bias for {key!r} must be a finite number or false",
+                           param="logit_bias", code="invalid_type")
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             key = int(key)
         if isinstance(key, int) and not isinstance(key, bool):
