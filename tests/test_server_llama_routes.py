@@ -231,3 +231,25 @@ def test_stream_logprobs_on_every_content_chunk(server, lib):
     assert all(c["logprobs"] is not None for c in content)
     assert sum(len(c["logprobs"]["content"]) for c in content) == 6
     assert "".join(c["delta"]["content"] for c in content) == greedy
+
+
+def test_llama_server_command_line(tiny_path, tmp_path, lib):
+    from ocula.chat import CHATML_TEMPLATE
+
+    args = ["-m", str(tiny_path), "--threads", "1", "--chat-template", "chatml", "--no-slots", "--jinja",
+            "-ngl", "99", "-fa", "on", "-b", "64", "--cont-batching"]
+    with ServerProcess(args, log_level="info") as s:
+        assert httpx.get(s.url + "/props").json()["chat_template"] == CHATML_TEMPLATE
+        msgs = [{"role": "user", "content": "Hi"}]
+        assert post(s, "/apply-template", {"messages": msgs}).json()["prompt"] == \
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        note = [line for line in s.output().splitlines() if "have no effect" in line]
+        assert note and all(f in note[0] for f in ("--no-slots", "--jinja", "--n-gpu-layers", "--flash-attn"))
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    with ServerProcess(["-m", str(tiny_path), "--threads", "1", "--chat-template-file", str(template)]) as s:
+        assert post(s, "/apply-template", {"messages": [{"role": "user", "content": "Hi"}]}).json()["prompt"] == \
+            "[user] Hi\n"
+    with pytest.raises(RuntimeError, match="cannot read --chat-template-file"):
+        ServerProcess(["-m", str(tiny_path), "--chat-template-file", str(tmp_path / "nope.jinja")],
+                      startup_timeout=30).start()

@@ -6,6 +6,7 @@ import os
 import sys
 
 from ocula.errors import OculaError
+from ocula.server.llama_flags import add_llama_server_flags, apply_llama_server_flags
 
 
 def _size(text: str) -> int:
@@ -70,6 +71,7 @@ def add_parser(sub, add_model_args) -> None:
     m.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
     m.add_argument("--image-max-tokens", type=int, default=None)
+    add_llama_server_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -92,6 +94,7 @@ def cmd_serve(args) -> int:
     if args.threads is None:  # leave a core to the HTTP side (event loop, image decoding)
         args.threads = max(1, (os.cpu_count() or 2) - 1)
     model = load_model(args)
+    apply_llama_server_flags(args, model)
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
