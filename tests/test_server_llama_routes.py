@@ -253,3 +253,23 @@ def test_llama_server_command_line(tiny_path, tmp_path, lib):
     with pytest.raises(RuntimeError, match="cannot read --chat-template-file"):
         ServerProcess(["-m", str(tiny_path), "--chat-template-file", str(tmp_path / "nope.jinja")],
                       startup_timeout=30).start()
+
+
+def test_several_completion_prompts(server, lib):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    prompts = ["the heat", "in a theme"]
+    want = [lib.generate(p, max_tokens=5, temperature=0, ignore_eos=True) for p in prompts]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0, n=2, echo=True,
+                                  extra_body={"ignore_eos": True})
+    # OpenAI's order: the n choices of the first prompt, then those of the second
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [prompts[0] + want[0].text] * 2 + [prompts[1] + want[1].text] * 2
+    assert r.usage.prompt_tokens == sum(w.prompt_tokens for w in want) and r.usage.completion_tokens == 20
+    ids = [lib.tokenize(p) for p in prompts]
+    stream = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    got = {0: "", 1: ""}
+    for chunk in stream:
+        for c in chunk.choices:
+            got[c.index] += c.text
+    assert [got[0], got[1]] == [w.text for w in want]

@@ -146,20 +146,29 @@ def set_index(chunk: dict, i: int) -> dict:
     return chunk
 
 
-def merged_usage(outcomes: list[Outcome]) -> dict:
-    """One prompt, n completions: the prompt counts once (as OpenAI counts it), the completions add up."""
-    first = outcomes[0]
+def merged_usage(outcomes: list[Outcome], prompts: int = 1) -> dict:
+    """n completions of each prompt: every prompt counts once (as OpenAI counts them), the completions add up."""
+    per = len(outcomes) // prompts
+    firsts = outcomes[::per]
     completion = sum(o.finished.result.completion_tokens for o in outcomes)
-    return P.usage(first.finished.result.prompt_tokens, completion, first.first.cached_tokens)
+    return P.usage(sum(o.finished.result.prompt_tokens for o in firsts), completion,
+                   sum(o.first.cached_tokens for o in firsts))
 
 
-async def run_choices(sched, metrics, request: Request, greq: GenerationRequest, fmt, n: int, stream: bool,
+async def run_choices(sched, metrics, request: Request, greq, fmt, n: int, stream: bool,
                       include_usage: bool, endpoint: str, t0: float):
-    """OpenAI `n` > 1 on chat/completions: one response with n choices (`index` 0..n-1), streamed or whole."""
+    """OpenAI `n` > 1 and several completion prompts: one response whose choices are n samples of each prompt
+    (`index` = prompt * n + sample), streamed or whole. `greq` / `fmt` are one, or lists (one per prompt)."""
     from ocula.server.app import EventStream
 
-    greqs = sample_requests(greq, n)
-    fmts = [copy.copy(fmt) for _ in range(n)]  # per-choice state (e.g. logprob offsets); same id and time
+    per_prompt = list(zip(greq, fmt)) if isinstance(greq, list) else [(greq, fmt)]
+    greqs, fmts = [], []
+    for g, f in per_prompt:
+        greqs += sample_requests(g, n)
+        fmts += [copy.copy(f) for _ in range(n)]  # per-choice state (e.g. logprob offsets)
+    for f in fmts[1:]:  # one response: the same id and time in every chunk
+        f.id, f.created = fmts[0].id, fmts[0].created
+    n = len(greqs)
     group, events = await submit_all(sched, greqs)
     handed_off = False
     try:
@@ -169,8 +178,8 @@ async def run_choices(sched, metrics, request: Request, greq: GenerationRequest,
                 return disconnected(metrics)
             started, early = got
             handed_off = True
-            return EventStream(stream_choices(metrics, fmts, started, early, events, n, include_usage, endpoint, t0),
-                               group)
+            return EventStream(stream_choices(metrics, fmts, started, early, events, n, include_usage, endpoint, t0,
+                                              len(per_prompt)), group)
         outcomes = await collect(request, group, events, n)
         if outcomes is None:
             return disconnected(metrics)
@@ -181,7 +190,7 @@ async def run_choices(sched, metrics, request: Request, greq: GenerationRequest,
             bodies.append(f.full(o.first, o.deltas, o.finished))
         body = bodies[0]
         body["choices"] = [set_index(b, i)["choices"][0] for i, b in enumerate(bodies)]
-        body["usage"] = merged_usage(outcomes)
+        body["usage"] = merged_usage(outcomes, len(per_prompt))
         return JSONResponse(body)
     finally:
         if not handed_off:
@@ -189,7 +198,7 @@ async def run_choices(sched, metrics, request: Request, greq: GenerationRequest,
 
 
 async def stream_choices(metrics, fmts, started, early, events: asyncio.Queue, n: int, include_usage: bool,
-                         endpoint: str, t0: float) -> AsyncIterator[str]:
+                         endpoint: str, t0: float, prompts: int = 1) -> AsyncIterator[str]:
     from ocula.server.app import _data
 
     status = 200
@@ -213,7 +222,7 @@ async def stream_choices(metrics, fmts, started, early, events: asyncio.Queue, n
                 last = all(x is not None for x in finished)
                 for chunk in f.finish(started[i], ev, include_usage and last):
                     if not chunk.get("choices") and "usage" in chunk:  # the one usage chunk, for all choices
-                        chunk["usage"] = merged_usage([_Done(s, x) for s, x in zip(started, finished)])
+                        chunk["usage"] = merged_usage([_Done(s, x) for s, x in zip(started, finished)], prompts)
                     yield _data(set_index(chunk, i))
             elif isinstance(ev, Failed):
                 err = to_api_error(ev.error)
