@@ -103,9 +103,8 @@ def test_n_probs_and_response_fields(server, lib):
     for p in probs:
         assert p["logprob"] <= 0 and len(p["top_logprobs"]) == 5 and isinstance(p["bytes"], list)
         assert p["top_logprobs"][0]["id"] == p["id"]  # greedy: the chosen token is the most likely one
-    b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4,
-                                     "response_fields": ["content", "generation_settings/n_predict", "timings/predicted_n"]
-                                     }).json()
+    fields = ["content", "generation_settings/n_predict", "timings/predicted_n"]
+    b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "response_fields": fields}).json()
     assert set(b) == {"content", "generation_settings/n_predict", "timings/predicted_n"}
     assert b["generation_settings/n_predict"] == 4 and b["timings/predicted_n"] == 4
 
