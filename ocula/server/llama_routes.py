@@ -148,10 +148,11 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         check_token_ids(ids, model.text.cfg.n_vocab, "tokens")
         return JSONResponse({"content": tok.decode(ids)})
 
-    from ocula.server import embeddings, native_completion
+    from ocula.server import embeddings, infill, native_completion
 
     native_completion.register(app, ctx)
     embeddings.register(app, ctx)
+    infill.register(app, ctx)
 
     async def input_tokens(request: Request):
         """How many tokens a chat request's prompt takes (template, images expanded), without generating."""
