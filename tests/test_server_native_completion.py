@@ -239,3 +239,17 @@ def test_bad_values_are_400(server, body):
 def test_nan_bias_is_400(server):
     r = httpx.post(server.url + "/completion", content=b'{"prompt": "x", "logit_bias": [["a", NaN]]}', timeout=30)
     assert r.status_code == 400 and "finite" in r.json()["error"]["message"]
+
+
+def test_native_requests_are_counted(server):
+    def count(status):
+        text = httpx.get(server.url + "/metrics").text
+        line = [x for x in text.splitlines() if x.startswith("ocula_requests_total{")
+                and 'endpoint="completion"' in x and f'status="{status}"' in x]
+        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+
+    ok, bad = count(200), count(400)
+    post(server, "/completion", {"prompt": PROMPT, "n_predict": 2})
+    post(server, "/completion", {"prompt": [PROMPT, PROMPT], "n_predict": 2})
+    post(server, "/completion", {"prompt": 5})
+    assert count(200) == ok + 2 and count(400) == bad + 1

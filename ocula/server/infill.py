@@ -21,7 +21,7 @@ from fastapi import Request
 from ocula.engine.prompt import Prompt
 from ocula.server.errors import APIError
 from ocula.server.llama_routes import field, native
-from ocula.server.native_completion import NativeFormat, Options, about_prompt, make_constraint
+from ocula.server.native_completion import NativeFormat, Options, about_prompt, make_constraint, recorded
 
 SPELLINGS = {
     "pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>", "▁<PRE>", "<｜fim▁begin｜>"),
@@ -52,6 +52,9 @@ def register(app, ctx) -> None:
 
     @native
     async def infill(request: Request):
+        return await recorded(ctx, "infill", handle(request))
+
+    async def handle(request: Request):
         t0 = time.perf_counter()
         ctx.check_auth(request)
         body = await ctx.read_json(request)

@@ -44,10 +44,29 @@ NEUTRAL = {"mirostat": 0, "dynatemp_range": 0, "xtc_probability": 0, "dry_multip
 def register(app, ctx) -> None:
     @native
     async def handler(request: Request):
-        return await completion(ctx, request)
+        return await recorded(ctx, "completion", completion(ctx, request))
 
     app.add_api_route("/completion", handler, methods=["POST"])
     app.add_api_route("/completions", handler, methods=["POST"])
+
+
+async def recorded(ctx, endpoint: str, handling):
+    """Await a route's handling and count the request in the metrics by its status (a stream counts itself
+    when it ends), as the OpenAI routes do."""
+    from starlette.responses import StreamingResponse
+
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        resp = await handling
+        status = None if isinstance(resp, StreamingResponse) else resp.status_code
+        return resp
+    except APIError as e:
+        status = e.status
+        raise
+    finally:
+        if status is not None:
+            ctx.metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
 
 async def completion(ctx, request: Request):
@@ -71,9 +90,7 @@ async def completion(ctx, request: Request):
             return await ctx.run(request, greq, fmt, stream, False, "completion", t0)
         except APIError as e:
             raise about_prompt(e) from None
-    from ocula.server.choices import collect, disconnected, submit_all
-
-    from ocula.server.choices import sample_requests
+    from ocula.server.choices import collect, disconnected, sample_requests, submit_all
 
     prepared = []
     for p in prompts:  # n_cmpl samples of each prompt, the first sharing its prefill with the others
@@ -89,8 +106,6 @@ async def completion(ctx, request: Request):
         raise about_prompt(e) from None
     finally:
         group.cancel()
-    status = 200 if outcomes is not None else 499
-    ctx.metrics.request_done("completion", status, time.perf_counter() - t0)
     if outcomes is None:
         return disconnected(ctx.metrics)
     out = []
