@@ -253,3 +253,20 @@ def test_native_requests_are_counted(server):
     post(server, "/completion", {"prompt": [PROMPT, PROMPT], "n_predict": 2})
     post(server, "/completion", {"prompt": 5})
     assert count(200) == ok + 2 and count(400) == bad + 1
+
+
+def test_openai_client_on_unprefixed_completions(server, lib):
+    """OpenAI clients whose base URL lacks /v1 reach llama-server's /completions: its answer carries OpenAI's
+    text_completion fields, so the official client reads it, plain and streamed."""
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    want = lib.generate(PROMPT, max_tokens=6, temperature=0, ignore_eos=True)
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == want.text and chunks[-1].choices[0].finish_reason == "length"
+    r = httpx.post(server.url + "/props", json={"n_ctx": 5}, timeout=10)
+    assert r.status_code == 501 and r.json()["error"]["type"] == "not_supported_error"

@@ -114,6 +114,13 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         ctx.check_auth(request)
         return JSONResponse(props_body(ctx))
 
+    @app.post("/props")
+    @native
+    async def set_props(request: Request):
+        ctx.check_auth(request)
+        raise APIError(501, "this server does not change its settings at run time: restart it with other flags",
+                       type="not_supported_error", code="not_supported")
+
     @app.get("/slots")
     @native
     async def slots(request: Request):
