@@ -193,7 +193,7 @@ def test_input_tokens(server, lib):
         r = post(server, path, {"model": "tiny", "messages": msgs})
         assert r.json() == {"object": "chat.completion.input_tokens", "input_tokens": len(lib.prompt_token_ids(msgs))}
     r = post(server, "/v1/chat/completions/input_tokens", {"messages": [{"role": "bot", "content": "x"}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
     r = post(server, "/v1/chat/completions/input_tokens", {"messages": image})
     assert r.status_code == 400 and r.json()["error"]["code"] == "image_input_not_supported"
@@ -273,3 +273,23 @@ def test_several_completion_prompts(server, lib):
         for c in chunk.choices:
             got[c.index] += c.text
     assert [got[0], got[1]] == [w.text for w in want]
+
+
+def test_n_choices_with_a_parsing_template(tmp_path):
+    """A template that thinks (<think>) sends the answer through the reasoning parser: each choice gets its own
+    parser state, so every choice equals the same request sent alone with its seed."""
+    path = write_tiny_model(tmp_path / "thinks.gguf", "llama", chat_template=TEMPLATE + "{# <think> #}")
+    opts = {"messages": MSGS, "max_tokens": 12, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    with ServerProcess(["-m", str(path), "--threads", "1", "--parallel", "2"]) as s:
+        both = post(s, "/v1/chat/completions", {**opts, "n": 2, "seed": 7}).json()["choices"]
+        alone = [post(s, "/v1/chat/completions", {**opts, "seed": 7 + i}).json()["choices"][0] for i in range(2)]
+        streamed = {0: "", 1: ""}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json={**opts, "n": 2, "seed": 7, "stream": True},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        streamed[c["index"]] += c["delta"].get("content") or ""
+    assert [c["message"] for c in both] == [c["message"] for c in alone]
+    assert both[0]["message"] != both[1]["message"]
+    assert [streamed[0], streamed[1]] == [c["message"]["content"] for c in alone]

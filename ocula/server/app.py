@@ -1,8 +1,9 @@
 """FastAPI application: OpenAI routes, SSE streaming, auth, errors, metrics.
 
 The event loop never runs the model: requests become `GenerationRequest`s for the scheduler thread, whose
-events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) in
-the thread pool before a request is queued, so a slow URL never stalls the scheduler; encoding happens on the
+events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) off
+the event loop before a request is queued (URLs on a pool of their own: `media_loader`), so a slow URL never
+stalls the scheduler or another request's images; encoding happens on the
 scheduler thread, through the model's image-embedding cache.
 """
 from __future__ import annotations
@@ -21,17 +22,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ocula.chat import IMAGE_PART_TYPES, normalize_messages
+from ocula.server.video import prepare_videos
 from ocula.engine.scheduler import (
     Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
 )
 from ocula.errors import MediaError, OculaError
-from ocula.media import load_image
+from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
+from ocula.server.agent_apis import register_agent_apis
+from ocula.server.chat_tools import ChatPlan
 from ocula.server.choices import MAX_CHOICES, run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.llama_routes import listed_model
+from ocula.server.media_loader import MediaLoader
 from ocula.server.metrics import Metrics
+from ocula.server.web import add_web_routes
 from ocula.server.native_completion import extension_constraint, llama_timings
 
 log = logging.getLogger("ocula.server")
@@ -47,6 +53,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                                    prefill_chunk=config.prefill_chunk, prefix_cache_bytes=config.prefix_cache_bytes)
     metrics = Metrics()
     policy = config.media_policy()
+    media = MediaLoader(policy, config.max_media_fetches)
     created = int(time.time())
     model.tokenizer.max_token_bytes  # noqa: B018 - computed now (0.2 s for 152k tokens), not in a request
 
@@ -56,6 +63,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         try:
             yield
         finally:
+            media.close()
             if own_scheduler:
                 await run_in_threadpool(sched.stop)
 
@@ -67,6 +75,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
+
+    add_web_routes(app)
 
     # ------------------------------------------------------------ errors
 
@@ -97,8 +107,10 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+        if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key')",
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
@@ -145,6 +157,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
+            "modalities": {"vision": model.supports_images, "audio": False},
             "architecture": model.architecture,
         }
 
@@ -163,14 +176,15 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     # ------------------------------------------------------------ generation routes
 
-    async def generation_route(request: Request, endpoint: str, schema, prepare):
+    async def generation_route(request: Request, endpoint: str, schema, prepare, body: dict | None = None):
         """What the generation routes share: auth, parsing, sampling parameters, the run and its metrics.
-        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format."""
+        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format.
+        `body`: a request already read and translated (the Responses and Messages APIs)."""
         t0 = time.perf_counter()
         status = 500
         try:
             check_auth(request)
-            req = P.parse(schema, await read_json(request))
+            req = P.parse(schema, body if body is not None else await read_json(request))
             P.check_unsupported(req)
             refuse_text_beyond_context(req)
             params, explicit = P.sampling_params(req, config.default_max_tokens, config.sampling_defaults)
@@ -218,14 +232,24 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             normalize_messages(messages)
         except OculaError as e:
             raise to_api_error(e, None) from None
-        messages = await prepare_images(messages)
+        plan = ChatPlan(req, model.template.source)
+        messages = await prepare_images(plan.history(messages))
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
         constraint = await make_constraint(req.response_format, req)
+        if constraint is None and plan.tools.grammar() is not None:
+            try:
+                constraint = await run_in_threadpool(plan.constraint, structured_for(model))
+            except OculaError as e:
+                raise to_api_error(e, "tools") from None
+        if plan.needs_parse and plan.thinks:
+            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
 
         def build(timings, messages=messages):
             return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
-                                      max_images=config.max_images)
+                                      max_images=config.max_images, video_options=video_options,
+                                      **plan.template_kwargs)
 
         logprobs = None
         if req.logprobs:
@@ -233,7 +257,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         elif req.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias)
-        return greq, ChatFormat(model_id, model.tokenizer, logprobs is not None)
+        return greq, plan.wrap(ChatFormat(model_id, model.tokenizer, logprobs is not None))
 
     async def prepare_completion(req: P.CompletionRequest, params, explicit: bool, bias):
         """One prompt: (request, format); several (a list of texts or of id lists): lists of both, whose
@@ -281,20 +305,19 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise APIError(400, f"{len(found)} images sent but at most {config.max_images} are allowed per request",
                            param="messages", code="too_many_images")
 
-        def load_all():
-            out = [dict(m) for m in messages]
-            for i, j in found:
-                part = messages[i]["content"][j]
-                where = f"messages[{i}].content[{j}]"
-                try:
-                    image = load_image(_image_source(part, where), policy)
-                except MediaError as e:
-                    raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
-                content = out[i]["content"] = list(out[i]["content"])
-                content[j] = {"type": "image", "image": image}
-            return out
+        async def load_one(i: int, j: int):
+            where = f"messages[{i}].content[{j}]"
+            try:
+                return await media.load(_image_source(messages[i]["content"][j], where))
+            except MediaError as e:
+                raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
 
-        return await run_in_threadpool(load_all)
+        images = await asyncio.gather(*(load_one(i, j) for i, j in found))
+        out = [dict(m) for m in messages]
+        for (i, j), image in zip(found, images):
+            content = out[i]["content"] = list(out[i]["content"])
+            content[j] = {"type": "image", "image": image}
+        return out
 
     async def make_constraint(response_format: Any, req=None):
         if req is not None and (req.grammar or req.json_schema is not None):  # llama-server's fields
@@ -329,11 +352,11 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if first is None:
                 return disconnected()
             if isinstance(first, Failed):
-                raise to_api_error(first.error)
+                raise to_api_error(first.error, "prompt" if endpoint == "completions" else None)
             assert isinstance(first, Started)
             if stream:
                 handed_off = True
-                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle)
+                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle, first)
             deltas: list[Delta] = []
             while True:
                 ev = await watch.next()
@@ -361,8 +384,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 ev = await events.get()
                 if isinstance(ev, Delta):
                     chunk = fmt.delta(ev)
-                    if chunk is not None:
-                        yield _data(chunk)
+                    for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
+                        yield _data(c)
                 elif isinstance(ev, Finished):
                     r = ev.result
                     metrics.tokens(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
@@ -387,7 +410,10 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     register_llama_routes(app, RouteContext(
         model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
-        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health))
+        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health,
+        media))
+    register_agent_apis(app, lambda request, endpoint, body: generation_route(
+        request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
     return app
 
 
@@ -432,10 +458,10 @@ class ClientWatch:
 class EventStream(StreamingResponse):
     """text/event-stream whose generation is cancelled however the response ends (done, error, disconnect)."""
 
-    def __init__(self, content, handle):
+    def __init__(self, content, handle, started: Started | None = None):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handle = handle
+        self.handle, self.started = handle, started
 
     async def __call__(self, scope, receive, send):
         try:

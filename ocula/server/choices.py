@@ -38,6 +38,21 @@ def fork_constraint(constraint):
     return twin
 
 
+def fork_format(fmt):
+    """A response format for another choice: the same id and tokenizer, its own state (logprob offsets; a
+    tool/reasoning parser wrapped around a ChatFormat gets a fresh parser)."""
+    if hasattr(fmt, "base") and hasattr(fmt, "plan"):  # chat_tools.ParsedChatFormat(base, plan)
+        return type(fmt)(fork_format(fmt.base), fmt.plan)
+    return copy.copy(fmt)
+
+
+def innermost(fmt):
+    """The ChatFormat / CompletionFormat inside any wrappers (which keep it as `base`)."""
+    while hasattr(fmt, "base"):
+        fmt = fmt.base
+    return fmt
+
+
 def sample_requests(greq: GenerationRequest, n: int) -> list[GenerationRequest]:
     """n requests for n independent samples of greq's prompt; the first shares its prefill with the rest."""
     if n > MAX_CHOICES:
@@ -165,9 +180,11 @@ async def run_choices(sched, metrics, request: Request, greq, fmt, n: int, strea
     greqs, fmts = [], []
     for g, f in per_prompt:
         greqs += sample_requests(g, n)
-        fmts += [copy.copy(f) for _ in range(n)]  # per-choice state (e.g. logprob offsets)
-    for f in fmts[1:]:  # one response: the same id and time in every chunk
-        f.id, f.created = fmts[0].id, fmts[0].created
+        fmts += [f] + [fork_format(f) for _ in range(n - 1)]
+    first = innermost(fmts[0])
+    for f in fmts[1:]:  # one response: the same id and time in every chunk (several prompts had their own)
+        inner = innermost(f)
+        inner.id, inner.created = first.id, first.created
     n = len(greqs)
     group, events = await submit_all(sched, greqs)
     handed_off = False
@@ -212,9 +229,9 @@ async def stream_choices(metrics, fmts, started, early, events: asyncio.Queue, n
             i, ev = pending.pop(0) if pending else await events.get()
             f = fmts[i]
             if isinstance(ev, Delta):
-                chunk = f.delta(ev)
-                if chunk is not None:
-                    yield _data(set_index(chunk, i))
+                chunk = f.delta(ev)  # a chunk, None, or a list of chunks (the tool/reasoning parser's)
+                for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
+                    yield _data(set_index(c, i))
             elif isinstance(ev, Finished):
                 finished[i] = ev
                 r = ev.result

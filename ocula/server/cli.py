@@ -69,8 +69,22 @@ def add_parser(sub, add_model_args) -> None:
     m.add_argument("--max-image-bytes", type=_size, default=_size("20M"), metavar="BYTES")
     m.add_argument("--max-image-pixels", type=int, default=50_000_000)
     m.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    m.add_argument("--media-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="total time for one image URL fetch: connect, headers, body (default 10)")
+    m.add_argument("--max-media-fetches", type=int, default=8, metavar="N",
+                   help="image URLs fetched at once over all requests; more wait for a slot within "
+                        "--media-timeout (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
     m.add_argument("--image-max-tokens", type=int, default=None)
+    v = p.add_argument_group("video")
+    v.add_argument("--max-videos", type=int, default=2, help="videos per request (default 2)")
+    v.add_argument("--max-video-bytes", type=_size, default=_size("100M"), metavar="BYTES")
+    v.add_argument("--max-video-seconds", type=float, default=600.0, help="longest clip accepted (default 600)")
+    v.add_argument("--video-fps", type=float, default=None,
+                   help="frames sampled per second (default: the model's video processor's own setting)")
+    v.add_argument("--video-max-frames", type=int, default=None, help="most frames sampled from one clip")
+    v.add_argument("--video-max-tokens", type=int, default=None, help="most tokens one clip may take "
+                   "(default: the context size)")
     add_llama_server_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -85,9 +99,13 @@ def cmd_serve(args) -> int:
             from None
     from ocula.cli import load_model
     from ocula.server.config import ServerConfig
+    from ocula.server.web import page_url
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
+    if not args.media_timeout > 0 or args.max_media_fetches < 1:
+        raise OculaError("--media-timeout must be > 0 seconds and --max-media-fetches >= 1")
+    check_listen_address(args.host, args.port)  # before the model loads: a busy port is known at once
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -106,15 +124,46 @@ def cmd_serve(args) -> int:
         allow_link_local_media=args.allow_link_local_media,
         allow_remote_media=not args.no_remote_media, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+        media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_body_bytes=args.max_request_bytes,
+        **_video_config(args),
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
           f" (vision: {'yes' if model.supports_images else 'no'}, context {model.n_ctx}, {args.threads} compute "
           f"thread(s), up to {args.parallel} sequences at once)", file=sys.stderr)
+    print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """An OculaError if the server could not listen on host:port: a port outside 0..65535, a host name that does
+    not resolve or is not this machine's, or a port another process listens on (bound and released here)."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise OculaError(f"--port must be in 0..65535, got {port}")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise OculaError(f"--host {host!r} does not resolve: {e}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            try:
+                s.bind(address)
+            except OSError as e:
+                where = f"{_host_for_url(address[0])}:{port}"
+                if e.errno == errno.EADDRINUSE:
+                    raise OculaError(f"port {port} is already in use on {address[0]} (another server is "
+                                     f"listening there); pick another with --port") from None
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    raise OculaError(f"not allowed to listen on {where} (ports below 1024 need privileges); "
+                                     "pick another with --port") from None
+                raise OculaError(f"cannot listen on {where}: {e.strerror or e}") from None
 
 
 def sampling_defaults(args) -> dict:
@@ -131,6 +180,20 @@ def sampling_defaults(args) -> dict:
     except RequestError as e:
         raise OculaError(f"bad sampling default: {e}") from None
     return out
+
+
+def _video_config(args) -> dict:
+    for name in ("max_videos", "video_max_frames", "video_max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_videos" else 1):
+            raise OculaError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("max_video_seconds", "video_fps"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise OculaError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    return dict(max_videos=args.max_videos, max_video_bytes=args.max_video_bytes,
+                max_video_seconds=args.max_video_seconds, video_fps=args.video_fps,
+                video_max_frames=args.video_max_frames, video_max_tokens=args.video_max_tokens)
 
 
 def _is_loopback(host: str) -> bool:

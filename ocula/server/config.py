@@ -27,10 +27,18 @@ class ServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_images: int = 8  # per request
-    media_timeout: float = 10.0
+    media_timeout: float = 10.0  # seconds for a whole image URL fetch, waiting for a fetch slot included
+    max_media_fetches: int = 8  # image URLs fetched at once (over all requests)
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
     max_body_bytes: int | None = None  # default: enough for max_images base64 images
+    # video
+    max_videos: int = 2  # per request
+    max_video_bytes: int = 100 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    video_fps: float | None = None  # default sampling rate (None: each model processor's default)
+    video_max_frames: int | None = None
+    video_max_tokens: int | None = None  # default: the context size
 
     def media_policy(self) -> MediaPolicy:
         return MediaPolicy(

@@ -47,6 +47,7 @@ class RouteContext:
     completions: Callable
     models: Callable
     health: Callable
+    media: Any  # MediaLoader: image sources → PIL images, URLs on their own bounded fetch pool
 
 
 def native_error(e: APIError) -> JSONResponse:
@@ -163,26 +164,17 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
 
     async def input_tokens(request: Request):
         """How many tokens a chat request's prompt takes (template, images expanded), without generating."""
-        from ocula.chat import normalize_messages
         from ocula.engine.generate import Timings
+        from ocula.server import protocol as P
 
         ctx.check_auth(request)
-        body = await ctx.read_json(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages must be a non-empty list of {'role': ..., 'content': ...} objects",
-                           param="messages", code="invalid_value")
-        try:
-            normalize_messages(messages)
-        except OculaError as e:
-            raise to_api_error(e, "messages") from None
-        messages = await ctx.prepare_images(messages)
-        img_min = field(body, "image_min_tokens", int, ctx.config.image_min_tokens)
-        img_max = field(body, "image_max_tokens", int, ctx.config.image_max_tokens)
+        req = P.parse(P.ChatRequest, await ctx.read_json(request))
+        params, explicit = P.sampling_params(req, ctx.config.default_max_tokens, ctx.config.sampling_defaults)
+        # the chat route's own preparation (template, tools, images, video), so the count is that prompt's
+        greq, _ = await ctx.prepare_chat(req, params, explicit, None)
 
         def count() -> int:
-            return len(model.build_prompt(messages, Timings(), img_min, img_max, media_policy=ctx.policy,
-                                          max_images=ctx.config.max_images))
+            return len(greq.build_prompt(Timings()))
 
         try:
             n = await asyncio.wrap_future(ctx.sched.call(count))
@@ -284,20 +276,21 @@ def check_token_ids(ids: list, n_vocab: int, where: str) -> None:
 
 
 def render_template(model, body: dict) -> str:
-    """The prompt text the chat template makes of `messages` (what /v1/chat/completions would feed)."""
+    """The prompt text the chat template makes of a chat request: its messages (tool calls and results as the
+    chat route renders them), `tools`, `chat_template_kwargs`, `add_generation_prompt` (default true)."""
     from ocula.chat import normalize_messages
+    from ocula.server import protocol as P
+    from ocula.server.chat_tools import ChatPlan
 
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list of {'role': ..., 'content': ...} objects",
-                       param="messages", code="invalid_value")
     add_generation_prompt = field(body, "add_generation_prompt", bool, True)
-    kwargs = dict(field(body, "chat_template_kwargs", dict, {}))
-    tools = field(body, "tools", list, None)
-    if tools:
-        kwargs["tools"] = tools
+    req = P.parse(P.ChatRequest, body)
     try:
-        normalize_messages(messages)
-        return model.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        normalize_messages(req.messages)
+    except OculaError as e:
+        raise to_api_error(e, "messages") from None
+    plan = ChatPlan(req, model.template.source)
+    try:
+        return model.apply_chat_template(plan.history(req.messages), add_generation_prompt=add_generation_prompt,
+                                         **plan.template_kwargs)
     except OculaError as e:
         raise to_api_error(e, "messages") from None

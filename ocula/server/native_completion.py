@@ -17,6 +17,7 @@ both kinds of client read it. Streams are llama-server's: one `data:` object per
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
 import time
@@ -309,8 +310,6 @@ async def prepare(ctx, options: Options, prompt, index: int):
 
 
 async def load_media(ctx, text: str, media: list) -> list:
-    from ocula.media import load_image
-
     markers = text.count(MEDIA_MARKER)
     if markers != len(media):
         raise APIError(400, f"prompt.prompt_string has {markers} {MEDIA_MARKER} marker(s) for {len(media)} "
@@ -325,19 +324,22 @@ async def load_media(ctx, text: str, media: list) -> list:
         raise APIError(400, f"{len(media)} images sent but at most {ctx.config.max_images} are allowed per request",
                        param="prompt.multimodal_data", code="too_many_images")
 
-    def load_all():
-        out = []
-        for i, item in enumerate(media):
-            where = f"prompt.multimodal_data[{i}]"
-            if not isinstance(item, str) or not item:
-                raise APIError(400, f"{where} must be a non-empty base64 string", param=where, code="invalid_type")
-            try:
-                out.append(load_image(item, ctx.policy))
-            except MediaError as e:
-                raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
-        return out
+    return await load_images(ctx, [(f"prompt.multimodal_data[{i}]", item) for i, item in enumerate(media)])
 
-    return await run_in_threadpool(load_all)
+
+async def load_images(ctx, sources: list[tuple[str, Any]]) -> list:
+    """(where, source) pairs → PIL images through the server's MediaLoader (URLs on its bounded fetch pool);
+    a 400 naming the part that fails."""
+    async def one(where: str, source):
+        if not isinstance(source, str) or not source:
+            raise APIError(400, f"{where} must be a non-empty string (base64, data URI or URL)", param=where,
+                           code="invalid_type")
+        try:
+            return await ctx.media.load(source)
+        except MediaError as e:
+            raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
+
+    return list(await asyncio.gather(*(one(w, s) for w, s in sources)))
 
 
 async def make_constraint(ctx, options: Options):
