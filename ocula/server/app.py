@@ -395,7 +395,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 elif isinstance(ev, Failed):
                     err = to_api_error(ev.error)
                     status = err.status
-                    yield _data(err.body())
+                    yield _data(fmt.error_body(err) if hasattr(fmt, "error_body") else err.body())
                     break
             if getattr(fmt, "done_marker", True):  # llama-server's native stream ends without one
                 yield "data: [DONE]\n\n"

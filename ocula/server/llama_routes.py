@@ -51,6 +51,10 @@ class RouteContext:
 
 
 def native_error(e: APIError) -> JSONResponse:
+    return JSONResponse(native_error_body(e), status_code=e.status, headers=e.headers)
+
+
+def native_error_body(e: APIError) -> dict:
     """An error in llama-server's shape: the HTTP status as `code`, plus OpenAI's `param` when known."""
     body = {"code": e.status, "message": e.message, "type": e.type}
     if e.param:
@@ -65,7 +69,7 @@ def native_error(e: APIError) -> JSONResponse:
         m = re.search(r"context holds (\d+)", e.message)
         if m:
             body["n_ctx"] = int(m.group(1))
-    return JSONResponse({"error": body}, status_code=e.status, headers=e.headers)
+    return {"error": body}
 
 
 def native(handler):

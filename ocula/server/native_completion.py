@@ -451,6 +451,12 @@ class NativeFormat:
     def start(self) -> list[dict]:
         return []
 
+    def error_body(self, e: APIError) -> dict:
+        """A failure in the middle of a stream, in llama-server's error shape."""
+        from ocula.server.llama_routes import native_error_body
+
+        return native_error_body(e)
+
     def delta(self, ev: Delta) -> dict:
         self.predicted += len(ev.token_ids)
         chunk = self._base(ev.text, None)
