@@ -31,7 +31,7 @@ from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
 from ocula.server.agent_apis import register_agent_apis
 from ocula.server.chat_tools import ChatPlan
-from ocula.server.choices import run_choices
+from ocula.server.choices import MAX_CHOICES, run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.llama_routes import listed_model
@@ -191,8 +191,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            if (req.n or 1) > 1:
-                resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,
+            if isinstance(greq, list) or (req.n or 1) > 1:
+                resp = await run_choices(sched, metrics, request, greq, fmt, req.n or 1, req.stream, include_usage,
                                          endpoint, t0)
             else:
                 resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
@@ -260,12 +260,18 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         return greq, plan.wrap(ChatFormat(model_id, model.tokenizer, logprobs is not None))
 
     async def prepare_completion(req: P.CompletionRequest, params, explicit: bool, bias):
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompt)}",
-                               param="prompt", code="unsupported_parameter")
-            prompt = prompt[0]
+        """One prompt: (request, format); several (a list of texts or of id lists): lists of both, whose
+        choices run_choices numbers prompt by prompt (OpenAI's order)."""
+        prompts = req.prompt
+        if not (isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list))):
+            return await prepare_one_completion(req, prompts, params, explicit, bias)
+        if len(prompts) > MAX_CHOICES:
+            raise APIError(400, f"prompt: at most {MAX_CHOICES} prompts per request, got {len(prompts)}",
+                           param="prompt", code="invalid_value")
+        prepared = [await prepare_one_completion(req, p, params, explicit, bias) for p in prompts]
+        return [g for g, _ in prepared], [f for _, f in prepared]
+
+    async def prepare_one_completion(req: P.CompletionRequest, prompt, params, explicit: bool, bias):
         if isinstance(prompt, list):
             bad = [t for t in prompt if not 0 <= t < model.text.cfg.n_vocab]
             if bad:
@@ -389,7 +395,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 elif isinstance(ev, Failed):
                     err = to_api_error(ev.error)
                     status = err.status
-                    yield _data(err.body())
+                    yield _data(fmt.error_body(err) if hasattr(fmt, "error_body") else err.body())
                     break
             if getattr(fmt, "done_marker", True):  # llama-server's native stream ends without one
                 yield "data: [DONE]\n\n"
@@ -404,7 +410,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     register_llama_routes(app, RouteContext(
         model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
-        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health))
+        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health,
+        media))
     register_agent_apis(app, lambda request, endpoint, body: generation_route(
         request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
     return app

@@ -6,6 +6,7 @@ import os
 import sys
 
 from ocula.errors import OculaError
+from ocula.server.llama_flags import add_llama_server_flags, apply_llama_server_flags
 
 
 def _size(text: str) -> int:
@@ -90,6 +91,7 @@ def add_parser(sub, add_model_args) -> None:
     v.add_argument("--video-max-frames", type=int, default=None, help="most frames sampled from one clip")
     v.add_argument("--video-max-tokens", type=int, default=None, help="most tokens one clip may take "
                    "(default: the context size)")
+    add_llama_server_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -121,10 +123,11 @@ def cmd_serve(args) -> int:
 
         ChatTemplate(template_source(args.chat_template))  # parses, before the model loads
     model = load_model(args)
+    apply_llama_server_flags(args, model)  # --chat-template-file, -b, and notes on flags without effect
     if args.chat_template:
         model.template = ChatTemplate(template_source(args.chat_template), model.tokenizer.bos_token,
                                       model.tokenizer.eos_token, model.architecture)
-    elif not model.has_chat_template:
+    elif not model.has_chat_template and args.chat_template_file is None:
         from ocula.cli_template import fallback_name
 
         print(f"ocula: warning: {model.gguf.path.name} has no chat template (a base model?): chat requests are "
