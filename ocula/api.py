@@ -130,12 +130,14 @@ class Model:
 
     def build_prompt(self, messages: list[dict], timings: Timings | None = None,
                      image_min_tokens: int | None = None, image_max_tokens: int | None = None,
-                     media_policy=None, max_images: int | None = None, **template_kwargs) -> Prompt:
-        """Render the chat template and turn the conversation into decoder input (images encoded)."""
+                     media_policy=None, max_images: int | None = None, image_limit=None,
+                     **template_kwargs) -> Prompt:
+        """Render the chat template and turn the conversation into decoder input (images encoded).
+        `image_limit` (an ImageTokenLimit) refuses images needing too many tokens before any is encoded."""
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)
-            return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images)
+            return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images, image_limit)
         from ocula.chat import image_parts
 
         if image_parts(messages):

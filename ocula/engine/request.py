@@ -38,6 +38,9 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     logit_bias: dict[int, float] | None = None
     arrival: float = field(default_factory=time.perf_counter)
+    # the prompt has images to preprocess and encode: built on the scheduler's image worker thread, so that
+    # the other sequences go on decoding meanwhile (False: built on the scheduler thread, e.g. text)
+    has_images: bool = False
 
 
 @dataclass

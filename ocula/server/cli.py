@@ -64,7 +64,15 @@ def add_parser(sub, add_model_args) -> None:
                    help="image URLs fetched at once over all requests; more wait for a slot within "
                         "--media-timeout (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
-    m.add_argument("--image-max-tokens", type=int, default=None)
+    m.add_argument("--image-max-tokens", type=int, default=None,
+                   help="tokens per image unless a request sets image_max_tokens (default: 4096, or the "
+                        "processor's own default where that is lower)")
+    m.add_argument("--max-image-tokens-per-request", type=int, default=16384, metavar="N",
+                   help="image tokens of all a request's images together; more is refused with a 400 before "
+                        "any is encoded (default 16384; 0: no limit but the context)")
+    m.add_argument("--image-threads", type=int, default=None, metavar="N",
+                   help="threads encoding images while the other requests keep decoding (default: half of "
+                        "--threads, at least 1)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -81,6 +89,12 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
+    for flag, value in (("--image-min-tokens", args.image_min_tokens), ("--image-max-tokens", args.image_max_tokens),
+                        ("--image-threads", args.image_threads)):
+        if value is not None and value < 1:
+            raise OculaError(f"{flag} must be >= 1, got {value}")
+    if args.max_image_tokens_per_request < 0:
+        raise OculaError(f"--max-image-tokens-per-request must be >= 0, got {args.max_image_tokens_per_request}")
     if not args.media_timeout > 0 or args.max_media_fetches < 1:
         raise OculaError("--media-timeout must be > 0 seconds and --max-media-fetches >= 1")
     if not _is_loopback(args.host) and not args.api_key:
@@ -101,6 +115,7 @@ def cmd_serve(args) -> int:
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
         media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
+        max_image_tokens_per_request=args.max_image_tokens_per_request or None, image_threads=args.image_threads,
         max_body_bytes=args.max_request_bytes,
     )
     app = create_app(model, config)

@@ -28,7 +28,9 @@ class ServerConfig:
     media_timeout: float = 10.0  # seconds for a whole image URL fetch, waiting for a fetch slot included
     max_media_fetches: int = 8  # image URLs fetched at once (over all requests)
     image_min_tokens: int | None = None
-    image_max_tokens: int | None = None
+    image_max_tokens: int | None = None  # per image; None: image_budget.DEFAULT_IMAGE_MAX_TOKENS as a cap
+    max_image_tokens_per_request: int | None = 16384  # all images of a request; None: only the context
+    image_threads: int | None = None  # torch threads encoding images beside decoding (default: half, >= 1)
     max_body_bytes: int | None = None  # default: enough for max_images base64 images
 
     def media_policy(self) -> MediaPolicy:

@@ -1,0 +1,85 @@
+"""The scheduler's image worker, in process on a tiny model: a request with images has its prompt built on
+a thread of its own (with its own torch thread count) while the other sequences are admitted and decode;
+the build time is not queue time; a request cancelled while waiting for the worker is reported cancelled."""
+import threading
+import time
+
+import pytest
+import torch
+from tiny import write_tiny_model
+
+import ocula
+from ocula.engine.sampling import SamplingParams
+from ocula.engine.scheduler import Cancelled, Failed, Finished, GenerationRequest, Scheduler, Started
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return ocula.load(write_tiny_model(tmp_path_factory.mktemp("imgw") / "tiny-qwen2.gguf", "qwen2"))
+
+
+def request(model, text, build_gate: threading.Event | None = None, seen: dict | None = None, **params):
+    """A request whose prompt build (standing in for an image encode) waits for `build_gate`."""
+    messages = [{"role": "user", "content": text}]
+
+    def build(timings):
+        if seen is not None:
+            seen["thread"], seen["threads"] = threading.current_thread().name, torch.get_num_threads()
+        if build_gate is not None:
+            assert build_gate.wait(10), "the gate never opened"
+        return model.build_prompt(messages, timings)
+
+    params = {"temperature": 0, "max_tokens": 6, **params}
+    return GenerationRequest(build, SamplingParams(**params), has_images=build_gate is not None)
+
+
+def test_text_requests_run_while_an_image_prompt_builds(model):
+    gate, seen = threading.Event(), {}
+    with Scheduler(model, max_batch=4, image_threads=2) as s:
+        slow = s.submit(request(model, "look at this", gate, seen))
+        time.sleep(0.2)  # the worker is inside the build now
+        assert s.active == 1 and seen["thread"] == "ocula-image-worker"
+        t0 = time.monotonic()
+        texts = [s.submit(request(model, f"quick {i}")).result() for i in range(3)]
+        assert time.monotonic() - t0 < 5 and all(r.completion_tokens == 6 for r in texts)
+        assert not slow.done  # still building: the text requests did not wait for it
+        time.sleep(0.3)
+        gate.set()
+        events = list(slow)
+    started = next(e for e in events if isinstance(e, Started))
+    assert isinstance(events[-1], Finished) and events[-1].result.completion_tokens == 6
+    assert started.queue_ms < 300, started.queue_ms  # the ~0.5 s build is work, not waiting
+    want = model.chat([{"role": "user", "content": "look at this"}], max_tokens=6, temperature=0)
+    assert events[-1].result.text == want.text
+    # the worker computes with its own thread count; this thread's (the caller's, 1) is untouched
+    assert seen["threads"] == 2 and torch.get_num_threads() == 1
+
+
+def test_a_request_cancelled_while_waiting_for_the_worker(model):
+    gate = threading.Event()
+    with Scheduler(model, image_threads=1) as s:
+        first = s.submit(request(model, "one", gate))
+        second = s.submit(request(model, "two", gate))
+        time.sleep(0.1)
+        assert s.queue_depth == 1  # the second waits behind the first's build
+        second.cancel()
+        gate.set()
+        assert first.result().completion_tokens == 6
+        events = list(second)
+    assert isinstance(events[-1], Failed) and isinstance(events[-1].error, Cancelled)
+    assert s.stats.requests_cancelled == 1
+
+
+def test_a_failed_build_fails_only_its_request(model):
+    def boom(timings):
+        raise RuntimeError("encoder exploded")
+
+    with Scheduler(model) as s:
+        bad = s.submit(GenerationRequest(boom, SamplingParams(max_tokens=2), has_images=True))
+        good = s.submit(request(model, "fine"))
+        with pytest.raises(RuntimeError, match="encoder exploded"):
+            bad.result()
+        assert good.result().completion_tokens == 6
+        assert s.alive
