@@ -20,8 +20,10 @@ def model(tmp_path_factory):
     return ocula.load(write_tiny_model(tmp_path_factory.mktemp("imgw") / "tiny-qwen2.gguf", "qwen2"))
 
 
-def request(model, text, build_gate: threading.Event | None = None, seen: dict | None = None, **params):
-    """A request whose prompt build (standing in for an image encode) waits for `build_gate`."""
+def request(model, text, build_gate: threading.Event | None = None, seen: dict | None = None,
+            has_images: bool | None = None, **params):
+    """A request whose prompt build (standing in for an image encode) waits for `build_gate`; with a gate it
+    goes to the image workers (as a request with images does) unless has_images says otherwise."""
     messages = [{"role": "user", "content": text}]
 
     def build(timings):
@@ -32,7 +34,8 @@ def request(model, text, build_gate: threading.Event | None = None, seen: dict |
         return model.build_prompt(messages, timings)
 
     params = {"temperature": 0, "max_tokens": 6, **params}
-    return GenerationRequest(build, SamplingParams(**params), has_images=build_gate is not None)
+    images = build_gate is not None if has_images is None else has_images
+    return GenerationRequest(build, SamplingParams(**params), has_images=images)
 
 
 def test_text_requests_run_while_an_image_prompt_builds(model):
@@ -40,7 +43,7 @@ def test_text_requests_run_while_an_image_prompt_builds(model):
     with Scheduler(model, max_batch=4, image_threads=2) as s:
         slow = s.submit(request(model, "look at this", gate, seen))
         time.sleep(0.2)  # the worker is inside the build now
-        assert s.active == 1 and seen["thread"] == "ocula-image-worker"
+        assert s.active == 1 and seen["thread"].startswith("ocula-image-worker")
         t0 = time.monotonic()
         texts = [s.submit(request(model, f"quick {i}")).result() for i in range(3)]
         assert time.monotonic() - t0 < 5 and all(r.completion_tokens == 6 for r in texts)
@@ -57,9 +60,21 @@ def test_text_requests_run_while_an_image_prompt_builds(model):
     assert seen["threads"] == 2 and torch.get_num_threads() == 1
 
 
+def test_a_small_image_takes_the_second_worker_while_a_large_one_builds(model):
+    gate = threading.Event()
+    with Scheduler(model, image_workers=2) as s:
+        large = s.submit(request(model, "a large image", gate))
+        time.sleep(0.1)
+        small = s.submit(request(model, "a small image", has_images=True))  # builds at once
+        assert small.result().completion_tokens == 6
+        assert not large.done  # the first worker is still inside the large one's build
+        gate.set()
+        assert large.result().completion_tokens == 6
+
+
 def test_a_request_cancelled_while_waiting_for_the_worker(model):
     gate = threading.Event()
-    with Scheduler(model, image_threads=1) as s:
+    with Scheduler(model, image_threads=1, image_workers=1) as s:
         first = s.submit(request(model, "one", gate))
         second = s.submit(request(model, "two", gate))
         time.sleep(0.1)

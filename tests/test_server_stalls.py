@@ -142,3 +142,18 @@ def test_images_over_the_per_request_total_are_refused_before_encoding(server):
     r, _ = chat(server, content, image_max_tokens=1024)
     assert r.status_code == 200, r.text
     assert r.json()["timings"]["image_tokens"] == 2048
+
+
+def test_the_default_image_cap_lowers_but_never_raises():
+    import ocula
+    from ocula.server.image_budget import image_max_tokens
+
+    qwen = ocula.load(MODEL, mmproj=MMPROJ)
+    assert qwen.vision.vision.default_max_tokens == 16384  # the Qwen2-VL processor's own default
+    assert image_max_tokens(qwen, None, None) == 4096  # the server's default cap
+    assert image_max_tokens(qwen, 1000, None) == 1000 and image_max_tokens(qwen, 1000, 20000) == 20000
+    internvl = FIXTURES / "models" / "internvl"
+    if (internvl / "internvl-f16.gguf").exists():
+        m = ocula.load(internvl / "internvl-f16.gguf", mmproj=internvl / "mmproj-internvl-f16.gguf")
+        own = m.vision.vision.default_max_tokens  # 12 tiles + thumbnail: a max_tokens above it adds tiles
+        assert own < 4096 and image_max_tokens(m, None, None) == own

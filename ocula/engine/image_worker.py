@@ -1,13 +1,15 @@
-"""The scheduler's image worker: builds the prompts of requests that carry images on a thread of its own.
+"""The scheduler's image workers: build the prompts of requests that carry images on threads of their own.
 
 Building such a prompt preprocesses and encodes its images, which takes seconds to minutes for a large one
 (a 7000x7000 PNG: 16,384 tokens, ~110 s). On the scheduler thread that stopped every other sequence for as
 long; here the scheduler thread goes on decoding meanwhile and admits the request once its prompt is built.
+With two workers (the default), a small image is not stuck behind a large one either: it takes the other.
 
 Cores: torch's intra-op thread count is per thread (OpenMP's is a per-thread setting, and ocula's C kernels
-ask `torch.get_num_threads()` on the calling thread), so the worker sets its own count (`threads`) and
-leaves the scheduler thread's alone. Both compute at once only while an image encodes; the Python parts of
-the two take turns on the GIL, the kernels (torch ops, ocula's C calls through ctypes) run without it.
+ask `torch.get_num_threads()` on the calling thread), so each worker sets its own count (`threads`) and
+leaves the scheduler thread's alone. They compute beside the scheduler thread only while images encode;
+the Python parts take turns on the GIL, the kernels (torch ops, ocula's C calls through ctypes) run
+without it.
 """
 from __future__ import annotations
 
@@ -39,34 +41,38 @@ class Built:
 
 
 class ImageWorker:
-    def __init__(self, threads: int, deliver: Callable[[Built], None]):
-        if threads < 1:
-            raise ValueError("the image worker needs at least one thread")
-        self.threads = threads
+    def __init__(self, threads: int, deliver: Callable[[Built], None], workers: int = 2):
+        if threads < 1 or workers < 1:
+            raise ValueError("image workers: at least one, with at least one thread each")
+        self.threads, self.workers = threads, workers
         self._deliver = deliver
         self._queue: deque[Handle] = deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._running = False
-        self.busy = False  # building a prompt now
+        self.busy = 0  # prompts being built now
 
     def start(self) -> None:
         with self._cond:
             if self._running:
                 return
             self._running = True
-        self._thread = threading.Thread(target=self._run, name="ocula-image-worker", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"ocula-image-worker-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 10.0) -> list[Handle]:
-        """Stop after the prompt being built (if any); the requests still waiting, never started."""
+        """Stop after the prompts being built (if any); the requests still waiting, never started."""
         with self._cond:
             self._running = False
             waiting = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, end - time.monotonic()))
         return waiting
 
     def submit(self, handle: Handle) -> None:
@@ -87,11 +93,12 @@ class ImageWorker:
                     if not self._running:
                         return
                     handle = self._queue.popleft()
-                    self.busy = True
+                    self.busy += 1
                 try:
                     self._deliver(self._build(handle))
                 finally:
-                    self.busy = False
+                    with self._cond:
+                        self.busy -= 1
 
     @staticmethod
     def _build(handle: Handle) -> Built:

@@ -124,11 +124,15 @@ class _Sequence:
 
 class Scheduler:
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK,
-                 prefix_cache_bytes: int = 512 * 1024 * 1024, image_threads: int | None = None):
-        """`image_threads`: torch threads of the image worker (default: half the caller's, at least one);
-        the scheduler thread computes with the caller's `torch.get_num_threads()`."""
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or (image_threads is not None and image_threads < 1):
-            raise ValueError("max_batch, prefill_chunk and image_threads must be >= 1, max_queue >= 0")
+                 prefix_cache_bytes: int = 512 * 1024 * 1024, image_threads: int | None = None,
+                 image_workers: int = 2):
+        """`image_workers` threads build the prompts of requests with images, each computing with
+        `image_threads` torch threads (default: half the caller's, at least one); the scheduler thread
+        computes with the caller's `torch.get_num_threads()`."""
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or image_workers < 1 \
+                or (image_threads is not None and image_threads < 1):
+            raise ValueError("max_batch, prefill_chunk, image_threads and image_workers must be >= 1, "
+                             "max_queue >= 0")
         self.model = model
         self.text = model.text
         self.tokenizer = model.tokenizer
@@ -143,7 +147,7 @@ class Scheduler:
         self.threads = torch.get_num_threads()
         self._pending: deque[Handle] = deque()
         self._built: deque[Built] = deque()  # prompts the image worker has built, waiting for admission
-        self.images = ImageWorker(image_threads or max(1, self.threads // 2), self._on_built)
+        self.images = ImageWorker(image_threads or max(1, self.threads // 2), self._on_built, image_workers)
         self._prefilling: _Sequence | None = None
         self._active: list[_Sequence] = []
         self._cond = threading.Condition()
@@ -211,7 +215,7 @@ class Scheduler:
                 self._cond.notify_all()
         return handle
 
-    def _on_built(self, built: Built) -> None:  # on the image worker's thread
+    def _on_built(self, built: Built) -> None:  # on an image worker's thread
         with self._cond:
             self._built.append(built)
             self._cond.notify_all()

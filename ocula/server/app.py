@@ -44,7 +44,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     own_scheduler = scheduler is None
     sched = scheduler or Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue,
                                    prefill_chunk=config.prefill_chunk, prefix_cache_bytes=config.prefix_cache_bytes,
-                                   image_threads=config.image_threads)
+                                   image_threads=config.image_threads, image_workers=config.image_workers)
     metrics = Metrics()
     policy = config.media_policy()
     media = MediaLoader(policy, config.max_media_fetches)

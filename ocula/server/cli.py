@@ -70,9 +70,11 @@ def add_parser(sub, add_model_args) -> None:
     m.add_argument("--max-image-tokens-per-request", type=int, default=16384, metavar="N",
                    help="image tokens of all a request's images together; more is refused with a 400 before "
                         "any is encoded (default 16384; 0: no limit but the context)")
+    m.add_argument("--image-workers", type=int, default=2, metavar="N",
+                   help="requests whose images are encoded at once, while the others keep decoding (default 2: "
+                        "a small image need not wait for a large one)")
     m.add_argument("--image-threads", type=int, default=None, metavar="N",
-                   help="threads encoding images while the other requests keep decoding (default: half of "
-                        "--threads, at least 1)")
+                   help="threads of each image worker (default: half of --threads, at least 1)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -90,7 +92,7 @@ def cmd_serve(args) -> int:
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
     for flag, value in (("--image-min-tokens", args.image_min_tokens), ("--image-max-tokens", args.image_max_tokens),
-                        ("--image-threads", args.image_threads)):
+                        ("--image-threads", args.image_threads), ("--image-workers", args.image_workers)):
         if value is not None and value < 1:
             raise OculaError(f"{flag} must be >= 1, got {value}")
     if args.max_image_tokens_per_request < 0:
@@ -116,6 +118,7 @@ def cmd_serve(args) -> int:
         media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_image_tokens_per_request=args.max_image_tokens_per_request or None, image_threads=args.image_threads,
+        image_workers=args.image_workers,
         max_body_bytes=args.max_request_bytes,
     )
     app = create_app(model, config)

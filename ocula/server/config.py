@@ -30,7 +30,8 @@ class ServerConfig:
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None  # per image; None: image_budget.DEFAULT_IMAGE_MAX_TOKENS as a cap
     max_image_tokens_per_request: int | None = 16384  # all images of a request; None: only the context
-    image_threads: int | None = None  # torch threads encoding images beside decoding (default: half, >= 1)
+    image_threads: int | None = None  # torch threads per image worker (default: half of -t, >= 1)
+    image_workers: int = 2  # prompts with images built at once, beside decoding
     max_body_bytes: int | None = None  # default: enough for max_images base64 images
 
     def media_policy(self) -> MediaPolicy:
