@@ -98,3 +98,14 @@ def test_a_failed_build_fails_only_its_request(model):
             bad.result()
         assert good.result().completion_tokens == 6
         assert s.alive
+
+
+def test_a_prompt_built_after_stop_is_failed_not_left_hanging(model):
+    gate = threading.Event()
+    s = Scheduler(model, image_workers=1).start()
+    h = s.submit(request(model, "building while the server stops", gate))
+    time.sleep(0.1)
+    s.stop(timeout=0.2)  # the worker is still inside the build
+    gate.set()
+    event = h._queue.get(timeout=5)  # before: no event ever came, the client waited forever
+    assert isinstance(event, Failed) and "shutting down" in str(event.error)

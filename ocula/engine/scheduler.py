@@ -217,8 +217,11 @@ class Scheduler:
 
     def _on_built(self, built: Built) -> None:  # on an image worker's thread
         with self._cond:
-            self._built.append(built)
-            self._cond.notify_all()
+            if self._running:
+                self._built.append(built)
+                self._cond.notify_all()
+                return
+        built.handle._emit(Failed(SchedulerStoppedError("the server is shutting down")))  # built after stop()
 
     # ------------------------------------------------------------ loop
 
