@@ -8,13 +8,13 @@
         ...
     sched.stop()
 
-How a request moves (all on the scheduler thread, one loop iteration at a time):
+How a request moves (on the scheduler thread, one loop iteration at a time; image encoding aside, step 2):
 
 1. `submit` puts it in a bounded FIFO (`max_queue`; full → QueueFullError, the server's 503).
 2. Admission: when no other sequence is being prefilled and fewer than `max_batch` are decoding, the oldest
    queued request has its prompt built (chat template, tokens), checked against the context, and gets a KV
    cache from the prefix pool. A request with images (`has_images`) has its prompt built on the image
-   worker thread instead (`image_worker`: preprocessing and encoding through the VisionRuntime cache take
+   workers instead (`image_worker`: preprocessing and encoding through the VisionRuntime cache take
    seconds for a large image, during which the decoding sequences keep going) and is admitted, in arrival
    order with the others, once it is built. From the prefix pool, the longest common prefix with a
    finished sequence's cache (compared by `Prompt.cache_keys()`, never splitting an image) is copied, so

@@ -3,8 +3,8 @@
 The event loop never runs the model: requests become `GenerationRequest`s for the scheduler thread, whose
 events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) off
 the event loop before a request is queued (URLs on a pool of their own: `media_loader`), so a slow URL never
-stalls the scheduler or another request's images; encoding happens on the
-scheduler thread, through the model's image-embedding cache.
+stalls the scheduler or another request's images; encoding happens on the scheduler's image workers
+(through the model's image-embedding cache) while the other sequences keep decoding.
 """
 from __future__ import annotations
 
