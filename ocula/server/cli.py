@@ -97,8 +97,8 @@ def cmd_serve(args) -> int:
             raise OculaError(f"{flag} must be >= 1, got {value}")
     if args.max_image_tokens_per_request < 0:
         raise OculaError(f"--max-image-tokens-per-request must be >= 0, got {args.max_image_tokens_per_request}")
-    if not args.media_timeout > 0 or args.max_media_fetches < 1:
-        raise OculaError("--media-timeout must be > 0 seconds and --max-media-fetches >= 1")
+    if not 0 < args.media_timeout <= 3600 or args.max_media_fetches < 1:
+        raise OculaError("--media-timeout must be > 0 and at most 3600 seconds, --max-media-fetches >= 1")
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
