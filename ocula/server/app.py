@@ -22,16 +22,24 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ocula.chat import IMAGE_PART_TYPES, normalize_messages
+from ocula.server.video import prepare_videos
 from ocula.engine.scheduler import (
     Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
 )
 from ocula.errors import MediaError, OculaError
+from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
+from ocula.server.agent_apis import register_agent_apis
+from ocula.server.chat_tools import ChatPlan
+from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
-from ocula.server.image_budget import image_max_tokens, image_token_limit
+from ocula.server.image_budget import has_media, image_max_tokens, image_token_limit
+from ocula.server.llama_routes import listed_model
 from ocula.server.media_loader import MediaLoader
 from ocula.server.metrics import Metrics
+from ocula.server.web import add_web_routes
+from ocula.server.native_completion import extension_constraint, llama_timings
 
 log = logging.getLogger("ocula.server")
 DISCONNECT_POLL = 0.25  # seconds between client-disconnect checks of a non-streaming request
@@ -70,6 +78,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
 
+    add_web_routes(app)
+
     # ------------------------------------------------------------ errors
 
     def error_response(e: APIError) -> JSONResponse:
@@ -99,21 +109,23 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+        if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key')",
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
-        limit = config.body_limit
+        limit = config.body_limit(sched.n_ctx * model.tokenizer.max_token_bytes)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise APIError(413, f"the request body has {length} bytes, more than the {limit} allowed",
+            raise APIError(413, f"the request body has {length} bytes, more than the {limit} allowed{BODY_HINT}",
                            code="request_too_large")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise APIError(413, f"the request body is larger than the {limit} bytes allowed",
+                raise APIError(413, f"the request body is larger than the {limit} bytes allowed{BODY_HINT}",
                                code="request_too_large")
         if not body:
             raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
@@ -147,13 +159,14 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
+            "modalities": {"vision": model.supports_images, "audio": False},
             "architecture": model.architecture,
         }
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()], "models": [listed_model(model, model_id)]}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request):
@@ -165,21 +178,26 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     # ------------------------------------------------------------ generation routes
 
-    async def generation_route(request: Request, endpoint: str, schema, prepare):
+    async def generation_route(request: Request, endpoint: str, schema, prepare, body: dict | None = None):
         """What the generation routes share: auth, parsing, sampling parameters, the run and its metrics.
-        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format."""
+        `prepare(req, params, explicit, bias)` returns the route's GenerationRequest and response format.
+        `body`: a request already read and translated (the Responses and Messages APIs)."""
         t0 = time.perf_counter()
         status = 500
         try:
             check_auth(request)
-            req = P.parse(schema, await read_json(request))
+            req = P.parse(schema, body if body is not None else await read_json(request))
             P.check_unsupported(req)
             refuse_text_beyond_context(req)
-            params, explicit = P.sampling_params(req, config.default_max_tokens)
+            params, explicit = P.sampling_params(req, config.default_max_tokens, config.sampling_defaults)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
+            if (req.n or 1) > 1:
+                resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,
+                                         endpoint, t0)
+            else:
+                resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
             status = STREAMING if isinstance(resp, EventStream) else resp.status_code
             return resp
         except APIError as e:
@@ -216,24 +234,33 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             normalize_messages(messages)
         except OculaError as e:
             raise to_api_error(e, None) from None
-        messages = await prepare_images(messages)
-        constraint = await make_constraint(req.response_format)
+        plan = ChatPlan(req, model.template.source)
+        messages = await prepare_images(plan.history(messages))
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
+        constraint = await make_constraint(req.response_format, req)
+        if constraint is None and plan.tools.grammar() is not None:
+            try:
+                constraint = await run_in_threadpool(plan.constraint, structured_for(model))
+            except OculaError as e:
+                raise to_api_error(e, "tools") from None
+        if plan.needs_parse and plan.thinks:
+            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = image_max_tokens(model, config.image_max_tokens, req.image_max_tokens)
         limit = image_token_limit(config.max_image_tokens_per_request, sched.n_ctx)
 
         def build(timings, messages=messages):
             return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
-                                      max_images=config.max_images, image_limit=limit)
+                                      max_images=config.max_images, video_options=video_options,
+                                      image_limit=limit, **plan.template_kwargs)
 
         logprobs = None
         if req.logprobs:
             logprobs = req.top_logprobs or 0
         elif req.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias,
-                                 has_images=messages is not req.messages)  # prepare_images copied them: images
-        return greq, ChatFormat(model_id, model.tokenizer, logprobs is not None)
+        greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias, has_images=has_media(messages))
+        return greq, plan.wrap(ChatFormat(model_id, model.tokenizer, logprobs is not None))
 
     async def prepare_completion(req: P.CompletionRequest, params, explicit: bool, bias):
         prompt = req.prompt
@@ -247,7 +274,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if bad:
                 raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
                                     f"(0..{model.text.cfg.n_vocab - 1})", param="prompt", code="invalid_value")
-        constraint = await make_constraint(req.response_format)
+        constraint = await make_constraint(req.response_format, req)
 
         def build(timings, prompt=prompt):
             return model._as_prompt(prompt)
@@ -289,7 +316,9 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             content[j] = {"type": "image", "image": image}
         return out
 
-    async def make_constraint(response_format: Any):
+    async def make_constraint(response_format: Any, req=None):
+        if req is not None and (req.grammar or req.json_schema is not None):  # llama-server's fields
+            return await extension_constraint(model, req, response_format)
         if response_format is None:
             return None
         try:
@@ -320,11 +349,11 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if first is None:
                 return disconnected()
             if isinstance(first, Failed):
-                raise to_api_error(first.error)
+                raise to_api_error(first.error, "prompt" if endpoint == "completions" else None)
             assert isinstance(first, Started)
             if stream:
                 handed_off = True
-                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle)
+                return EventStream(sse(first, events, fmt, include_usage, endpoint, t0), handle, first)
             deltas: list[Delta] = []
             while True:
                 ev = await watch.next()
@@ -352,8 +381,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 ev = await events.get()
                 if isinstance(ev, Delta):
                     chunk = fmt.delta(ev)
-                    if chunk is not None:
-                        yield _data(chunk)
+                    for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
+                        yield _data(c)
                 elif isinstance(ev, Finished):
                     r = ev.result
                     metrics.tokens(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
@@ -365,7 +394,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                     status = err.status
                     yield _data(err.body())
                     break
-            yield "data: [DONE]\n\n"
+            if getattr(fmt, "done_marker", True):  # llama-server's native stream ends without one
+                yield "data: [DONE]\n\n"
         except BaseException:
             status = 499
             metrics.disconnects += 1
@@ -373,7 +403,18 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         finally:
             metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
+    from ocula.server.llama_routes import RouteContext, register_llama_routes
+
+    register_llama_routes(app, RouteContext(
+        model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
+        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health))
+    register_agent_apis(app, lambda request, endpoint, body: generation_route(
+        request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
     return app
+
+
+BODY_HINT = (" (room for the context's text and --max-request-media-bytes of inline images and videos; send media "
+             "as URLs, or raise --max-request-bytes)")
 
 
 def _text_chars(value) -> int:
@@ -417,10 +458,10 @@ class ClientWatch:
 class EventStream(StreamingResponse):
     """text/event-stream whose generation is cancelled however the response ends (done, error, disconnect)."""
 
-    def __init__(self, content, handle):
+    def __init__(self, content, handle, started: Started | None = None):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handle = handle
+        self.handle, self.started = handle, started
 
     async def __call__(self, scope, receive, send):
         try:
@@ -475,7 +516,7 @@ class ChatFormat:
         return {"content": P.chat_logprobs(self.tokenizer, items or []), "refusal": None}
 
     def start(self) -> list[dict]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": None})]
 
     def delta(self, ev: Delta) -> dict | None:
         if not ev.text and not (self.logprobs and ev.logprobs):
@@ -484,13 +525,13 @@ class ChatFormat:
 
     def finish(self, first: Started, ev: Finished, include_usage: bool) -> list[dict]:
         out = []
-        if ev.tail:
-            out.append(self._chunk({"content": ev.tail}))
+        if ev.tail:  # text held back earlier; its tokens' logprobs went out already (an empty list here)
+            out.append(self._chunk({"content": ev.tail}, None, self._lp([])))
         out.append(self._chunk({}, ev.result.finish_reason))
         if include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": [],
-                        "usage": _usage(first, ev)})
+                        "usage": _usage(first, ev), "timings": _timings(first, ev)})
         return out
 
     def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:
@@ -537,6 +578,7 @@ class CompletionFormat:
             c = self._chunk("")
             c["choices"] = []
             c["usage"] = _usage(first, ev)
+            c["timings"] = _timings(first, ev)
             out.append(c)
         return out
 
@@ -562,6 +604,7 @@ def _logprobs(deltas: list[Delta]) -> list:
 def _timings(first: Started, ev: Finished) -> dict:
     t = ev.result.timings
     return {
+        **llama_timings(first, ev.result),  # llama-server's keys (prompt_n, predicted_per_second, ...)
         "queue_ms": round(first.queue_ms, 2), "prompt_ms": round(t.prompt_ms, 2), "ttft_ms": round(t.ttft_ms, 2),
         "generation_ms": round(t.generation_ms, 2), "generation_tps": round(t.generation_tps, 2),
         "cached_tokens": first.cached_tokens, "image_tokens": first.image_tokens,

@@ -9,7 +9,9 @@ checked after preprocessing, before any image is encoded, and refused with a 400
 """
 from __future__ import annotations
 
+from ocula.chat import image_parts
 from ocula.engine.multimodal import ImageTokenLimit
+from ocula.engine.video_prompt import has_video
 
 DEFAULT_IMAGE_MAX_TOKENS = 4096
 DEFAULT_IMAGE_TOKENS_PER_REQUEST = 16384
@@ -30,3 +32,8 @@ def image_max_tokens(model, configured: int | None, requested: int | None) -> in
 
 def image_token_limit(per_request: int | None, n_ctx: int) -> ImageTokenLimit:
     return ImageTokenLimit(per_request, n_ctx)
+
+
+def has_media(messages: list[dict]) -> bool:
+    """Images or videos to encode: the request's prompt is built on the scheduler's image workers."""
+    return bool(image_parts(messages)) or has_video(messages)
