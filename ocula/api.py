@@ -168,10 +168,11 @@ class Model:
     def build_prompt(self, messages: list[dict], timings: Timings | None = None,
                      image_min_tokens: int | None = None, image_max_tokens: int | None = None,
                      media_policy=None, max_images: int | None = None, video_options: dict | None = None,
-                     video_limits=None, **template_kwargs) -> Prompt:
+                     video_limits=None, image_limit=None, **template_kwargs) -> Prompt:
         """Render the chat template and turn the conversation into decoder input (images and videos encoded).
         `video_options`: the HF video processor's keywords (fps, num_frames, do_sample_frames, min_frames,
-        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt)."""
+        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt). `image_limit`
+        (an ImageTokenLimit) refuses images needing too many tokens before any is encoded."""
         videos = []
         if self.vision is not None and video_prompt.has_video(messages):
             if self.supports_native_video:
@@ -182,7 +183,7 @@ class Model:
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)
             return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images,
-                                            videos, video_options, video_limits)
+                                            videos, video_options, video_limits, image_limit)
         from ocula.chat import image_parts
 
         if image_parts(messages) or video_prompt.has_video(messages):
