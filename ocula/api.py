@@ -35,6 +35,27 @@ def resolve_dtype(dtype: str | torch.dtype, what: str = "dtype") -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: cuda when torch sees a GPU, else cpu); an UnsupportedError names a device
+    torch does not know, one ocula does not run on, or a GPU this torch build or machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UnsupportedError(f"device {device!r} is not a device name torch knows; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"device {device!r} is not supported: ocula runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support (a CPU-only wheel)" if torch.version.cuda is None
+                   else "torch sees no CUDA GPU on this machine")
+            raise UnsupportedError(f"device {device!r} asked for, but {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UnsupportedError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def load(
     model: str | os.PathLike,
     mmproj: str | os.PathLike | None = None,
@@ -56,8 +77,13 @@ def load(
     needs ocula[fast]) or "torch" (reference tile dequantization).
     kv_dtype: the KV cache's dtype (default: the compute dtype); "float16" or "bfloat16" halve it
     (llama.cpp's default is float16) at the cost of rounding every cached key and value."""
-    if threads:
-        torch.set_num_threads(int(threads))
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0):
+        raise RequestError(f"n_ctx must be a positive number of tokens (0 or None: the model's own context), "
+                           f"got {n_ctx!r}")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise RequestError(f"threads must be a whole number >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
     return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx, kernels=kernels,
                  kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype, "kv_dtype"))
 
@@ -67,7 +93,7 @@ class Model:
                  kv_dtype=None):
         t0 = time.perf_counter()
         check_mode(kernels)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.gguf = GGUFFile(path)
         self.text = build_text_model(self.gguf)
@@ -150,9 +176,9 @@ class Model:
         from ocula.chat import image_parts
 
         if image_parts(messages) or video_prompt.has_video(messages):
-            what = "images" if image_parts(messages) else "videos"
             raise RequestError(
-                f"{self.gguf.path.name} is a text-only model: {what} need a vision projector (load it with mmproj=...)"
+                f"{self.gguf.path.name} is a text-only model: images and videos need a vision projector (load it "
+                "with mmproj=...)"
             )
         return self._text_prompt(text, add_special=False)
 
@@ -175,6 +201,15 @@ class Model:
             raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
         _, enc = self.vision.encode(image, ImageOptions(image_min_tokens, image_max_tokens))
         return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
+
+    @property
+    def supports_video(self) -> bool:
+        """Whether chats take video parts: a vision projector, and PyAV to decode clips."""
+        if self.vision is None:
+            return False
+        import importlib.util
+
+        return importlib.util.find_spec("av") is not None
 
     @property
     def supports_native_video(self) -> bool:

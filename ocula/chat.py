@@ -115,6 +115,9 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             raise RequestError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
         content = m.get("content")
         if content is None:
+            if not (m["role"] == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+                raise RequestError(f"messages[{i}] has no 'content' (only an assistant message with 'tool_calls' "
+                                   "may leave it out); send \"content\": \"\" for an empty message")
             content = ""
         if isinstance(content, list):
             parts = []
@@ -125,10 +128,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
                     parts.append({"type": "video"})
                     continue
                 if not isinstance(part, dict) or part.get("type") not in ("text", *IMAGE_PART_TYPES):
-                    raise RequestError(
-                        f"messages[{i}].content[{j}] must be a part of type 'text', 'image_url', 'image' or "
-                        "'video_url'"
-                    )
+                    raise RequestError(refused_part(part, f"messages[{i}].content[{j}]"))
                 if part["type"] == "text" and not isinstance(part.get("text"), str):
                     raise RequestError(f"messages[{i}].content[{j}].text must be a string")
                 parts.append({"type": "image"} if is_image_part(part) else {"type": "text", "text": part["text"]})
@@ -156,3 +156,21 @@ def shape_content(messages: list[dict], typed: bool, accepts_strings: bool) -> l
 def image_parts(messages: list[dict]) -> list[dict]:
     """Every image part of the conversation, in order."""
     return [p for m in messages if isinstance(m.get("content"), list) for p in m["content"] if is_image_part(p)]
+
+
+MEDIA_KINDS = {"input_audio": "audio", "audio": "audio", "audio_url": "audio", "video": "video",
+               "video_url": "video", "input_video": "video", "file": "file", "input_file": "file",
+               "document": "document"}
+
+
+def refused_part(part: Any, where: str) -> str:
+    """Why a content part is refused, naming it: media this model has no encoder for, or an unknown type."""
+    if not isinstance(part, dict):
+        return f"{where} must be a part object such as {{'type': 'text', 'text': ...}}, not {type(part).__name__}"
+    kind = part.get("type")
+    if kind in MEDIA_KINDS:
+        return (f"{where} is a part of type {kind!r}, but this model cannot take {MEDIA_KINDS[kind]} input (it reads text "
+                "and, with a vision projector, images); send text or images only")
+    if kind is None:
+        return f"{where} has no 'type'; send parts of type 'text', 'image_url' or 'image'"
+    return f"{where} has the unknown part type {kind!r}; send parts of type 'text', 'image_url' or 'image'"

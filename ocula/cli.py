@@ -81,9 +81,30 @@ def resolve_model_paths(args) -> tuple[str, str | None]:
     return str(demo.assemble()), args.mmproj
 
 
+def check_model_args(args) -> None:
+    """Refuse bad numbers and devices before the model loads (which can take a while), as one error line."""
+    if args.threads is not None and args.threads < 1:
+        raise OculaError(f"-t/--threads must be >= 1, got {args.threads}")
+    if args.ctx_size is not None and args.ctx_size < 0:
+        raise OculaError(f"-c/--ctx-size must be a positive number of tokens (0: the model's own context), "
+                         f"got {args.ctx_size}")
+    from ocula.api import resolve_device
+
+    resolve_device(args.device)
+    if hasattr(args, "max_tokens"):
+        from ocula.api import sampling_params
+
+        sampling_params(sampling_options(args))
+        for flag in ("image_min_tokens", "image_max_tokens"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise OculaError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+
 def load_model(args):
     import ocula
 
+    check_model_args(args)
     model_path, mmproj = resolve_model_paths(args)
     t0 = time.perf_counter()
     model = ocula.load(model_path, mmproj=mmproj, dtype=args.dtype, device=args.device,
@@ -119,9 +140,9 @@ def media_options(args) -> dict:
 
 
 def cmd_run(args) -> int:
+    image_opts = media_options(args)  # bad video flags are refused before the model loads
     model = load_model(args)
     opts = sampling_options(args)
-    image_opts = media_options(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.raw:
         if args.image or args.video:
@@ -161,11 +182,11 @@ def result_json(result) -> dict:
 
 
 def cmd_chat(args) -> int:
+    image_opts = media_options(args)
     model = load_model(args)
     opts = sampling_options(args)
-    image_opts = media_options(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    pending_images = list(args.image)
+    pending_images = [image for image in (chat_image(model, source) for source in args.image) if image is not None]
     pending_videos = list(args.video)
     print("ocula chat: /image PATH adds an image, /clear starts over, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -188,14 +209,9 @@ def cmd_chat(args) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            if not path:
-                print("usage: /image PATH", file=sys.stderr)
-            elif not os.path.exists(path) and not path.startswith(("http://", "https://")):
-                print(f"no such file: {path}", file=sys.stderr)
-            else:
-                pending_images.append(path)
-                print(f"(image {path} will go with your next message)", file=sys.stderr)
+            image = chat_image(model, line[len("/image"):].strip())
+            if image is not None:
+                pending_images.append(image)
             continue
         message = user_message(line, pending_images, pending_videos)
         answer = ""
@@ -207,11 +223,35 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
         except OculaError as e:
-            print(f"\nerror: {e}", file=sys.stderr)
+            # the message is not added to the conversation, and its images are dropped: a bad image must not
+            # make every later message fail
+            dropped = f" ({len(pending_images)} image(s) left out)" if pending_images else ""
+            print(f"\nerror: {e}{dropped}; the conversation is unchanged", file=sys.stderr)
+            pending_images = []
             continue
         print()
         history += [message, {"role": "assistant", "content": answer}]
         pending_images, pending_videos = [], []
+
+
+def chat_image(model, source: str):
+    """`/image SOURCE` in `ocula chat`: the image loaded now (a path, URL or data URI), so that a broken or
+    missing one is refused once, here, and never goes with a message; None (and a note on stderr) if refused."""
+    if not source:
+        print("usage: /image PATH (or an http(s) URL)", file=sys.stderr)
+        return None
+    if not model.supports_images:
+        print(f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj", file=sys.stderr)
+        return None
+    from ocula.media import load_image
+
+    try:
+        image = load_image(source)
+    except OculaError as e:
+        print(f"error: {e}; the image was left out", file=sys.stderr)
+        return None
+    print(f"(image {source} will go with your next message)", file=sys.stderr)
+    return image
 
 
 def cmd_inspect(args) -> int:

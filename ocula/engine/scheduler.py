@@ -332,6 +332,8 @@ class Scheduler:
         if stop < len(prompt):
             return
         self._prefilling = None
+        if seq.req.share_prompt:  # siblings sampling the same prompt start from this prefill
+            self.pool.put(list(seq.keys), copy_prefix(seq.cache, len(prompt), self.text.new_cache))
         logits = self.text.logits(hidden)
         seq.timings.prompt_ms = (time.perf_counter() - seq.t_prefill) * 1000
         if seq.budget <= 0:

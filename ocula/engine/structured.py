@@ -206,6 +206,17 @@ class StructuredOutputs:
             raise RequestError(f"response_format schema is not usable: {matcher.get_error()}")
         return Constraint(matcher, self.n_vocab)
 
+    def for_lark(self, grammar: str, what: str = "grammar") -> Constraint:
+        """A Constraint for a grammar in llguidance's lark syntax (e.g. a forced tool call)."""
+        ll = self.lltokenizer()
+        try:
+            matcher = llguidance.LLMatcher(ll, llguidance.grammar_from("lark", grammar), log_level=0)
+        except Exception as e:  # noqa: BLE001
+            raise RequestError(f"{what} is not usable: {e}") from None
+        if matcher.is_error():
+            raise RequestError(f"{what} is not usable: {_failure(matcher.get_error())}")
+        return Constraint(matcher, self.n_vocab)
+
 
 _FACTORY_LOCK = threading.Lock()
 

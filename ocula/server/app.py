@@ -27,10 +27,14 @@ from ocula.engine.scheduler import (
 )
 from ocula.errors import MediaError, OculaError
 from ocula.media import load_image
+from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
+from ocula.server.chat_tools import ChatPlan
+from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.metrics import Metrics
+from ocula.server.web import add_web_routes
 
 log = logging.getLogger("ocula.server")
 DISCONNECT_POLL = 0.25  # seconds between client-disconnect checks of a non-streaming request
@@ -65,6 +69,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
+
+    add_web_routes(app)
 
     # ------------------------------------------------------------ errors
 
@@ -143,6 +149,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
+            "modalities": {"vision": model.supports_images, "audio": False, "video": model.supports_video},
             "architecture": model.architecture,
         }
 
@@ -175,7 +182,11 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
+            if (req.n or 1) > 1:
+                resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,
+                                         endpoint, t0)
+            else:
+                resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
             status = STREAMING if isinstance(resp, EventStream) else resp.status_code
             return resp
         except APIError as e:
@@ -212,15 +223,24 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             normalize_messages(messages)
         except OculaError as e:
             raise to_api_error(e, None) from None
-        messages = await prepare_images(messages)
+        plan = ChatPlan(req, model.template.source)
+        messages = await prepare_images(plan.history(messages))
         messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
         constraint = await make_constraint(req.response_format)
+        if constraint is None and plan.tools.grammar() is not None:
+            try:
+                constraint = await run_in_threadpool(plan.constraint, structured_for(model))
+            except OculaError as e:
+                raise to_api_error(e, "tools") from None
+        if plan.needs_parse and plan.thinks:
+            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
 
         def build(timings, messages=messages):
             return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
-                                      max_images=config.max_images, video_options=video_options)
+                                      max_images=config.max_images, video_options=video_options,
+                                      **plan.template_kwargs)
 
         logprobs = None
         if req.logprobs:
@@ -228,7 +248,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         elif req.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias)
-        return greq, ChatFormat(model_id, model.tokenizer, logprobs is not None)
+        return greq, plan.wrap(ChatFormat(model_id, model.tokenizer, logprobs is not None))
 
     async def prepare_completion(req: P.CompletionRequest, params, explicit: bool, bias):
         prompt = req.prompt
@@ -316,7 +336,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if first is None:
                 return disconnected()
             if isinstance(first, Failed):
-                raise to_api_error(first.error)
+                raise to_api_error(first.error, "prompt" if endpoint == "completions" else None)
             assert isinstance(first, Started)
             if stream:
                 handed_off = True
@@ -348,8 +368,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 ev = await events.get()
                 if isinstance(ev, Delta):
                     chunk = fmt.delta(ev)
-                    if chunk is not None:
-                        yield _data(chunk)
+                    for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
+                        yield _data(c)
                 elif isinstance(ev, Finished):
                     r = ev.result
                     metrics.tokens(r.prompt_tokens, r.completion_tokens, first.cached_tokens)
@@ -361,7 +381,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                     status = err.status
                     yield _data(err.body())
                     break
-            yield "data: [DONE]\n\n"
+            if getattr(fmt, "done_marker", True):  # llama-server's native stream ends without one
+                yield "data: [DONE]\n\n"
         except BaseException:
             status = 499
             metrics.disconnects += 1
@@ -369,6 +390,11 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         finally:
             metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
+    from ocula.server.llama_routes import RouteContext, register_llama_routes
+
+    register_llama_routes(app, RouteContext(
+        model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
+        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health))
     return app
 
 
@@ -486,7 +512,7 @@ class ChatFormat:
         if include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": [],
-                        "usage": _usage(first, ev)})
+                        "usage": _usage(first, ev), "timings": _timings(first, ev)})
         return out
 
     def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:

@@ -82,9 +82,12 @@ def cmd_serve(args) -> int:
             from None
     from ocula.cli import load_model
     from ocula.server.config import ServerConfig
+    from ocula.server.web import page_url
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
+    video_config = _video_config(args)
+    check_listen_address(args.host, args.port)  # before the model loads: a busy port is known at once
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -103,12 +106,13 @@ def cmd_serve(args) -> int:
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_body_bytes=args.max_request_bytes,
-        **_video_config(args),
+        **video_config,
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
           f" (vision: {'yes' if model.supports_images else 'no'}, context {model.n_ctx}, {args.threads} compute "
           f"thread(s), up to {args.parallel} sequences at once)", file=sys.stderr)
+    print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
@@ -125,6 +129,34 @@ def _video_config(args) -> dict:
     return dict(max_videos=args.max_videos, max_video_bytes=args.max_video_bytes,
                 max_video_seconds=args.max_video_seconds, video_fps=args.video_fps,
                 video_max_frames=args.video_max_frames, video_max_tokens=args.video_max_tokens)
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """An OculaError if the server could not listen on host:port: a port outside 0..65535, a host name that does
+    not resolve or is not this machine's, or a port another process listens on (bound and released here)."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise OculaError(f"--port must be in 0..65535, got {port}")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise OculaError(f"--host {host!r} does not resolve: {e}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            try:
+                s.bind(address)
+            except OSError as e:
+                where = f"{_host_for_url(address[0])}:{port}"
+                if e.errno == errno.EADDRINUSE:
+                    raise OculaError(f"port {port} is already in use on {address[0]} (another server is "
+                                     f"listening there); pick another with --port") from None
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    raise OculaError(f"not allowed to listen on {where} (ports below 1024 need privileges); "
+                                     "pick another with --port") from None
+                raise OculaError(f"cannot listen on {where}: {e.strerror or e}") from None
 
 
 def _is_loopback(host: str) -> bool:
