@@ -136,6 +136,12 @@ class Model:
         return self.engine.n_ctx
 
     @property
+    def has_chat_template(self) -> bool:
+        """Whether the GGUF carries a chat template (without one, chat() wraps messages in the architecture's
+        fallback format: Gemma's turns for Gemma, else ChatML; base models are better run with generate())."""
+        return not self.template.is_fallback
+
+    @property
     def supports_images(self) -> bool:
         return self.vision is not None
 

@@ -170,7 +170,7 @@ def refused_part(part: Any, where: str) -> str:
     kind = part.get("type")
     if kind in MEDIA_KINDS:
         return (f"{where} is a part of type {kind!r}, but this model cannot take {MEDIA_KINDS[kind]} input (it reads text "
-                "and, with a vision projector, images); send text or images only")
+                "and, with a vision projector, images and videos); send text, images or videos only")
     if kind is None:
-        return f"{where} has no 'type'; send parts of type 'text', 'image_url' or 'image'"
-    return f"{where} has the unknown part type {kind!r}; send parts of type 'text', 'image_url' or 'image'"
+        return f"{where} has no 'type'; send parts of type 'text', 'image_url', 'image' or 'video_url'"
+    return f"{where} has the unknown part type {kind!r}; send parts of type 'text', 'image_url', 'image' or 'video_url'"

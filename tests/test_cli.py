@@ -141,6 +141,86 @@ def test_chat_refuses_a_broken_image_once_and_the_conversation_goes_on(tmp_path,
 
 
 def test_chat_image_on_a_text_only_model_is_refused_at_once(tiny_llama, monkeypatch, capsys):
-    code, out, err = run_chat(monkeypatch, capsys, ["-m", str(tiny_llama), "-n", "2", "--temp", "0", "--ignore-eos"],
-                              ["/image x.png", "hello", "hello again"])
-    assert code == 0 and "takes no images: start ocula chat with --mmproj" in err and err.count("error:") == 1, err
+    for template in (["--chat-template", "chatml"], []):  # chat, and completion mode (no template in the file)
+        code, out, err = run_chat(monkeypatch, capsys, ["-m", str(tiny_llama), "-n", "2", "--temp", "0",
+                                                        "--ignore-eos", *template], ["/image x.png", "hello", "hi"])
+        assert code == 0 and "takes no images: start ocula chat with --mmproj" in err and err.count("error:") == 1, err
+
+
+def test_model_without_chat_template_runs_as_a_completion(tiny_llama, capsys):
+    import ocula
+
+    model = ocula.load(tiny_llama)
+    assert not model.has_chat_template
+    prompt = "the cat sat"
+    want = model.generate(prompt, max_tokens=4, temperature=0, ignore_eos=True)
+    assert main(["run", "-m", str(tiny_llama), "-p", prompt, "-n", "4", "--temp", "0", "--ignore-eos", "--json"]) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)
+    assert got["token_ids"] == want.token_ids and got["prompt_tokens"] == want.prompt_tokens
+    assert out.err.count("has no chat template") == 1 and "completing the prompt as is" in out.err
+    # --chat-template chooses the chat format: the prompt is the template's rendering
+    assert main(["run", "-m", str(tiny_llama), "-p", prompt, "-n", "4", "--temp", "0", "--ignore-eos", "--json",
+                 "--chat-template", "chatml"]) == 0
+    chatml = json.loads(capsys.readouterr().out)
+    want = model.tokenize("<|im_start|>user\nthe cat sat<|im_end|>\n<|im_start|>assistant\n", add_special=False)
+    assert chatml["prompt_tokens"] == len(want)
+    assert main(["run", "-m", str(tiny_llama), "-p", "x", "--raw", "--chat-template", "chatml"]) == 1
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_bad_chat_template_flag_is_an_error_line(tiny_llama, capsys, tmp_path):
+    assert main(["run", "-m", str(tiny_llama), "-p", "x", "--chat-template", str(tmp_path / "none.jinja")]) == 1
+    assert "is neither a built-in template" in capsys.readouterr().err
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    assert main(["run", "-m", str(tiny_llama), "-p", "x", "--chat-template", str(bad)]) == 1
+    assert "the chat template does not parse" in capsys.readouterr().err
+
+
+def test_chat_without_template_continues_the_transcript(tiny_llama, monkeypatch, capsys):
+    import ocula.api
+
+    prompts = []
+    generate = ocula.api.Model.generate
+    monkeypatch.setattr(ocula.api.Model, "generate", lambda self, prompt, **kw: (prompts.append(prompt),
+                                                                                generate(self, prompt, **kw))[1])
+    code, out, err = run_chat(monkeypatch, capsys, ["-m", str(tiny_llama), "-n", "3", "--temp", "0", "--ignore-eos"],
+                              ["Once upon", "a time"])
+    assert code == 0 and "completion mode" in err and len(prompts) == 2
+    assert prompts[0] == "Once upon" and prompts[1].startswith("Once upon") and prompts[1].endswith("\na time")
+
+
+def test_inspect_tells_the_truth_about_the_template(tiny_llama, capsys):
+    assert main(["inspect", str(tiny_llama), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["chat_template"].startswith("no") and "complete the prompt as is" in info["chat_template"]
+    assert "ChatML" in info["chat_template"]  # llama's fallback; Gemma files get Gemma's turn format
+
+
+def test_first_kernel_build_says_so(tmp_path):
+    # a compiler that fails: the note comes first, then the fallback warning; nothing is built
+    import os
+
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), CC="/bin/false", OCULA_NATIVE="1")
+    r = subprocess.run([sys.executable, "-c", "from ocula.quant import kernels; print(kernels.native_lib())"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+    assert "ocula: compiling the C kernels for this CPU with false (first run only" in r.stderr, r.stderr
+
+
+def test_first_demo_assembly_says_so(tiny_llama, tmp_path, monkeypatch, capsys):
+    import shutil
+    import types
+
+    from ocula.cli import DEMO_PACKAGE
+
+    target = tmp_path / "demo.gguf"
+    fake = types.ModuleType(DEMO_PACKAGE)
+    fake.default_output_path = lambda: target
+    fake.assemble = lambda: shutil.copy(tiny_llama, target) and target
+    monkeypatch.setitem(sys.modules, DEMO_PACKAGE, fake)
+    for first in (True, False):
+        assert main(["run", "-p", "x", "-n", "1", "--json"]) == 0
+        err = capsys.readouterr().err
+        assert ("assembling the demo model file" in err) == first, err

@@ -155,3 +155,79 @@ def test_n_choices_completions_and_json(server, lib):
             json.loads(c["message"]["content"])
     r = post(server, "/v1/chat/completions", {"messages": MSGS, "n": 17})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_llama_server_conventions_on_openai_routes(server):
+    # llama-server's json_schema / grammar request fields constrain chat and completions too
+    r = post(server, "/chat/completions", {"messages": MSGS, "max_tokens": 10, "json_schema": {"const": "42"}})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == '"42"'
+    r = post(server, "/v1/completions", {"prompt": "the", "max_tokens": 8, "grammar": 'root ::= "a"{5,5}'})
+    assert r.json()["choices"][0]["text"] == "aaaaa"
+    r = post(server, "/v1/chat/completions", {"messages": MSGS, "grammar": "root ::= nowhere"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "grammar"
+    r = post(server, "/v1/chat/completions", {"messages": MSGS, "json_schema": {"const": 1},
+                                              "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "not both" in r.json()["error"]["message"]
+    # system_fingerprint in llama-server's b<build> form; the first stream chunk has content null;
+    # the usage chunk carries llama-server's timings
+    body = post(server, "/chat/completions", {"messages": MSGS, "max_tokens": 3, "ignore_eos": True}).json()
+    assert body["system_fingerprint"].startswith("b") and "cmpl" in body["id"]
+    assert body["timings"]["predicted_n"] == 3 and body["timings"]["prompt_n"] + body["timings"]["cache_n"] == \
+        body["usage"]["prompt_tokens"]
+    with httpx.stream("POST", server.url + "/chat/completions", timeout=60,
+                      json={"messages": MSGS, "max_tokens": 3, "stream": True, "ignore_eos": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+    assert "timings" not in chunks[0]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["timings"]["predicted_n"] == 3
+    assert "predicted_per_second" in chunks[-1]["timings"]
+    # GET /models also lists the model as llama-server does (capabilities as a list)
+    listed = httpx.get(server.url + "/models").json()["models"][0]
+    assert listed["name"] == "tiny" and listed["capabilities"] == ["completion"]
+
+
+def test_input_tokens(server, lib):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers."}]
+    for path in ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"):
+        r = post(server, path, {"model": "tiny", "messages": msgs})
+        assert r.json() == {"object": "chat.completion.input_tokens", "input_tokens": len(lib.prompt_token_ids(msgs))}
+    r = post(server, "/v1/chat/completions/input_tokens", {"messages": [{"role": "bot", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    r = post(server, "/v1/chat/completions/input_tokens", {"messages": image})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_input_not_supported"
+
+
+def test_server_sampling_defaults_and_slots(tiny_path, lib):
+    args = ["-m", str(tiny_path), "--threads", "1", "--temp", "0", "--seed", "42", "-n", "5", "--top-k", "7",
+            "--parallel", "2"]
+    with ServerProcess(args) as s:
+        params = httpx.get(s.url + "/props").json()["default_generation_settings"]["params"]
+        assert (params["temperature"], params["seed"], params["n_predict"], params["top_k"]) == (0, 42, 5, 7)
+        want = lib.chat(MSGS, max_tokens=5, temperature=0, ignore_eos=True)
+        r = post(s, "/v1/chat/completions", {"messages": MSGS, "ignore_eos": True}).json()  # server defaults apply
+        assert r["choices"][0]["message"]["content"] == want.text and r["usage"]["completion_tokens"] == 5
+        b = post(s, "/completion", {"prompt": "the", "n_predict": 50}).json()  # -n caps n_predict there
+        assert b["generation_settings"]["n_predict"] == 5 and b["generation_settings"]["seed"] == 42
+        assert b["generation_settings"]["temperature"] == 0
+        slots = httpx.get(s.url + "/slots").json()
+        assert len(slots) == 2 and not any(x["is_processing"] for x in slots) and slots[0]["n_ctx"] == 256
+    from ocula.server.testing import ServerProcess as SP
+
+    with pytest.raises(RuntimeError, match="bad sampling default"):
+        SP(["-m", str(tiny_path), "--top-p", "0"], startup_timeout=30).start()
+
+
+def test_stream_logprobs_on_every_content_chunk(server, lib):
+    greedy = lib.chat(MSGS, max_tokens=6, temperature=0, ignore_eos=True).text
+    stop = greedy[-1] + "\x00"  # holds the last character back until the end: it leaves as the tail
+    body = {"messages": MSGS, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stop": [stop], "stream": True,
+            "logprobs": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    content = [c["choices"][0] for c in chunks[1:] if c["choices"][0]["finish_reason"] is None]
+    assert content[-1]["delta"]["content"] == greedy[-1]  # the tail chunk
+    assert all(c["logprobs"] is not None for c in content)
+    assert sum(len(c["logprobs"]["content"]) for c in content) == 6
+    assert "".join(c["delta"]["content"] for c in content) == greedy

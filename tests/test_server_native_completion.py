@@ -141,7 +141,7 @@ def test_constraints(server):
     ({"prompt": "x", "mirostat": 2}, "mirostat is not supported"),
     ({"prompt": "x", "temperature": "hot"}, "temperature must be"),
     ({"prompt": "x", "n_probs": 500}, "n_probs"),
-    ({"prompt": ["a", "b"], "stream": True}, "one prompt at a time"),
+    ({"prompt": ["a", "b"], "stream": True}, "one prompt and one completion at a time"),
     ({"prompt": {"prompt_string": "a <__media__>", "multimodal_data": ["AAAA"]}}, "does not take images"),
     ({"prompt": {"prompt_string": "a", "multimodal_data": ["AAAA"]}}, "0 <__media__> marker(s) for 1"),
 ])
@@ -170,6 +170,8 @@ def test_multimodal_data_equals_chat():
     with ServerProcess(["-m", str(VLM), "--mmproj", str(VLM_MMPROJ), "-c", "1024", "--threads", "1"]) as s:
         chat = httpx.post(s.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 8, "temperature": 0},
                           timeout=120).json()
+        counted = httpx.post(s.url + "/v1/chat/completions/input_tokens", json={"messages": msgs}, timeout=60).json()
+        assert counted["input_tokens"] == chat["usage"]["prompt_tokens"]  # image tokens included
         text = httpx.post(s.url + "/apply-template", json={"messages": msgs}, timeout=60).json()["prompt"]
         assert text.count(lib.vision.vision.placeholder) == 1
         prompt = text.replace(lib.vision.vision.placeholder, "<__media__>")
@@ -181,3 +183,38 @@ def test_multimodal_data_equals_chat():
         r = httpx.post(s.url + "/completion", json={"prompt": {"prompt_string": prompt, "multimodal_data": ["bm90"]},
                                                     "n_predict": 8}, timeout=60)
         assert r.status_code == 400 and "multimodal_data[0]" in r.json()["error"]["message"]
+
+
+def test_n_cmpl_and_ignore_eos(server, lib):
+    b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 6, "n_cmpl": 3, "seed": 5, "temperature": 1.0,
+                                     "top_k": 0, "top_p": 1.0, "min_p": 0.0})
+    got = b.json()
+    assert isinstance(got, list) and [g["index"] for g in got] == [0, 1, 2]
+    for i, g in enumerate(got):  # sample i draws with seed 5 + i
+        assert g["content"] == lib.generate(PROMPT, max_tokens=6, seed=5 + i, temperature=1.0, top_k=0, top_p=1.0,
+                                            min_p=0.0).text
+    r = post(server, "/completion", {"prompt": PROMPT, "n_cmpl": 2, "stream": True})
+    assert r.status_code == 400 and "n_cmpl 2" in r.json()["error"]["message"]
+    # ignore_eos bans the end-of-generation tokens (reported as null biases), so all n_predict tokens come
+    b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 30, "ignore_eos": True, "temperature": 0,
+                                     "return_tokens": True}).json()
+    bias = b["generation_settings"]["logit_bias"]
+    assert {e["token"] for e in bias} == set(lib.tokenizer.eot_ids) and all(e["bias"] is None for e in bias)
+    assert b["tokens_predicted"] == 30 and not set(b["tokens"]) & set(lib.tokenizer.eot_ids)
+    assert post(server, "/completion", {"prompt": PROMPT, "n_predict": 2}).json()["generation_settings"][
+        "logit_bias"] == []
+
+
+def test_post_sampling_probs(server, lib):
+    b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "temperature": 0, "n_probs": 3,
+                                     "post_sampling_probs": True}).json()
+    for p in b["completion_probabilities"]:  # greedy: the chosen token had all the probability
+        assert p["prob"] == 1.0 and [t["prob"] for t in p["top_probs"]][0] == 1.0 and len(p["top_probs"]) == 3
+        assert p["top_probs"][0]["id"] == p["id"] and "logprob" not in p
+    b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 6, "temperature": 0.7, "top_k": 5,
+                                     "top_p": 1.0, "min_p": 0.0, "seed": 3, "n_probs": 8,
+                                     "post_sampling_probs": True}).json()
+    for p in b["completion_probabilities"]:  # top_k 5: only five tokens had any chance, summing to one
+        probs = [t["prob"] for t in p["top_probs"]]
+        assert sum(x > 0 for x in probs) == 5 and abs(sum(probs) - 1) < 1e-5 and p["prob"] > 0
+        assert probs == sorted(probs, reverse=True)

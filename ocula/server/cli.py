@@ -44,8 +44,18 @@ def add_parser(sub, add_model_args) -> None:
                    help="KV prefix cache pool size (default 512M; 0 disables)")
     s.add_argument("--image-cache", type=_size, default=None, metavar="BYTES",
                    help="image embedding cache size (default 512M)")
-    s.add_argument("--default-max-tokens", type=int, default=None,
-                   help="answer length when a request sets no max_tokens (default: until the context is full)")
+    s.add_argument("--default-max-tokens", "-n", "--n-predict", dest="default_max_tokens", type=int, default=None,
+                   help="answer length when a request sets no max_tokens (default: until the context is full; "
+                        "on llama-server's /completion it also caps n_predict)")
+    d = p.add_argument_group("sampling defaults (what a request gets when it does not say; llama-server's flags)")
+    d.add_argument("--temp", "--temperature", dest="temperature", type=float, default=None, help="default 0.8")
+    d.add_argument("--top-k", type=int, default=None, help="default 40")
+    d.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    d.add_argument("--min-p", type=float, default=None, help="default 0.05")
+    d.add_argument("--repeat-penalty", dest="repetition_penalty", type=float, default=None, help="default 1.0")
+    d.add_argument("-s", "--seed", type=int, default=None, help="default: a fresh random seed per request")
+    s.add_argument("--pooling", choices=["none", "mean", "cls", "last"], default=None,
+                   help="embeddings: how token states are pooled (default: the GGUF's pooling_type, else last)")
     m = p.add_argument_group("media")
     m.add_argument("--allowed-media-path", default=None, metavar="DIR",
                    help="allow file:// URLs and paths inside DIR (default: no local files)")
@@ -58,6 +68,11 @@ def add_parser(sub, add_model_args) -> None:
     m.add_argument("--max-image-bytes", type=_size, default=_size("20M"), metavar="BYTES")
     m.add_argument("--max-image-pixels", type=int, default=50_000_000)
     m.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    m.add_argument("--media-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="total time for one image URL fetch: connect, headers, body (default 10)")
+    m.add_argument("--max-media-fetches", type=int, default=8, metavar="N",
+                   help="image URLs fetched at once over all requests; more wait for a slot within "
+                        "--media-timeout (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
     m.add_argument("--image-max-tokens", type=int, default=None)
     v = p.add_argument_group("video")
@@ -87,6 +102,8 @@ def cmd_serve(args) -> int:
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
     video_config = _video_config(args)
+    if not args.media_timeout > 0 or args.max_media_fetches < 1:
+        raise OculaError("--media-timeout must be > 0 seconds and --max-media-fetches >= 1")
     check_listen_address(args.host, args.port)  # before the model loads: a busy port is known at once
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
@@ -99,11 +116,13 @@ def cmd_serve(args) -> int:
     config = ServerConfig(
         model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
-        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens,
+        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
+        sampling_defaults=sampling_defaults(args),
         allowed_media_path=args.allowed_media_path, allow_private_media=args.allow_private_media,
         allow_link_local_media=args.allow_link_local_media,
         allow_remote_media=not args.no_remote_media, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+        media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_body_bytes=args.max_request_bytes,
         **video_config,
@@ -115,20 +134,6 @@ def cmd_serve(args) -> int:
     print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
-
-
-def _video_config(args) -> dict:
-    for name in ("max_videos", "video_max_frames", "video_max_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "max_videos" else 1):
-            raise OculaError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for name in ("max_video_seconds", "video_fps"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise OculaError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    return dict(max_videos=args.max_videos, max_video_bytes=args.max_video_bytes,
-                max_video_seconds=args.max_video_seconds, video_fps=args.video_fps,
-                video_max_frames=args.video_max_frames, video_max_tokens=args.video_max_tokens)
 
 
 def check_listen_address(host: str, port: int) -> None:
@@ -157,6 +162,36 @@ def check_listen_address(host: str, port: int) -> None:
                     raise OculaError(f"not allowed to listen on {where} (ports below 1024 need privileges); "
                                      "pick another with --port") from None
                 raise OculaError(f"cannot listen on {where}: {e.strerror or e}") from None
+
+
+def sampling_defaults(args) -> dict:
+    """The sampling flags given on the command line (the rest keep the library's defaults)."""
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if out.get("seed", 0) < 0:  # llama-server's -1: random
+        del out["seed"]
+    from ocula.engine.sampling import SamplingParams
+    from ocula.errors import RequestError
+
+    try:
+        SamplingParams(**out)
+    except RequestError as e:
+        raise OculaError(f"bad sampling default: {e}") from None
+    return out
+
+
+def _video_config(args) -> dict:
+    for name in ("max_videos", "video_max_frames", "video_max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_videos" else 1):
+            raise OculaError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("max_video_seconds", "video_fps"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise OculaError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    return dict(max_videos=args.max_videos, max_video_bytes=args.max_video_bytes,
+                max_video_seconds=args.max_video_seconds, video_fps=args.video_fps,
+                video_max_frames=args.video_max_frames, video_max_tokens=args.video_max_tokens)
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,6 +17,8 @@ class ServerConfig:
     prefill_chunk: int = 512
     prefix_cache_bytes: int = 512 * 1024 * 1024
     default_max_tokens: int | None = None  # when a request gives none; None: until the context is full
+    sampling_defaults: dict = field(default_factory=dict)  # SamplingParams fields set by --temp, --seed, ...
+    pooling: str | None = None  # embeddings: none/mean/cls/last (default: the GGUF's pooling_type, else last)
     # media
     allowed_media_path: str | None = None  # file:// and paths only inside this directory (default: none)
     allow_private_media: bool = False  # URLs resolving to loopback/private addresses
@@ -25,7 +27,8 @@ class ServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_images: int = 8  # per request
-    media_timeout: float = 10.0
+    media_timeout: float = 10.0  # seconds for a whole image URL fetch, waiting for a fetch slot included
+    max_media_fetches: int = 8  # image URLs fetched at once (over all requests)
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
     max_body_bytes: int | None = None  # default: enough for max_images base64 images

@@ -11,6 +11,7 @@ the OpenAI routes keep OpenAI's.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ def native_error(e: APIError) -> JSONResponse:
     body = {"code": e.status, "message": e.message, "type": e.type}
     if e.param:
         body["param"] = e.param
+    if e.status == 401:
+        body["type"] = "authentication_error"
     if e.code == "context_length_exceeded":  # llama-server's type, and the numbers its clients read
         body["type"] = "exceed_context_size_error"
         m = re.search(r"has (\d+) (?:characters, at least (\d+) )?tokens", e.message)
@@ -111,6 +114,15 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         ctx.check_auth(request)
         return JSONResponse(props_body(ctx))
 
+    @app.get("/slots")
+    @native
+    async def slots(request: Request):
+        """The decoding lanes (--parallel): which are busy. ocula has no per-slot state to save or restore."""
+        ctx.check_auth(request)
+        busy = ctx.sched.active
+        return JSONResponse([{"id": i, "id_task": -1, "n_ctx": ctx.sched.n_ctx, "speculative": False,
+                              "is_processing": i < busy} for i in range(ctx.sched.max_batch)])
+
     # ------------------------------------------------------------ tokens and templates
 
     @app.post("/tokenize")
@@ -136,9 +148,42 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         check_token_ids(ids, model.text.cfg.n_vocab, "tokens")
         return JSONResponse({"content": tok.decode(ids)})
 
-    from ocula.server import native_completion
+    from ocula.server import embeddings, native_completion
 
     native_completion.register(app, ctx)
+    embeddings.register(app, ctx)
+
+    async def input_tokens(request: Request):
+        """How many tokens a chat request's prompt takes (template, images expanded), without generating."""
+        from ocula.chat import normalize_messages
+        from ocula.engine.generate import Timings
+
+        ctx.check_auth(request)
+        body = await ctx.read_json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "messages must be a non-empty list of {'role': ..., 'content': ...} objects",
+                           param="messages", code="invalid_value")
+        try:
+            normalize_messages(messages)
+        except OculaError as e:
+            raise to_api_error(e, "messages") from None
+        messages = await ctx.prepare_images(messages)
+        img_min = field(body, "image_min_tokens", int, ctx.config.image_min_tokens)
+        img_max = field(body, "image_max_tokens", int, ctx.config.image_max_tokens)
+
+        def count() -> int:
+            return len(model.build_prompt(messages, Timings(), img_min, img_max, media_policy=ctx.policy,
+                                          max_images=ctx.config.max_images))
+
+        try:
+            n = await asyncio.wrap_future(ctx.sched.call(count))
+        except OculaError as e:
+            raise to_api_error(e, "messages") from None
+        return JSONResponse({"object": "chat.completion.input_tokens", "input_tokens": n})
+
+    for path in ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"):
+        app.add_api_route(path, input_tokens, methods=["POST"])
 
     @app.post("/apply-template")
     @native
@@ -178,6 +223,17 @@ def props_body(ctx: RouteContext) -> dict:
     }
 
 
+def listed_model(model, model_id: str) -> dict:
+    """The model as llama-server's (Ollama-style) `models` list in GET /models shows it."""
+    caps = ["completion"] + (["multimodal"] if model.supports_images else [])
+    return {
+        "name": model_id, "model": model_id, "modified_at": "", "size": str(model.gguf.file_size), "digest": "",
+        "type": "model", "description": "", "tags": [], "capabilities": caps, "parameters": "",
+        "details": {"parent_model": "", "format": "gguf", "family": model.architecture,
+                    "families": [model.architecture], "parameter_size": "", "quantization_level": ""},
+    }
+
+
 def build_info(version: str) -> str:
     """llama-server reports 'b<build>-<commit>'; ocula reports its version in that form."""
     return f"b{version}-ocula"
@@ -187,7 +243,7 @@ def default_params(ctx: RouteContext) -> dict:
     """The sampling settings a request gets when it sets none, under llama-server's names."""
     from ocula.engine.sampling import SamplingParams
 
-    d = SamplingParams()
+    d = SamplingParams(**ctx.config.sampling_defaults)
     mt = ctx.config.default_max_tokens
     return {
         "n_predict": -1 if mt is None else mt, "seed": -1 if d.seed is None else d.seed,

@@ -17,6 +17,7 @@ both kinds of client read it. Streams are llama-server's: one `data:` object per
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -56,11 +57,15 @@ async def completion(ctx, request: Request):
     prompts = split_prompts(body.get("prompt"))
     refuse_text_beyond_context(ctx, prompts)
     stream = field(body, "stream", bool, False)
-    if stream and len(prompts) > 1:
-        raise APIError(400, f"prompt: streaming answers one prompt at a time, got {len(prompts)}", param="prompt",
-                       code="unsupported_parameter")
+    n_cmpl = field(body, "n_cmpl", int, None)
+    n_cmpl = field(body, "n", int, 1) if n_cmpl is None else n_cmpl
+    if n_cmpl < 1:
+        raise APIError(400, "n_cmpl must be >= 1", param="n_cmpl", code="invalid_value")
+    if stream and len(prompts) * n_cmpl > 1:
+        raise APIError(400, f"streaming answers one prompt and one completion at a time, got {len(prompts)} "
+                            f"prompt(s) x n_cmpl {n_cmpl}", param="prompt", code="unsupported_parameter")
     options = Options(ctx, body)
-    if len(prompts) == 1:
+    if len(prompts) == 1 and n_cmpl == 1:
         greq, fmt = await prepare(ctx, options, prompts[0], 0)
         try:
             return await ctx.run(request, greq, fmt, stream, False, "completion", t0)
@@ -68,7 +73,15 @@ async def completion(ctx, request: Request):
             raise about_prompt(e) from None
     from ocula.server.choices import collect, disconnected, submit_all
 
-    prepared = [await prepare(ctx, options, p, i) for i, p in enumerate(prompts)]
+    from ocula.server.choices import sample_requests
+
+    prepared = []
+    for p in prompts:  # n_cmpl samples of each prompt, the first sharing its prefill with the others
+        greq, fmt = await prepare(ctx, options, p, len(prepared))
+        for sample in sample_requests(greq, n_cmpl):
+            twin = copy.copy(fmt)
+            twin.index = len(prepared)
+            prepared.append((sample, twin))
     group, events = await submit_all(ctx.sched, [g for g, _ in prepared])
     try:
         outcomes = await collect(request, group, events, len(prepared))
@@ -138,7 +151,7 @@ class Options:
             if v is not None and v != neutral:
                 raise APIError(400, f"{name} is not supported by this server (only {name}={neutral})", param=name,
                                code="unsupported_parameter")
-        for name in ("lora", "post_sampling_probs"):
+        for name in ("lora",):
             if body.get(name):
                 raise APIError(400, f"{name} is not supported by this server", param=name,
                                code="unsupported_parameter")
@@ -151,7 +164,7 @@ class Options:
         if default is not None and default >= 0:
             n_predict = default if n_predict is None else min(n_predict, default)
         self.n_predict = n_predict
-        opts: dict[str, Any] = {"max_tokens": n_predict}
+        opts: dict[str, Any] = {**ctx.config.sampling_defaults, "max_tokens": n_predict}
         for name, key in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
                           ("repeat_penalty", "repetition_penalty"), ("presence_penalty", "presence_penalty"),
                           ("frequency_penalty", "frequency_penalty")):
@@ -178,9 +191,12 @@ class Options:
         self.n_probs = field(body, "n_probs", int, 0)
         if not 0 <= self.n_probs <= 100:
             raise APIError(400, "n_probs must be in [0, 100]", param="n_probs", code="invalid_value")
+        self.post_sampling = field(body, "post_sampling_probs", bool, False)
         self.return_tokens = field(body, "return_tokens", bool, False)
         self.response_fields = field(body, "response_fields", list, [])
         self.logit_bias = logit_bias(ctx.model, body.get("logit_bias"))
+        if self.params.ignore_eos:  # as llama-server: the end-of-generation tokens can not be sampled at all
+            self.logit_bias = {**(self.logit_bias or {}), **{t: -math.inf for t in ctx.model.tokenizer.eot_ids}}
         self.json_schema = field(body, "json_schema", dict)
         self.grammar = field(body, "grammar", str)
         if self.json_schema is not None and self.grammar:
@@ -195,6 +211,8 @@ class Options:
             "repeat_penalty": p.repetition_penalty, "repeat_last_n": p.penalty_last_n,
             "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty, "stop": p.stop,
             "ignore_eos": p.ignore_eos, "n_probs": self.n_probs, "model": model_id,
+            "logit_bias": [{"token": t, "bias": None if math.isinf(b) else b}  # null: -inf (banned)
+                           for t, b in (self.logit_bias or {}).items()],
             "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
         }
 
@@ -265,7 +283,8 @@ async def prepare(ctx, options: Options, prompt, index: int):
         return p
 
     greq = GenerationRequest(build, options.params, False, constraint,
-                             options.n_probs if options.n_probs > 0 else None, options.logit_bias)
+                             options.n_probs if options.n_probs > 0 else None, options.logit_bias,
+                             post_sampling_probs=options.post_sampling)
     return greq, NativeFormat(ctx, options, index, seen)
 
 
@@ -310,6 +329,22 @@ async def make_constraint(ctx, options: Options):
         except OculaError as e:
             raise to_api_error(e, "grammar") from None
     return None
+
+
+async def extension_constraint(model, req, response_format):
+    """A constraint for llama-server's `json_schema` / `grammar` request fields (on the OpenAI routes too)."""
+    if response_format is not None:
+        raise APIError(400, "send either response_format or llama-server's json_schema / grammar, not both",
+                       param="response_format", code="invalid_value")
+    if req.grammar and req.json_schema is not None:
+        raise APIError(400, "send either json_schema or grammar, not both", param="grammar", code="invalid_value")
+    try:
+        if req.grammar:
+            return await run_in_threadpool(grammar_constraint, model, req.grammar)
+        return await run_in_threadpool(model.response_constraint,
+                                       {"type": "json_schema", "json_schema": {"schema": req.json_schema}})
+    except OculaError as e:
+        raise to_api_error(e, "grammar" if req.grammar else "json_schema") from None
 
 
 def grammar_constraint(model, gbnf: str):
@@ -373,14 +408,21 @@ class NativeFormat:
                 "choices": [{"text": content, "index": self.index, "logprobs": None, "finish_reason": finish}]}
 
     def probs(self, items) -> list[dict]:
+        """completion_probabilities: logprob / top_logprobs, or with post_sampling_probs prob / top_probs."""
+        post = self.options.post_sampling
+
         def entry(tid: int, lp: float) -> dict:
-            return {"id": tid, "token": P.token_text(self.tok, tid), "bytes": list(self.tok.token_to_bytes(tid)),
-                    "logprob": lp}
+            e = {"id": tid, "token": P.token_text(self.tok, tid), "bytes": list(self.tok.token_to_bytes(tid))}
+            if post:
+                e["prob"] = math.exp(lp)
+            else:
+                e["logprob"] = lp
+            return e
 
         out = []
         for it in items or []:
             e = entry(it.token, it.logprob)
-            e["top_logprobs"] = [entry(t, lp) for t, lp in it.top]
+            e["top_probs" if post else "top_logprobs"] = [entry(t, lp) for t, lp in it.top]
             out.append(e)
         return out
 
@@ -415,23 +457,13 @@ class NativeFormat:
         stop_type, word = self.stop_type(r)
         body = self._base(content, r.finish_reason)
         prompt = self.seen.get("prompt")
-        t = r.timings
-        prompt_n = r.prompt_tokens - first.cached_tokens
-        predicted_ms = t.generation_ms
         body.update({
             "stop": True, "stop_type": stop_type, "stopping_word": word, "truncated": False,
             "has_new_line": "\n" in r.text, "tokens_predicted": r.completion_tokens,
             "tokens_evaluated": r.prompt_tokens, "tokens_cached": first.cached_tokens,
             "generation_settings": self.options.settings(self.ctx.model_id),
             "prompt": self.prompt_text(prompt),
-            "timings": {
-                "cache_n": first.cached_tokens, "prompt_n": prompt_n, "prompt_ms": round(t.prompt_ms, 3),
-                "prompt_per_token_ms": round(t.prompt_ms / prompt_n, 3) if prompt_n else 0.0,
-                "prompt_per_second": round(prompt_n / t.prompt_ms * 1000, 3) if t.prompt_ms else 0.0,
-                "predicted_n": r.completion_tokens, "predicted_ms": round(predicted_ms, 3),
-                "predicted_per_token_ms": round(predicted_ms / r.completion_tokens, 3) if r.completion_tokens else 0.0,
-                "predicted_per_second": round(r.completion_tokens / predicted_ms * 1000, 3) if predicted_ms else 0.0,
-            },
+            "timings": llama_timings(first, r),
             "usage": P.usage(r.prompt_tokens, r.completion_tokens, first.cached_tokens),
         })
         return body
@@ -450,6 +482,21 @@ class NativeFormat:
         if prompt is None:
             return ""
         return b"".join(self.tok.token_to_bytes(t) for t in prompt.token_ids).decode("utf-8", errors="replace")
+
+
+def llama_timings(first: Started, r) -> dict:
+    """llama-server's `timings` object: prompt_n counts the prompt tokens computed (not cached)."""
+    t = r.timings
+    prompt_n = r.prompt_tokens - first.cached_tokens
+    predicted_n, predicted_ms = r.completion_tokens, t.generation_ms
+    return {
+        "cache_n": first.cached_tokens, "prompt_n": prompt_n, "prompt_ms": round(t.prompt_ms, 3),
+        "prompt_per_token_ms": round(t.prompt_ms / prompt_n, 3) if prompt_n else 0.0,
+        "prompt_per_second": round(prompt_n / t.prompt_ms * 1000, 3) if t.prompt_ms else 0.0,
+        "predicted_n": predicted_n, "predicted_ms": round(predicted_ms, 3),
+        "predicted_per_token_ms": round(predicted_ms / predicted_n, 3) if predicted_n else 0.0,
+        "predicted_per_second": round(predicted_n / predicted_ms * 1000, 3) if predicted_ms else 0.0,
+    }
 
 
 def pick(body: dict, path: str):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from ocula.engine.sampling import SamplingParams
 from ocula.server.errors import APIError
 
-SYSTEM_FINGERPRINT = "ocula"
+SYSTEM_FINGERPRINT = "b0-ocula"  # llama-server's "b<build>-<commit>" form, which its clients and tests expect
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
@@ -50,6 +50,9 @@ class _Sampling(_Req):
     response_format: dict[str, Any] | None = None
     n: int | None = Field(None, ge=1)
     ignore_eos: StrictBool = False
+    # llama-server extensions: constrain the answer to a JSON schema or a GBNF grammar
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
     tools: list[Any] | None = None  # chat only (ocula.server.chat_tools)
     tool_choice: Any = None
     # unsupported: refused when set (see check_unsupported)
@@ -66,10 +69,10 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     image_min_tokens: int | None = Field(None, ge=1)
     image_max_tokens: int | None = Field(None, ge=1)
-    video_options: dict[str, Any] | None = None  # HF video processor keywords (ocula.engine.video_prompt)
     parallel_tool_calls: StrictBool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_format: str | None = None
+    video_options: dict[str, Any] | None = None  # HF video processor keywords (ocula.engine.video_prompt)
 
 
 class CompletionRequest(_Sampling):
@@ -125,11 +128,13 @@ def check_unsupported(req: _Sampling) -> None:
             refuse("echo", "echo with logprobs (prompt logprobs) is not implemented")
 
 
-def sampling_params(req: _Sampling, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
-    """SamplingParams for a request, and whether max_tokens was given explicitly."""
+def sampling_params(req: _Sampling, default_max_tokens: int | None,
+                    defaults: dict | None = None) -> tuple[SamplingParams, bool]:
+    """SamplingParams for a request (over the server's `defaults`), and whether max_tokens was given explicitly."""
     mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     explicit = mt is not None
-    opts: dict[str, Any] = {"max_tokens": mt if explicit else default_max_tokens}
+    opts: dict[str, Any] = dict(defaults or {})
+    opts["max_tokens"] = mt if explicit else default_max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty"):
         v = getattr(req, name)
         if v is not None:

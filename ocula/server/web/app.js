@@ -61,7 +61,8 @@ function showModel() {
     span.textContent = b;
     return span;
   }));
-  $("attach").disabled = m.vision === false;
+  // kept clickable: a click explains why no image can be attached
+  $("attach").classList.toggle("unavailable", m.vision === false);
   $("attach").title = m.vision === false ? "This model does not take images" : "Attach images";
 }
 
@@ -167,6 +168,7 @@ async function openConversation(id) {
   const c = id ? await store.get(id) : null;
   state.conversation = c || newConversation();
   if (c) localStorage.setItem(CURRENT_KEY, c.id);
+  $("app").classList.remove("side-shown"); // on a narrow screen the list covers the chat: close it
   render();
   await refreshList();
 }
@@ -308,13 +310,13 @@ async function generate(c) {
   }
   const message = { role: "assistant", content: "", images: [] };
   c.messages.push(message);
-  await store.put(c);
-  localStorage.setItem(CURRENT_KEY, c.id);
   const controller = new AbortController();
   state.streaming = { controller, conversation: c, message };
   setBusy(true);
   clearNotice();
   render();
+  await store.put(c);
+  localStorage.setItem(CURRENT_KEY, c.id);
   refreshList();
   const t0 = performance.now();
   let tFirst = null;
