@@ -174,6 +174,9 @@ class Model:
                 messages, videos = video_prompt.take_video_parts(messages)
             else:
                 messages = video_prompt.frames_as_images(messages, media_policy, video_options, video_limits)
+        if max_images is not None:  # a clip's frames (other families) do not count as images sent
+            max_images += sum(1 for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+                              if isinstance(p, dict) and p.get("video_frame"))
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)

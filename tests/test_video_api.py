@@ -116,6 +116,8 @@ def test_other_families_get_frames_as_images_with_timestamps():
     for span, w in zip(prompt.images, want):
         assert torch.equal(span.features, w)
     assert len(m.build_prompt(messages, video_options={"num_frames": 5}).images) == 5
+    # a clip's frames are not images sent: max_images still counts only the images
+    assert len(m.build_prompt(messages, max_images=0, video_options={"num_frames": 5}).images) == 5
     assert len(m.build_prompt(messages, video_options={"fps": 10, "max_frames": 3}).images) == 3
     with pytest.raises(ocula.RequestError, match="no video encoder"):
         m.encode_video(str(WEBM))

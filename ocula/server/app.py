@@ -234,7 +234,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise to_api_error(e, None) from None
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
-        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx,
+                                                       media)
         constraint = await make_constraint(req.response_format, req)
         if constraint is None and plan.tools.grammar() is not None:
             try:
