@@ -195,8 +195,9 @@ def cmd_chat(args) -> int:
         return completion_chat(model, opts)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     pending_images = [image for image in (chat_image(model, source) for source in args.image) if image is not None]
-    pending_videos = list(args.video)
-    print("ocula chat: /image PATH adds an image, /clear starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    pending_videos = [clip for clip in (chat_video(model, source) for source in args.video) if clip is not None]
+    print("ocula chat: /image PATH adds an image, /video PATH a video, /clear starts over, /exit or Ctrl-D quits.",
+          file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -221,6 +222,11 @@ def cmd_chat(args) -> int:
             if image is not None:
                 pending_images.append(image)
             continue
+        if line.startswith("/video"):
+            clip = chat_video(model, line[len("/video"):].strip())
+            if clip is not None:
+                pending_videos.append(clip)
+            continue
         message = user_message(line, pending_images, pending_videos)
         answer = ""
         try:
@@ -234,8 +240,9 @@ def cmd_chat(args) -> int:
             # the message is not added to the conversation, and its images are dropped: a bad image must not
             # make every later message fail
             dropped = f" ({len(pending_images)} image(s) left out)" if pending_images else ""
+            dropped += f" ({len(pending_videos)} video(s) left out)" if pending_videos else ""
             print(f"\nerror: {e}{dropped}; the conversation is unchanged", file=sys.stderr)
-            pending_images = []
+            pending_images, pending_videos = [], []
             continue
         print()
         history += [message, {"role": "assistant", "content": answer}]
@@ -260,6 +267,25 @@ def chat_image(model, source: str):
         return None
     print(f"(image {source} will go with your next message)", file=sys.stderr)
     return image
+
+
+def chat_video(model, source: str):
+    """`/video SOURCE` in `ocula chat`: the clip opened now (demuxed, not decoded), refused once if it cannot be."""
+    if not source:
+        print("usage: /video PATH (or an http(s) URL)", file=sys.stderr)
+        return None
+    if not model.supports_images:
+        print(f"error: {model.gguf.path.name} takes no video: start ocula chat with --mmproj", file=sys.stderr)
+        return None
+    from ocula.media.video import open_video
+
+    try:
+        clip = open_video(source)
+    except OculaError as e:
+        print(f"error: {e}; the video was left out", file=sys.stderr)
+        return None
+    print(f"(video {source}, {clip.duration:.1f} s, will go with your next message)", file=sys.stderr)
+    return clip
 
 
 def completion_chat(model, opts: dict) -> int:
