@@ -170,6 +170,8 @@ class Model:
         max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt)."""
         videos = []
         if self.vision is not None and video_prompt.has_video(messages):
+            # a clip that cannot fit the context is refused before its frames are decoded
+            video_options = {"max_tokens": self.n_ctx, **(video_options or {})}
             if self.supports_native_video:
                 messages, videos = video_prompt.take_video_parts(messages)
             else:
