@@ -123,6 +123,10 @@ def test_other_families_get_frames_as_images_with_timestamps():
         m.encode_video(str(WEBM))
     with pytest.raises(ocula.RequestError, match="unknown video option"):
         m.build_prompt(messages, video_options={"frames": 3})
+    with pytest.raises(ocula.RequestError, match="fps must be a positive number"):
+        m.build_prompt(messages, video_options={"fps": 0})
+    with pytest.raises(ocula.RequestError, match="must be positive integers"):
+        m.build_prompt(messages, video_options={"max_frames": 0})
     assert np.asarray(frames).shape == (2, 150, 200, 3)
 
 

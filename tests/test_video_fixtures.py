@@ -8,7 +8,6 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-import torch
 from parity import FIXTURES, greedy_checkable, load_model, rel_err
 
 VIDEO = FIXTURES / "video"

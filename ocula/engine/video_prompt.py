@@ -89,11 +89,11 @@ def frames_as_images(messages: list[dict], policy, options: dict | None, limits:
 def frame_indices(clip: VideoClip, opts: dict) -> list[int]:
     """Evenly spaced frames: `num_frames` of them, or `fps` per second (default 1), capped at `max_frames` (16)."""
     total = clip.total_frames
-    cap = opts.get("max_frames") or FRAMES_MAX
+    cap = FRAMES_MAX if opts.get("max_frames") is None else opts["max_frames"]
     if opts.get("num_frames") is not None:
         n = opts["num_frames"]
     else:
-        fps = opts.get("fps") or FRAMES_FPS
+        fps = FRAMES_FPS if opts.get("fps") is None else opts["fps"]
         if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
             raise RequestError(f"video option fps must be a positive number, got {fps!r}")
         n = max(1, int(clip.duration * fps))
