@@ -34,7 +34,10 @@ def add_parser(sub, add_model_args) -> None:
                    help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
     g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
-                   help="largest request body (default: room for --max-images images of --max-image-bytes)")
+                   help="largest request body (default: room for the context's text, JSON-escaped, plus "
+                        "--max-request-media-bytes of base64 media)")
+    g.add_argument("--max-request-media-bytes", type=_size, default=32 * 1024 * 1024, metavar="BYTES",
+                   help="inline (base64) images and videos one request body may carry, decoded (default 32M)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s = p.add_argument_group("scheduling")
     s.add_argument("-np", "--parallel", type=int, default=8, help="sequences decoded together (default 8)")
@@ -125,6 +128,7 @@ def cmd_serve(args) -> int:
         media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_body_bytes=args.max_request_bytes,
+        max_request_media_bytes=args.max_request_media_bytes,
         **video_config,
     )
     app = create_app(model, config)
