@@ -159,7 +159,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
-            "modalities": {"vision": model.supports_images, "audio": False},
+            "modalities": {"vision": model.supports_images, "audio": False, "video": model.supports_video},
             "architecture": model.architecture,
         }
 
@@ -236,7 +236,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise to_api_error(e, None) from None
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
-        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx,
+                                                       media)
         if plan.needs_parse and plan.thinks:
             plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         constraint = await make_constraint(req.response_format, req)

@@ -119,6 +119,7 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
+    video_config = _video_config(args)
     for flag, value in (("--image-min-tokens", args.image_min_tokens), ("--image-max-tokens", args.image_max_tokens),
                         ("--image-threads", args.image_threads), ("--image-workers", args.image_workers)):
         if value is not None and value < 1:
@@ -166,7 +167,7 @@ def cmd_serve(args) -> int:
         image_workers=args.image_workers,
         max_body_bytes=args.max_request_bytes,
         max_request_media_bytes=args.max_request_media_bytes,
-        **_video_config(args),
+        **video_config,
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
