@@ -25,7 +25,7 @@ def tiny_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_path):
     with ServerProcess(["-m", str(tiny_path), "--chat-template", "command-r", "-np", "2", "-c", "128",
-                        "--threads", "1"]) as s:
+                        "--no-ui", "--threads", "1"]) as s:
         yield s
 
 
@@ -49,6 +49,13 @@ def test_template_file(tiny_path, tmp_path):
     with ServerProcess(["-m", str(tiny_path), "--chat-template-file", str(template), "--threads", "1"]) as s:
         r = post(s, "/apply-template", {"messages": SYSTEM_USER})
         assert r.json()["prompt"] == "[system]You are a test.[user]Hi there[assistant]"
+        assert httpx.get(s.url + "/").text.startswith("<!doctype html>")
+
+
+def test_no_ui(server):
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 404 and "error" in r.json()
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -38,6 +38,8 @@ def add_parser(sub, add_model_args) -> None:
                         "llama3, command-r), a Jinja file, or the template text")
     g.add_argument("--chat-template-file", metavar="FILE", default=None,
                    help="as --chat-template, from a Jinja file (llama-server's flag)")
+    g.add_argument("--no-ui", "--no-webui", dest="web_ui", action="store_false",
+                   help="no chat page at / (API routes only)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
                    help="largest request body (default: room for --max-images images of --max-image-bytes)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -124,7 +126,7 @@ def cmd_serve(args) -> int:
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
-        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin,
+        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
         sampling_defaults=sampling_defaults(args),
