@@ -78,7 +78,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
 
-    add_web_routes(app)
+    if config.web_ui:
+        add_web_routes(app)
 
     # ------------------------------------------------------------ errors
 

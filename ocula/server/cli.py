@@ -33,10 +33,14 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
-    g.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
-                   help="chat template for chat requests: chatml, gemma, a Jinja file or the template text (default: "
-                        "the GGUF's own; without one, Gemma's turn format for Gemma, else ChatML)")
     g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
+    g.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
+                   help="chat through this template instead of the GGUF's own: a built-in name (chatml, gemma, "
+                        "llama3, command-r), a Jinja file, or the template text")
+    g.add_argument("--chat-template-file", metavar="FILE", default=None,
+                   help="as --chat-template, from a Jinja file (llama-server's flag)")
+    g.add_argument("--no-ui", "--no-webui", dest="web_ui", action="store_false",
+                   help="no chat page at / (API routes only)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
                    help="largest request body (default: room for the context's text, JSON-escaped, plus "
                         "--max-request-media-bytes of base64 media)")
@@ -129,22 +133,20 @@ def cmd_serve(args) -> int:
     if not 0 < args.media_timeout <= 3600 or args.max_media_fetches < 1:
         raise OculaError("--media-timeout must be > 0 and at most 3600 seconds, --max-media-fetches >= 1")
     check_listen_address(args.host, args.port)  # before the model loads: a busy port is known at once
+    template_text = chosen_template(args)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     if args.threads is None:  # leave a core to the HTTP side (event loop, image decoding)
         args.threads = max(1, (os.cpu_count() or 2) - 1)
-    if args.chat_template:
-        from ocula.chat import ChatTemplate
-        from ocula.cli_template import template_source
-
-        ChatTemplate(template_source(args.chat_template))  # parses, before the model loads
     model = load_model(args)
-    apply_llama_server_flags(args, model)  # --chat-template-file, -b, and notes on flags without effect
-    if args.chat_template:
-        model.template = ChatTemplate(template_source(args.chat_template), model.tokenizer.bos_token,
-                                      model.tokenizer.eos_token, model.architecture)
-    elif not model.has_chat_template and args.chat_template_file is None:
+    apply_llama_server_flags(args, model)  # -b, and a note on llama-server flags without effect here
+    if template_text is not None:
+        from ocula.chat import ChatTemplate
+
+        tok = model.tokenizer
+        model.template = ChatTemplate(template_text, tok.bos_token, tok.eos_token, model.architecture)
+    elif not model.has_chat_template:
         from ocula.cli_template import fallback_name
 
         print(f"ocula: warning: {model.gguf.path.name} has no chat template (a base model?): chat requests are "
@@ -153,7 +155,7 @@ def cmd_serve(args) -> int:
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
-        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin,
+        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
         sampling_defaults=sampling_defaults(args),
@@ -176,6 +178,23 @@ def cmd_serve(args) -> int:
     print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def chosen_template(args) -> str | None:
+    """The text of --chat-template / --chat-template-file (checked to parse before the model loads), or None."""
+    if args.chat_template and args.chat_template_file:
+        raise OculaError("--chat-template and --chat-template-file both given: pick one")
+    if args.chat_template_file and not os.path.isfile(args.chat_template_file):
+        raise OculaError(f"cannot read --chat-template-file {args.chat_template_file}: no such file")
+    choice = args.chat_template or args.chat_template_file
+    if choice is None:
+        return None
+    from ocula.chat import ChatTemplate
+    from ocula.cli_template import template_source
+
+    text = template_source(choice)
+    ChatTemplate(text)  # a TemplateError (an OculaError) if it does not parse
+    return text
 
 
 def check_listen_address(host: str, port: int) -> None:

@@ -11,6 +11,7 @@ class ServerConfig:
     model_id: str | None = None  # id in /v1/models and responses (default: the GGUF file name)
     api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer <key>"
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
+    web_ui: bool = True  # the chat page at / (off: --no-ui, as llama-server)
     # scheduler
     max_batch: int = 8  # sequences decoded together
     max_queue: int = 64  # waiting requests beyond that → 503
