@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 import time
@@ -77,15 +78,15 @@ def load(
     needs ocula[fast]) or "torch" (reference tile dequantization).
     kv_dtype: the KV cache's dtype (default: the compute dtype); "float16" or "bfloat16" halve it
     (llama.cpp's default is float16) at the cost of rounding every cached key and value."""
-    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0):
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, numbers.Integral) or n_ctx < 0):
         raise RequestError(f"n_ctx must be a positive number of tokens (0 or None: the model's own context), "
                            f"got {n_ctx!r}")
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise RequestError(f"threads must be a whole number >= 1, got {threads!r}")
-        torch.set_num_threads(threads)
-    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx, kernels=kernels,
-                 kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype, "kv_dtype"))
+        torch.set_num_threads(int(threads))
+    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=None if n_ctx is None else int(n_ctx),
+                 kernels=kernels, kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype, "kv_dtype"))
 
 
 class Model:
