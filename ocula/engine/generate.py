@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -25,8 +25,10 @@ class Timings:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     prompt_ms: float = 0.0
-    image_encode_ms: float = 0.0
+    image_encode_ms: float = 0.0  # images encoded for this prompt (cached ones cost nothing)
     image_tokens: int = 0
+    images_encoded: int = 0
+    images_cached: int = 0
     ttft_ms: float = 0.0
     generated_tokens: int = 0
     generation_ms: float = 0.0
@@ -56,6 +58,7 @@ class Result:
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     timings: Timings = field(default_factory=Timings)
+    parsed: Any = None  # Model.chat: ocula.engine.tool_calls.ParsedAnswer (text, reasoning, tool calls)
 
     @property
     def completion_tokens(self) -> int:
