@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -119,7 +118,7 @@ def load_model(args):
     return model
 
 
-def user_message(text: str, images: list[str], videos: list[str] = ()) -> dict:
+def user_message(text: str, images: list, videos: list[str] = ()) -> dict:
     if not images and not videos:
         return {"role": "user", "content": text}
     parts = [{"type": "image", "image": img} for img in images] + [{"type": "video", "video": v} for v in videos]
@@ -233,9 +232,10 @@ def cmd_chat(args) -> int:
         except OculaError as e:
             # the message is not added to the conversation, and its images are dropped: a bad image must not
             # make every later message fail
-            dropped = f" ({len(pending_images)} image(s) left out)" if pending_images else ""
+            n = len(pending_images) + len(pending_videos)
+            dropped = f" ({n} image(s)/video(s) left out)" if n else ""
             print(f"\nerror: {e}{dropped}; the conversation is unchanged", file=sys.stderr)
-            pending_images = []
+            pending_images, pending_videos = [], []
             continue
         print()
         history += [message, {"role": "assistant", "content": answer}]
@@ -249,7 +249,7 @@ def chat_image(model, source: str):
         print("usage: /image PATH (or an http(s) URL)", file=sys.stderr)
         return None
     if not model.supports_images:
-        print(f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj", file=sys.stderr)
+        print(no_images_note(model), file=sys.stderr)
         return None
     from ocula.media import load_image
 
@@ -260,6 +260,10 @@ def chat_image(model, source: str):
         return None
     print(f"(image {source} will go with your next message)", file=sys.stderr)
     return image
+
+
+def no_images_note(model) -> str:
+    return f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj"
 
 
 def completion_chat(model, opts: dict) -> int:
@@ -281,10 +285,8 @@ def completion_chat(model, opts: dict) -> int:
             print("(transcript cleared)", file=sys.stderr)
             continue
         if line.strip().startswith("/image"):
-            if not model.supports_images:
-                chat_image(model, "-")  # says the model takes no images
-            else:
-                print("error: images need a chat template: start ocula chat with --chat-template", file=sys.stderr)
+            print(no_images_note(model) if not model.supports_images else
+                  "error: images need a chat template: start ocula chat with --chat-template", file=sys.stderr)
             continue
         if not line.strip():
             continue

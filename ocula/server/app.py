@@ -114,16 +114,16 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
-        limit = config.body_limit
+        limit = config.body_limit(sched.n_ctx * model.tokenizer.max_token_bytes)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise APIError(413, f"the request body has {length} bytes, more than the {limit} allowed",
+            raise APIError(413, f"the request body has {length} bytes, more than the {limit} allowed{BODY_HINT}",
                            code="request_too_large")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise APIError(413, f"the request body is larger than the {limit} bytes allowed",
+                raise APIError(413, f"the request body is larger than the {limit} bytes allowed{BODY_HINT}",
                                code="request_too_large")
         if not body:
             raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
@@ -235,14 +235,14 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
         messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
+        if plan.needs_parse and plan.thinks:
+            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         constraint = await make_constraint(req.response_format, req)
         if constraint is None and plan.tools.grammar() is not None:
             try:
                 constraint = await run_in_threadpool(plan.constraint, structured_for(model))
             except OculaError as e:
                 raise to_api_error(e, "tools") from None
-        if plan.needs_parse and plan.thinks:
-            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
 
@@ -415,6 +415,10 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     register_agent_apis(app, lambda request, endpoint, body: generation_route(
         request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
     return app
+
+
+BODY_HINT = (" (room for the context's text and --max-request-media-bytes of inline images and videos; send media "
+             "as URLs, or raise --max-request-bytes)")
 
 
 def _text_chars(value) -> int:

@@ -33,9 +33,15 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
+    g.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
+                   help="chat template for chat requests: chatml, gemma, a Jinja file or the template text (default: "
+                        "the GGUF's own; without one, Gemma's turn format for Gemma, else ChatML)")
     g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
-                   help="largest request body (default: room for --max-images images of --max-image-bytes)")
+                   help="largest request body (default: room for the context's text, JSON-escaped, plus "
+                        "--max-request-media-bytes of base64 media)")
+    g.add_argument("--max-request-media-bytes", type=_size, default=32 * 1024 * 1024, metavar="BYTES",
+                   help="inline (base64) images and videos one request body may carry, decoded (default 32M)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s = p.add_argument_group("scheduling")
     s.add_argument("-np", "--parallel", type=int, default=8, help="sequences decoded together (default 8)")
@@ -111,8 +117,22 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     if args.threads is None:  # leave a core to the HTTP side (event loop, image decoding)
         args.threads = max(1, (os.cpu_count() or 2) - 1)
+    if args.chat_template:
+        from ocula.chat import ChatTemplate
+        from ocula.cli_template import template_source
+
+        ChatTemplate(template_source(args.chat_template))  # parses, before the model loads
     model = load_model(args)
     apply_llama_server_flags(args, model)
+    if args.chat_template:
+        model.template = ChatTemplate(template_source(args.chat_template), model.tokenizer.bos_token,
+                                      model.tokenizer.eos_token, model.architecture)
+    elif not model.has_chat_template:
+        from ocula.cli_template import fallback_name
+
+        print(f"ocula: warning: {model.gguf.path.name} has no chat template (a base model?): chat requests are "
+              f"wrapped in {fallback_name(model.architecture)} (--chat-template to choose); /v1/completions "
+              "completes prompts as is", file=sys.stderr)
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
@@ -127,6 +147,7 @@ def cmd_serve(args) -> int:
         media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_body_bytes=args.max_request_bytes,
+        max_request_media_bytes=args.max_request_media_bytes,
         **_video_config(args),
     )
     app = create_app(model, config)

@@ -31,7 +31,8 @@ class ServerConfig:
     max_media_fetches: int = 8  # image URLs fetched at once (over all requests)
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
-    max_body_bytes: int | None = None  # default: enough for max_images base64 images
+    max_body_bytes: int | None = None  # default: body_limit()'s room for a context's text and the inline media
+    max_request_media_bytes: int = 32 * 1024 * 1024  # inline (base64) images and videos of one request, decoded
     # video
     max_videos: int = 2  # per request
     max_video_bytes: int = 100 * 1024 * 1024
@@ -52,8 +53,10 @@ class ServerConfig:
             allowed_local_root=self.allowed_media_path,
         )
 
-    @property
-    def body_limit(self) -> int:
+    def body_limit(self, context_text_bytes: int) -> int:
+        """The largest request body: --max-request-bytes, else room for the text a context can hold
+        (`context_text_bytes`: its tokens × the longest token's bytes), JSON-escaped at worst (6 bytes a
+        byte, \\u00XX), plus max_request_media_bytes of base64 media and 1 MiB for everything else."""
         if self.max_body_bytes is not None:
             return self.max_body_bytes
-        return max(8 * 1024 * 1024, self.max_images * self.max_image_bytes * 4 // 3 + 1024 * 1024)
+        return 6 * context_text_bytes + self.max_request_media_bytes * 4 // 3 + 1024 * 1024
