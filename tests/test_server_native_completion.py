@@ -270,3 +270,10 @@ def test_openai_client_on_unprefixed_completions(server, lib):
     assert "".join(c.choices[0].text for c in chunks) == want.text and chunks[-1].choices[0].finish_reason == "length"
     r = httpx.post(server.url + "/props", json={"n_ctx": 5}, timeout=10)
     assert r.status_code == 501 and r.json()["error"]["type"] == "not_supported_error"
+
+
+def test_too_many_completions(server):
+    r = post(server, "/completion", {"prompt": ["a"] * 65})
+    assert r.status_code == 400 and "at most 64 completions" in r.json()["error"]["message"]
+    r = post(server, "/completion", {"prompt": ["a"] * 5, "n_cmpl": 16})
+    assert r.status_code == 400 and "5 x 16" in r.json()["error"]["message"]
