@@ -199,6 +199,8 @@ class Options:
             raise APIError(400, "seed must be below 2**64 (-1: a random seed)", param="seed", code="invalid_value")
         if seed is not None and seed >= 0:
             opts["seed"] = seed
+        elif seed is not None:  # -1: a random seed, whatever the server's default
+            opts.pop("seed", None)
         stop = field(body, "stop", (list, str), [])
         stop = [stop] if isinstance(stop, str) else stop
         if not all(isinstance(s, str) for s in stop) or len(stop) > P.MAX_STOP:
