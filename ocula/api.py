@@ -168,27 +168,33 @@ class Model:
     def build_prompt(self, messages: list[dict], timings: Timings | None = None,
                      image_min_tokens: int | None = None, image_max_tokens: int | None = None,
                      media_policy=None, max_images: int | None = None, video_options: dict | None = None,
-                     video_limits=None, **template_kwargs) -> Prompt:
+                     video_limits=None, image_limit=None, **template_kwargs) -> Prompt:
         """Render the chat template and turn the conversation into decoder input (images and videos encoded).
         `video_options`: the HF video processor's keywords (fps, num_frames, do_sample_frames, min_frames,
-        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt)."""
+        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt). `image_limit`
+        (an ImageTokenLimit) refuses images needing too many tokens before any is encoded."""
         videos = []
         if self.vision is not None and video_prompt.has_video(messages):
+            # a clip that cannot fit the context is refused before its frames are decoded
+            video_options = {"max_tokens": self.n_ctx, **(video_options or {})}
             if self.supports_native_video:
                 messages, videos = video_prompt.take_video_parts(messages)
             else:
                 messages = video_prompt.frames_as_images(messages, media_policy, video_options, video_limits)
+        if max_images is not None:  # a clip's frames (other families) do not count as images sent
+            max_images += sum(1 for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+                              if isinstance(p, dict) and p.get("video_frame"))
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)
             return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images,
-                                            videos, video_options, video_limits)
+                                            videos, video_options, video_limits, image_limit)
         from ocula.chat import image_parts
 
         if image_parts(messages) or video_prompt.has_video(messages):
-            what = "images" if image_parts(messages) else "videos"
             raise RequestError(
-                f"{self.gguf.path.name} is a text-only model: {what} need a vision projector (load it with mmproj=...)"
+                f"{self.gguf.path.name} is a text-only model: images and videos need a vision projector (load it "
+                "with mmproj=...)"
             )
         return self._text_prompt(text, add_special=False)
 
@@ -211,6 +217,15 @@ class Model:
             raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
         _, enc = self.vision.encode(image, ImageOptions(image_min_tokens, image_max_tokens))
         return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
+
+    @property
+    def supports_video(self) -> bool:
+        """Whether chats take video parts: a vision projector, and PyAV to decode clips."""
+        if self.vision is None:
+            return False
+        import importlib.util
+
+        return importlib.util.find_spec("av") is not None
 
     @property
     def supports_native_video(self) -> bool:

@@ -53,7 +53,7 @@ def test_props(server, tiny_path, lib):
     p = httpx.get(server.url + "/props").json()
     assert p["model_path"] == str(tiny_path) and p["model_alias"] == "tiny"
     assert p["total_slots"] == 4 and p["default_generation_settings"]["n_ctx"] == lib.n_ctx == 256
-    assert p["modalities"] == {"vision": False, "audio": False}
+    assert p["modalities"] == {"vision": False, "audio": False, "video": False}
     assert p["chat_template"] == TEMPLATE and p["build_info"].startswith("b")
     params = p["default_generation_settings"]["params"]
     assert params["temperature"] == 0.8 and params["top_k"] == 40 and params["n_predict"] == -1

@@ -81,7 +81,17 @@ def add_parser(sub, add_model_args) -> None:
                    help="image URLs fetched at once over all requests; more wait for a slot within "
                         "--media-timeout (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
-    m.add_argument("--image-max-tokens", type=int, default=None)
+    m.add_argument("--image-max-tokens", type=int, default=None,
+                   help="tokens per image unless a request sets image_max_tokens (default: 4096, or the "
+                        "processor's own default where that is lower)")
+    m.add_argument("--max-image-tokens-per-request", type=int, default=16384, metavar="N",
+                   help="image tokens of all a request's images together; more is refused with a 400 before "
+                        "any is encoded (default 16384; 0: no limit but the context)")
+    m.add_argument("--image-workers", type=int, default=2, metavar="N",
+                   help="requests whose images are encoded at once, while the others keep decoding (default 2: "
+                        "a small image need not wait for a large one)")
+    m.add_argument("--image-threads", type=int, default=None, metavar="N",
+                   help="threads of each image worker (default: half of --threads, at least 1)")
     v = p.add_argument_group("video")
     v.add_argument("--max-videos", type=int, default=2, help="videos per request (default 2)")
     v.add_argument("--max-video-bytes", type=_size, default=_size("100M"), metavar="BYTES")
@@ -109,8 +119,15 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
-    if not args.media_timeout > 0 or args.max_media_fetches < 1:
-        raise OculaError("--media-timeout must be > 0 seconds and --max-media-fetches >= 1")
+    video_config = _video_config(args)
+    for flag, value in (("--image-min-tokens", args.image_min_tokens), ("--image-max-tokens", args.image_max_tokens),
+                        ("--image-threads", args.image_threads), ("--image-workers", args.image_workers)):
+        if value is not None and value < 1:
+            raise OculaError(f"{flag} must be >= 1, got {value}")
+    if args.max_image_tokens_per_request < 0:
+        raise OculaError(f"--max-image-tokens-per-request must be >= 0, got {args.max_image_tokens_per_request}")
+    if not 0 < args.media_timeout <= 3600 or args.max_media_fetches < 1:
+        raise OculaError("--media-timeout must be > 0 and at most 3600 seconds, --max-media-fetches >= 1")
     check_listen_address(args.host, args.port)  # before the model loads: a busy port is known at once
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
@@ -123,11 +140,11 @@ def cmd_serve(args) -> int:
 
         ChatTemplate(template_source(args.chat_template))  # parses, before the model loads
     model = load_model(args)
-    apply_llama_server_flags(args, model)
+    apply_llama_server_flags(args, model)  # --chat-template-file, -b, and notes on flags without effect
     if args.chat_template:
         model.template = ChatTemplate(template_source(args.chat_template), model.tokenizer.bos_token,
                                       model.tokenizer.eos_token, model.architecture)
-    elif not model.has_chat_template:
+    elif not model.has_chat_template and args.chat_template_file is None:
         from ocula.cli_template import fallback_name
 
         print(f"ocula: warning: {model.gguf.path.name} has no chat template (a base model?): chat requests are "
@@ -146,9 +163,11 @@ def cmd_serve(args) -> int:
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
         media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
+        max_image_tokens_per_request=args.max_image_tokens_per_request or None, image_threads=args.image_threads,
+        image_workers=args.image_workers,
         max_body_bytes=args.max_request_bytes,
         max_request_media_bytes=args.max_request_media_bytes,
-        **_video_config(args),
+        **video_config,
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"

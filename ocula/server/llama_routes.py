@@ -212,7 +212,7 @@ def props_body(ctx: RouteContext) -> dict:
         "total_slots": sched.max_batch,
         "model_alias": ctx.model_id,
         "model_path": str(model.gguf.path),
-        "modalities": {"vision": bool(model.supports_images), "audio": False},
+        "modalities": {"vision": bool(model.supports_images), "audio": False, "video": bool(model.supports_video)},
         "chat_template": model.template.source,
         "chat_template_caps": {},
         "bos_token": tok.token_to_piece(tok.bos_id) if tok.bos_id is not None else "",

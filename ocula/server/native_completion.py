@@ -31,8 +31,10 @@ from ocula.engine.prompt import Prompt
 from ocula.engine.sampling import SamplingParams
 from ocula.engine.scheduler import Delta, Finished, GenerationRequest, Started
 from ocula.errors import MediaError, OculaError, RequestError
+from ocula.models.vision.base import ImageOptions
 from ocula.server import protocol as P
 from ocula.server.errors import APIError, to_api_error
+from ocula.server.image_budget import image_max_tokens, image_token_limit
 from ocula.server.llama_routes import build_info, check_token_ids, field, native
 
 MEDIA_MARKER = "<__media__>"
@@ -311,7 +313,7 @@ async def prepare(ctx, options: Options, prompt, index: int):
 
     greq = GenerationRequest(build, options.params, False, constraint,
                              options.n_probs if options.n_probs > 0 else None, options.logit_bias,
-                             post_sampling_probs=options.post_sampling)
+                             post_sampling_probs=options.post_sampling, has_images=bool(images))
     return greq, NativeFormat(ctx, options, index, seen)
 
 
@@ -401,7 +403,10 @@ def build_prompt(ctx, source, images: list, timings) -> Prompt:
         if tok.add_bos and tok.bos_id is not None:
             text = tok.token_to_piece(tok.bos_id) + text
         messages = [{"role": "user", "content": [{"type": "image", "image": im} for im in images]}]
-        return model.vision.build_prompt(text, messages, timings, None, ctx.policy, ctx.config.max_images)
+        cap = ImageOptions(None, image_max_tokens(model, ctx.config.image_max_tokens, None))
+        limit = image_token_limit(ctx.config.max_image_tokens_per_request, ctx.sched.n_ctx)
+        return model.vision.build_prompt(text, messages, timings, cap, ctx.policy, ctx.config.max_images,
+                                         limit=limit)
     if isinstance(source, str):
         return Prompt.from_tokens(tok.encode(source, add_special=True), mrope)
     ids: list[int] = []
