@@ -109,3 +109,14 @@ def test_a_prompt_built_after_stop_is_failed_not_left_hanging(model):
     gate.set()
     event = h._queue.get(timeout=5)  # before: no event ever came, the client waited forever
     assert isinstance(event, Failed) and "shutting down" in str(event.error)
+
+
+def test_other_image_work_runs_on_the_workers(model):
+    with Scheduler(model, image_workers=1) as s:
+        names = s.images.call(lambda: threading.current_thread().name).result(5)
+        assert names.startswith("ocula-image-worker")
+        bad = s.images.call(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            bad.result(5)
+    with pytest.raises(Exception, match="not running"):
+        s.images.call(lambda: None)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 from ocula.errors import OculaError
 from ocula.server.errors import APIError, to_api_error
+from ocula.server.image_budget import image_max_tokens
 
 
 @dataclass
@@ -170,14 +171,14 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
             raise to_api_error(e, "messages") from None
         messages = await ctx.prepare_images(messages)
         img_min = field(body, "image_min_tokens", int, ctx.config.image_min_tokens)
-        img_max = field(body, "image_max_tokens", int, ctx.config.image_max_tokens)
+        img_max = image_max_tokens(model, ctx.config.image_max_tokens, field(body, "image_max_tokens", int))
 
         def count() -> int:
             return len(model.build_prompt(messages, Timings(), img_min, img_max, media_policy=ctx.policy,
                                           max_images=ctx.config.max_images))
 
         try:
-            n = await asyncio.wrap_future(ctx.sched.call(count))
+            n = await asyncio.wrap_future(ctx.sched.images.call(count))  # encodes: not on the scheduler thread
         except OculaError as e:
             raise to_api_error(e, "messages") from None
         return JSONResponse({"object": "chat.completion.input_tokens", "input_tokens": n})
