@@ -118,9 +118,12 @@ def test_a_large_image_encodes_while_a_text_request_is_answered(server):
     time.sleep(1.0)  # the image is encoding now
     r, took = chat(server, "Say hi.")
     text_done = time.monotonic()
+    busy = [ln for ln in CLIENT.get(server.url + "/metrics").text.splitlines()
+            if ln.startswith("ocula_image_workers_busy ")]
     t.join(120)
     assert r.status_code == 200, r.text
     assert big["r"].status_code == 200, big["r"].text
+    assert busy == ["ocula_image_workers_busy 1"], busy
     timings = big["r"].json()["timings"]
     assert timings["image_tokens"] == 4096
     assert text_done < big["done"] - 1.0, "the image request was not encoding while the text one ran"
