@@ -118,7 +118,11 @@ class Model:
             from ocula.engine.multimodal import VisionRuntime
             from ocula.models.vision import build_vision_model
 
+            from ocula.models.vision.pairing import check_pairing
+
             vision = build_vision_model(mmproj, self.text.cfg.n_embd, dtype=dtype, device=self.device)
+            check_pairing(vision.cfg.projector_type, vision.gguf.path.name, self.gguf,
+                          lambda token: self.tokenizer.token_id(token) is not None, vision.cfg)
             self.kernels += use_kernels(vision, dtype, kernels)
             self.vision = VisionRuntime(vision, self.tokenizer, self.text.cfg)
         self.engine = Engine(self.text, self.tokenizer, n_ctx=n_ctx)
@@ -171,10 +175,15 @@ class Model:
         (an ImageTokenLimit) refuses images needing too many tokens before any is encoded."""
         videos = []
         if self.vision is not None and video_prompt.has_video(messages):
+            # a clip that cannot fit the context is refused before its frames are decoded
+            video_options = {"max_tokens": self.n_ctx, **(video_options or {})}
             if self.supports_native_video:
                 messages, videos = video_prompt.take_video_parts(messages)
             else:
                 messages = video_prompt.frames_as_images(messages, media_policy, video_options, video_limits)
+        if max_images is not None:  # a clip's frames (other families) do not count as images sent
+            max_images += sum(1 for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+                              if isinstance(p, dict) and p.get("video_frame"))
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)
@@ -183,9 +192,9 @@ class Model:
         from ocula.chat import image_parts
 
         if image_parts(messages) or video_prompt.has_video(messages):
-            what = "images" if image_parts(messages) else "videos"
             raise RequestError(
-                f"{self.gguf.path.name} is a text-only model: {what} need a vision projector (load it with mmproj=...)"
+                f"{self.gguf.path.name} is a text-only model: images and videos need a vision projector (load it "
+                "with mmproj=...)"
             )
         return self._text_prompt(text, add_special=False)
 
@@ -208,6 +217,15 @@ class Model:
             raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
         _, enc = self.vision.encode(image, ImageOptions(image_min_tokens, image_max_tokens))
         return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
+
+    @property
+    def supports_video(self) -> bool:
+        """Whether chats take video parts: a vision projector, and PyAV to decode clips."""
+        if self.vision is None:
+            return False
+        import importlib.util
+
+        return importlib.util.find_spec("av") is not None
 
     @property
     def supports_native_video(self) -> bool:
@@ -252,14 +270,42 @@ class Model:
 
     def chat(self, messages: list[dict], *, stream: bool = False, image_min_tokens: int | None = None,
              image_max_tokens: int | None = None, response_format: dict | None = None,
-             video_options: dict | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
+             video_options: dict | None = None, tools: list[dict] | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool | None = None, chat_template_kwargs: dict | None = None,
+             **sampling: Any) -> Result | Iterator[Chunk]:
         """Answer a conversation. `response_format` is OpenAI's: {"type": "json_object"} or
-        {"type": "json_schema", "json_schema": {"schema": {...}}} constrains the answer to that JSON."""
+        {"type": "json_schema", "json_schema": {"schema": {...}}} constrains the answer to that JSON.
+
+        `tools` / `tool_choice` / `parallel_tool_calls` are OpenAI's: the tools go into the chat template, and
+        the Result's `parsed` (ocula.engine.tool_calls.ParsedAnswer) holds the answer's text, reasoning and
+        tool calls; "required" or a named function forces a valid call. `chat_template_kwargs` go to the
+        template (e.g. {"enable_thinking": False})."""
+        from ocula.engine.tool_calls import ToolPlan
+        from ocula.engine.tool_parse import parse_answer
+
+        plan = ToolPlan.create(tools, tool_choice, self.template.source, parallel_tool_calls)
+        if stream and plan.active:
+            raise UnsupportedError("chat(stream=True) with tools is not supported; stream through the server, "
+                                   "or call without stream and read result.parsed")
+        messages = plan.history(messages)
+        kwargs = {**(chat_template_kwargs or {}), **plan.template_kwargs()}
+        thinking = "<think>" in self.template.source and \
+            self.apply_chat_template(messages, **kwargs).rstrip().endswith("<think>")
         constraint = self.response_constraint(response_format)
+        grammar = plan.grammar(close_think=thinking, tokenizer=self.tokenizer)
+        from ocula.engine.structured import available, structured_for
+
+        if plan.mode == "auto" and not available():
+            grammar = None  # without llguidance, auto calls are only parsed
+        if constraint is None and grammar is not None:
+            constraint = structured_for(self).for_lark(grammar, "the tool schema")
         timings = Timings()
         prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens,
-                                   video_options=video_options)
-        return self._run(prompt, stream, timings, sampling, constraint)
+                                   video_options=video_options, **kwargs)
+        result = self._run(prompt, stream, timings, sampling, constraint)
+        if not stream:
+            result.parsed = parse_answer(result.text, plan, in_reasoning=thinking)
+        return result
 
     def generate(self, prompt: str | list[int], *, stream: bool = False, response_format: dict | None = None,
                  **sampling: Any) -> Result | Iterator[Chunk]:

@@ -165,6 +165,13 @@ def test_responses_errors(oai, body, fragment):
         openai.OpenAI(base_url=oai.base_url, api_key="wrong", max_retries=0).responses.create(model="m", input="x")
 
 
+def test_responses_stream_is_a_strict_boolean(tools_server):
+    for stream in ("yes", 1):
+        r = httpx.post(tools_server.url + "/v1/responses", json={"model": "m", "input": "x", "stream": stream},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+
+
 # ---------------------------------------------------------------- Anthropic Messages
 
 
@@ -248,6 +255,9 @@ def test_messages_image_base64_and_url(vision_server):
       "messages": [{"role": "user", "content": "x"}]}, "server tools"),
     ({"max_tokens": 5, "tool_choice": {"type": "tool", "name": "missing"}, "tools": [
         {"name": "forecast", "input_schema": CITY}], "messages": [{"role": "user", "content": "x"}]}, "missing"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+     "stream must be true or false, got 'yes'"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "temperature": 1e308}, "temperature"),
 ])
 def test_messages_errors_in_anthropic_shape(tools_server, body, fragment):
     r = httpx.post(tools_server.url + "/v1/messages", json={"model": "m", **body}, headers={"x-api-key": KEY},
@@ -282,3 +292,94 @@ def test_messages_stream_start_counts_the_prompt_and_empty_conversation(tools_se
     empty = httpx.post(tools_server.url + "/v1/messages", headers={"x-api-key": KEY}, timeout=60,
                        json={"model": "m", "max_tokens": 2, "messages": []})
     assert empty.status_code == 200 and empty.json()["content"][0]["type"] == "text"
+
+
+# ---------------------------------------------------------------- a scripted model (in-process app)
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    """The app in-process over the tools GGUF, its sampler replaced by a script: `say(text)` makes the model
+    write `text`, then end its turn. Yields (say, http client)."""
+    from fastapi.testclient import TestClient
+    from gguf import GGUFValueType
+    from gguf_edit import rewrite_gguf
+
+    import ocula
+    import ocula.engine.scheduler as sched_mod
+    from ocula.server.app import create_app
+
+    path = rewrite_gguf(MODEL, tmp_path_factory.mktemp("scripted") / "qwen3-tools.gguf",
+                        metadata={"tokenizer.chat_template": (QWEN3_TEMPLATE, GGUFValueType.STRING)})
+    model = ocula.load(path, n_ctx=2048)
+    script = {"tokens": []}
+
+    class Scripted:
+        def __init__(self, params):
+            self.i = -1
+
+        def __call__(self, logits, history):
+            self.i += 1
+            tokens = script["tokens"]
+            return tokens[self.i] if self.i < len(tokens) else min(model.tokenizer.eot_ids)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sched_mod, "Sampler", Scripted)
+    with TestClient(create_app(model)) as tc:
+        def say(text):
+            script["tokens"] = model.tokenize(text, add_special=False)
+        yield say, tc
+    mp.undo()
+
+
+THOUGHT = "<think>\nPondering.\n</think>\n\nHello there."
+CALLED = ('Checking.\n<tool_call>\n{"name": "forecast", "arguments": {"city": "Rome", "hours": 5}}\n</tool_call>')
+
+
+def test_messages_thinking_text_and_tool_blocks(scripted):
+    say, tc = scripted
+    claude = anthropic.Anthropic(base_url=str(tc.base_url), api_key="x", http_client=tc, max_retries=0)
+    ask = [{"role": "user", "content": "Hi"}]
+    say(THOUGHT)
+    m = claude.messages.create(model="m", max_tokens=50, messages=ask)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in m.content] == \
+        [("thinking", "\nPondering.\n"), ("text", "Hello there.")]
+    assert m.stop_reason == "end_turn"
+    say(THOUGHT)
+    with claude.messages.stream(model="m", max_tokens=50, messages=ask) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    starts = [(e.index, e.content_block.type) for e in events if e.type == "content_block_start"]
+    assert starts == [(0, "thinking"), (1, "text")]
+    kinds = [(e.type, getattr(getattr(e, "delta", None), "type", None)) for e in events]
+    assert kinds.index(("content_block_delta", "signature_delta")) < kinds.index(("content_block_stop", None))
+    assert [b.type for b in final.content] == ["thinking", "text"] and final.content[1].text == "Hello there."
+    tools = [{"name": "forecast", "input_schema": CITY}]
+    say(CALLED)
+    m = claude.messages.create(model="m", max_tokens=80, messages=ask, tools=tools)
+    assert [b.type for b in m.content] == ["text", "tool_use"] and m.stop_reason == "tool_use"
+    assert m.content[0].text == "Checking." and m.content[1].input == {"city": "Rome", "hours": 5}
+    say(CALLED)
+    with claude.messages.stream(model="m", max_tokens=80, messages=ask, tools=tools) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["text", "tool_use"] and final.content[1].input == m.content[1].input
+
+
+def test_responses_reasoning_text_and_call_items(scripted):
+    say, tc = scripted
+    oai = openai.OpenAI(base_url=str(tc.base_url) + "/v1", api_key="x", http_client=tc, max_retries=0)
+    say(THOUGHT)
+    r = oai.responses.create(model="m", input="Hi", max_output_tokens=50)
+    assert [o.type for o in r.output] == ["reasoning", "message"] and r.output_text == "Hello there."
+    assert r.output[0].content[0].text == "\nPondering.\n"
+    say(THOUGHT)
+    events = list(oai.responses.create(model="m", input="Hi", max_output_tokens=50, stream=True))
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert reasoning == "\nPondering.\n" and text == "Hello there."
+    assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1]
+    tools = [{"type": "function", "name": "forecast", "parameters": CITY}]
+    say(CALLED)
+    r = oai.responses.create(model="m", input="Rome?", tools=tools, max_output_tokens=80)
+    assert [o.type for o in r.output] == ["message", "function_call"] and r.output_text == "Checking."
+    assert json.loads(r.output[1].arguments) == {"city": "Rome", "hours": 5}

@@ -165,6 +165,11 @@ def test_tool_choice_none_and_template_kwargs(client, lib):
     ({"tools": "get_weather"}, "tools", "tools"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs", "tools"),
     ({"reasoning_format": "loud"}, "reasoning_format", "reasoning_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], "tool_choice": "required"},
+     "tools", "the tool schema is not usable"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": []}}}]},
+     "tools", "'properties' must be an object"),
     ({"messages": [{"role": "assistant", "tool_calls": [7]}]}, "messages", "tool_calls"),
 ])
 def test_bad_tool_requests_are_400(server, body, param, fragment):
@@ -231,8 +236,8 @@ def test_auto_parses_a_model_written_call(scripted):
     # the same text without tools is only text
     plain = scripted(CALL_TEXT).json()["choices"][0]
     assert plain["message"]["content"] == CALL_TEXT and "tool_calls" not in plain["message"]
-    # a call of a function that was not offered stays text
-    other = scripted(CALL_TEXT, tools=[TIME]).json()["choices"][0]
+    # with tool_choice none the same text is text (and no grammar holds the model to calls)
+    other = scripted(CALL_TEXT, tools=[WEATHER], tool_choice="none").json()["choices"][0]
     assert other["finish_reason"] == "stop" and other["message"]["content"] == CALL_TEXT
 
 
@@ -257,3 +262,17 @@ def test_reasoning_content_split(scripted):
     assert "".join(d.get("content") or "" for d in deltas) == "It is sunny."
     raw = scripted(text, reasoning_format="none").json()["choices"][0]["message"]
     assert raw["content"] == text and "reasoning_content" not in raw
+
+
+def test_library_chat_with_tools(lib):
+    r = lib.chat(ASK, tools=[TIME, WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                 max_tokens=80, temperature=0)
+    (call,) = r.parsed.tool_calls
+    assert call.name == "get_weather" and valid_weather(json.loads(call.arguments))
+    assert r.parsed.content == ""
+    plain = lib.chat(ASK, max_tokens=5, temperature=0)
+    assert plain.parsed.content == plain.text and plain.parsed.tool_calls == []
+    with pytest.raises(ocula.errors.RequestError, match="not among the tools"):
+        lib.chat(ASK, tools=[TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    with pytest.raises(ocula.errors.UnsupportedError, match="stream"):
+        lib.chat(ASK, tools=[TIME], stream=True)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ocula.engine.tool_calls import OutputParser, ToolCall, ToolPlan, check_tool_choice, check_tools, detect_format
+from ocula.engine.tool_calls import ToolCall, ToolPlan, check_tool_choice, check_tools, detect_format
+from ocula.engine.tool_parse import OutputParser
 from ocula.errors import RequestError
 
 llguidance = pytest.importorskip("llguidance")
@@ -38,10 +39,20 @@ def run(parser_factory, text):
 
 
 def merge(events):
+    """Events as (kind, text) runs and ("call", name, arguments); a streamed call's argument pieces must add
+    up to its final arguments."""
     out = []
+    pieces = None
     for e in events:
-        if isinstance(e, ToolCall):
-            out.append(("call", e.name, json.loads(e.arguments)))
+        if not isinstance(e, ToolCall) and e[0] == "call_begin":
+            pieces = []
+        elif not isinstance(e, ToolCall) and e[0] == "call_args":
+            pieces.append(e[1])
+        elif isinstance(e, ToolCall) or e[0] == "call_end":
+            call = e if isinstance(e, ToolCall) else e[1]
+            if not isinstance(e, ToolCall):
+                assert "".join(pieces) == call.arguments
+            out.append(("call", call.name, json.loads(call.arguments)))
         elif out and out[-1][0] == e[0]:
             out[-1] = (e[0], out[-1][1] + e[1])
         else:
@@ -71,6 +82,9 @@ def test_detect_format_from_template_syntax():
     ("llama3", '<|python_tag|>{"name": "search", "parameters": {"q": "x"}}', [("call", "search", {"q": "x"})]),
     ("mistral", '[TOOL_CALLS][{"name": "search", "arguments": {"q": "wind"}}]', [("call", "search", {"q": "wind"})]),
     ("mistral", '[TOOL_CALLS]search[ARGS]{"q": "sea"}', [("call", "search", {"q": "sea"})]),
+    # [TOOL_CALLS] is a control token that the decoder drops: the call list alone
+    ("mistral", '[{"name": "search", "arguments": {"q": "gale"}}]', [("call", "search", {"q": "gale"})]),
+    ("mistral", "[1] is a footnote", [("content", "[1] is a footnote")]),
     ("generic", '{"tool_calls": [{"name": "search", "arguments": {"q": "owls"}}]}', [("call", "search", {"q": "owls"})]),
     ("generic", '{"response": "Hello!"}', [("content", "Hello!")]),
     # not a call: an unknown function name, broken JSON, plain JSON in a JSON-answer format
@@ -117,6 +131,8 @@ def test_tool_and_choice_validation():
         check_tools([{"type": "web_search"}])
     with pytest.raises(RequestError, match="used by two tools"):
         check_tools([SEARCH, SEARCH])
+    with pytest.raises(RequestError, match="'properties' must be an object"):
+        check_tools([{"type": "function", "function": {"name": "f", "parameters": {"properties": ["a"]}}}])
     with pytest.raises(RequestError, match=r"tools\[0\].function.name"):
         check_tools([{"type": "function", "function": {"name": "has space"}}])
 
@@ -146,12 +162,12 @@ def structured(tiny_llama):
     return model, structured_for(model)
 
 
-FORCED_TEXT = {
-    "hermes": '<tool_call>\n{"name":"search","arguments":{"q":"owls"}}\n</tool_call>',
+FORCED_TEXT = {  # JSON spaced as the templates' tojson writes it
+    "hermes": '<tool_call>\n{"name": "search", "arguments": {"q": "owls"}}\n</tool_call>',
     "qwen3_xml": "<tool_call>\n<function=search>\n<parameter=q>\nowls\n</parameter>\n</function>\n</tool_call>",
-    "llama3": '{"name":"search","parameters":{"q":"owls"}}',
-    "mistral": '[TOOL_CALLS][{"name":"search","arguments":{"q":"owls"}}]',
-    "generic": '{"tool_calls":[{"name":"search","arguments":{"q":"owls"}}]}',
+    "llama3": '{"name": "search", "parameters": {"q": "owls"}}',
+    "mistral": '[TOOL_CALLS][{"name": "search", "arguments": {"q": "owls"}}]',
+    "generic": '{"tool_calls": [{"name": "search", "arguments": {"q": "owls"}}]}',
 }
 
 
@@ -176,4 +192,78 @@ def test_forced_call_grammar_admits_the_formats_call_and_nothing_else(structured
             bad.accept(t)
     if named:
         assert "get_weather" not in p.grammar()
-    assert plan(fmt, "auto").grammar() is None and plan(fmt, "none").grammar() is None
+    assert plan(fmt, "none").grammar() is None
+    assert (plan(fmt, "auto").grammar() is None) == (fmt not in ("hermes", "qwen3_xml"))
+    compact = so.for_lark(p.grammar())  # JSON without the spaces the templates write is not what was taught
+    if fmt != "qwen3_xml":
+        with pytest.raises(Exception, match="constrained decoding failed"):
+            for t in model.tokenizer.encode_exact(text.replace(": ", ":")):
+                compact.accept(t)
+
+
+def feed(so, model, grammar, text):
+    c = so.for_lark(grammar)
+    for t in model.tokenizer.encode_exact(text):
+        c.accept(t)
+    return c
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "qwen3_xml"])
+def test_auto_grammar_is_free_text_until_a_call_opens(structured, fmt):
+    model, so = structured
+    for parallel in (True, False):
+        g = plan(fmt, "auto", parallel).grammar()
+        assert feed(so, model, g, "Just an answer, with <tags> and <tool talk.").accepting
+        c = feed(so, model, g, "Let me look.\n" + FORCED_TEXT[fmt])
+        assert c.accepting and c.finished != parallel
+        with pytest.raises(Exception, match="constrained decoding failed"):  # an unknown tool, once opened
+            feed(so, model, g, "Hm.\n" + FORCED_TEXT[fmt].replace("search", "rm_rf"))
+
+
+def test_forced_call_after_an_open_think(structured):
+    """A template whose prompt opens <think> (thinking models): the forced answer closes it, then calls."""
+    model, so = structured
+    p = plan("hermes", "required", parallel=False)
+    text = "</think>\n\n" + FORCED_TEXT["hermes"]
+    c = so.for_lark(p.grammar(close_think=True))
+    for t in model.tokenizer.encode_exact(text):
+        c.accept(t)
+    assert c.accepting
+    whole, streamed = run(lambda: p.parser(True, in_reasoning=True), text)
+    assert whole == streamed == [("call", "search", {"q": "owls"})]
+    with pytest.raises(Exception, match="constrained decoding failed"):
+        c2 = so.for_lark(p.grammar(close_think=True))
+        for t in model.tokenizer.encode_exact(FORCED_TEXT["hermes"]):
+            c2.accept(t)
+
+
+def test_hermes_arguments_stream_as_they_arrive():
+    p = plan("hermes")
+    parser = p.parser()
+    text = 'Sure.\n<tool_call>\n{"name": "search", "arguments": {"q": "deep {nested} text", "n": {"a": 1}}}\n</tool_call>'
+    head = text.index('{"q"')
+    events = parser.feed(text[: head + 12])  # the name is known, the arguments have begun
+    assert ("content", "Sure.") in events
+    begin = [e for e in events if not isinstance(e, ToolCall) and e[0] == "call_begin"]
+    assert len(begin) == 1 and begin[0][1].name == "search"
+    sent = "".join(e[1] for e in events if not isinstance(e, ToolCall) and e[0] == "call_args")
+    assert sent and '{"q": "deep {nested'.startswith(sent)
+    rest = parser.feed(text[head + 12:]) + parser.finish()
+    sent += "".join(e[1] for e in rest if not isinstance(e, ToolCall) and e[0] == "call_args")
+    (end,) = [e for e in rest if not isinstance(e, ToolCall) and e[0] == "call_end"]
+    assert sent == end[1].arguments == '{"q": "deep {nested} text", "n": {"a": 1}}'
+    assert end[1].id == begin[0][1].id
+
+
+def test_a_marker_that_is_a_control_token_is_forced_as_that_token():
+    class Vocab:
+        def token_id(self, text):
+            return 5 if text == "[TOOL_CALLS]" else None
+
+        def is_special(self, tid):
+            return tid == 5
+
+    g = plan("mistral", "required").grammar(tokenizer=Vocab())
+    assert g.startswith("start: <[5]> %json")
+    assert llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", g)) == ""
+    assert plan("mistral", "required").grammar().startswith('start: "[TOOL_CALLS]" %json')

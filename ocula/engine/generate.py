@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -58,6 +58,7 @@ class Result:
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     timings: Timings = field(default_factory=Timings)
+    parsed: Any = None  # Model.chat: ocula.engine.tool_calls.ParsedAnswer (text, reasoning, tool calls)
 
     @property
     def completion_tokens(self) -> int:

@@ -79,6 +79,10 @@ class EmbeddingCache:
         tensors = [e.features, *(e.deepstack or [])]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def __contains__(self, key: str) -> bool:  # a look that counts neither a hit nor a miss
+        with self._lock:
+            return key in self._items
+
     def get(self, key: str) -> Encoded | None:
         with self._lock:
             e = self._items.get(key)

@@ -1,12 +1,13 @@
-"""Tool calling: which call syntax a chat template teaches, the grammar that forces a call, and the parser that
-splits a model's output into reasoning, text and tool calls (incrementally, for streaming).
+"""Tool calling: which call syntax a chat template teaches, the tools and calls in the history as templates want
+them, and the grammar that forces a call. The parser that splits a model's output into reasoning, text and
+tool calls (incrementally, for streaming) is ocula.engine.tool_parse.
 
     plan = ToolPlan.create(tools, tool_choice, template_source)    # OpenAI-style tools / tool_choice
     kwargs = plan.template_kwargs()                                # tools=... for the chat template
     messages = plan.history(messages)                              # tool_calls / role "tool" as templates want
     grammar = plan.grammar()                                       # lark text for llguidance, or None
     parser = plan.parser(reasoning=True, in_reasoning=False)
-    for piece in text_pieces: events = parser.feed(piece)          # [("content"|"reasoning", str) | ToolCall]
+    for piece in text_pieces: events = parser.feed(piece)          # see ocula.engine.tool_parse.Event
     events = parser.finish()
 
 Formats, chosen from the template's own tool syntax:
@@ -26,7 +27,7 @@ import re
 import string
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from ocula.errors import RequestError
 
@@ -37,8 +38,9 @@ MISTRAL_OPEN = "[TOOL_CALLS]"
 PYTHON_TAG = "<|python_tag|>"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_TOOLS = 128
-# JSON in forced calls is compact: a weak model cannot wander off into endless blanks
-COMPACT = {"whitespace_flexible": False}
+# JSON in forced calls is spaced as json.dumps (and the templates' tojson) writes it, `{"a": 1, "b": 2}`, and
+# has no other whitespace: what models are trained on, and a weak model cannot wander off into endless blanks
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GENERIC_SYSTEM = (
     "You can call these tools (JSON schemas of their arguments):\n{tools}\n\n"
     "To call tools, answer with only this JSON object and nothing else:\n"
@@ -57,7 +59,6 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-Event = Union[tuple, ToolCall]  # ("content", text) | ("reasoning", text) | ToolCall
 
 
 def detect_format(template_source: str | None) -> str:
@@ -95,6 +96,9 @@ def check_tools(tools: Any) -> list[dict]:
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise RequestError(f"tools[{i}].function.parameters must be a JSON schema object")
+        if not isinstance(params.get("properties", {}), dict) or not isinstance(params.get("required", []), list):
+            raise RequestError(f"tools[{i}].function.parameters: 'properties' must be an object and 'required' a "
+                               "list of names")
         clean = {"name": name, "parameters": params}
         if isinstance(fn.get("description"), str):
             clean = {"name": name, "description": fn["description"], "parameters": params}
@@ -196,36 +200,59 @@ class ToolPlan:
 
     # ------------------------------------------------------------ forcing a call
 
-    def grammar(self) -> str | None:
-        """llguidance lark grammar that admits only calls of the offered tools (tool_choice required or named)."""
-        if self.mode != "required" or not self.tools:
+    def grammar(self, close_think: bool = False, tokenizer=None) -> str | None:
+        """llguidance lark grammar for the answer: with tool_choice required or named, only calls of the offered
+        tools; with auto (Hermes and XML formats), any text, but once the model opens `<tool_call>` the rest
+        must be a valid call. close_think: the prompt left a `<think>` open, so a forced answer first closes it
+        (no thinking). tokenizer: to write a marker that is one control token as that token (`<[id]>`)."""
+        if not self.active or (self.mode == "auto" and self.format not in ("hermes", "qwen3_xml")):
             return None
         tools = self.offered
         many = self.parallel and not self.forced
-        if self.format == "hermes":
-            call = f'"{CALL_OPEN}\\n" %json {_dump(_any_call(tools, "arguments"))} "\\n{CALL_CLOSE}"'
-            return _repeat(call, '"\\n"', many)
-        if self.format == "qwen3_xml":
-            rules = [f"call_{i}: {_xml_call(t['function'])}" for i, t in enumerate(tools)]
-            alts = " | ".join(f"call_{i}" for i in range(len(tools)))
-            return _repeat(f"({alts})", '"\\n"', many) + "\n" + "\n".join(rules) + "\n"
+        start = 'start: "</think>\\n\\n" ' if close_think and self.mode == "required" else "start: "
+        if self.format in ("hermes", "qwen3_xml"):
+            if self.format == "hermes":
+                rules = [f'body: "\\n" %json {_dump(_any_call(tools, "arguments"))} "\\n{CALL_CLOSE}"']
+            else:
+                rules = [f"body_{i}: {_xml_call(t['function'])}" for i, t in enumerate(tools)]
+                rules.append("body: " + " | ".join(f"body_{i}" for i in range(len(tools))))
+            call = f'"{CALL_OPEN}" body'
+            if self.mode == "auto":
+                # free text without `<tool_call>`, or text up to the first `<tool_call>` (a lazy lexeme ends
+                # there) and then calls: the model decides whether to call, the grammar how
+                more = f' ("\\n" {call})*' if many else ""
+                rules += ["FREE: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/", "opened[lazy]: /(?s:.*)<tool_call>/"]
+                return f"start: FREE | opened body{more}\n" + "\n".join(rules) + "\n"
+            return start + _repeat(call, '"\\n"', many) + "\n".join(rules) + "\n"
         if self.format == "llama3":
-            return f"start: %json {_dump(_any_call(tools, 'parameters'))}\n"
+            return f"{start}%json {_dump(_any_call(tools, 'parameters'))}\n"
         if self.format == "mistral":
             arr = {"type": "array", "items": _any_call(tools, "arguments"), "minItems": 1,
                    "x-guidance": COMPACT}
             if not many:
                 arr["maxItems"] = 1
-            return f'start: "{MISTRAL_OPEN}" %json {_dump(arr)}\n'
+            return f'{start}{_marker(MISTRAL_OPEN, tokenizer)} %json {_dump(arr)}\n'
         arr = {"type": "array", "items": _any_call(tools, "arguments"), "minItems": 1}
         if not many:
             arr["maxItems"] = 1
         body = {"type": "object", "properties": {"tool_calls": arr}, "required": ["tool_calls"],
                 "additionalProperties": False, "x-guidance": COMPACT}
-        return f"start: %json {_dump(body)}\n"
+        return f"{start}%json {_dump(body)}\n"
 
-    def parser(self, reasoning: bool = True, in_reasoning: bool = False) -> "OutputParser":
+    def parser(self, reasoning: bool = True, in_reasoning: bool = False):
+        """An ocula.engine.tool_parse.OutputParser for this request's answer."""
+        from ocula.engine.tool_parse import OutputParser
+
         return OutputParser(self if self.active else None, reasoning, in_reasoning)
+
+
+def _marker(text: str, tokenizer) -> str:
+    """A grammar literal for a format's marker: its control token when the vocabulary has one (the model was
+    trained to write that token, which llguidance never produces from a quoted string), else the text."""
+    tid = tokenizer.token_id(text) if tokenizer is not None else None
+    if tid is not None and tokenizer.is_special(tid):
+        return f"<[{tid}]>"
+    return json.dumps(text)
 
 
 def _call_for_template(call: Any) -> dict:
@@ -251,7 +278,7 @@ def _dump(obj: Any) -> str:
 
 
 def _repeat(item: str, sep: str, many: bool) -> str:
-    return f"start: {item} ({sep} {item})*\n" if many else f"start: {item}\n"
+    return f"{item} ({sep} {item})*\n" if many else f"{item}\n"
 
 
 def _arguments_schema(params: dict) -> dict:
@@ -270,303 +297,41 @@ def _any_call(tools: list[dict], args_key: str) -> dict:
     return {**schema, "x-guidance": COMPACT}
 
 
+def _lit(text: str) -> str:
+    """A lark string literal for any text (quotes, backslashes, newlines escaped)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def is_text_param(schema: dict) -> bool:
+    """An XML-format parameter whose value is written as bare text: a string, or an enum of strings."""
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return all(isinstance(v, str) for v in enum)
+    return schema.get("type") == "string"
+
+
 def _xml_call(fn: dict) -> str:
+    """A Qwen3-Coder / Qwen3.5 call after its `<tool_call>`: `<function=NAME>`, one `<parameter=P>` per property
+    (required ones mandatory, in schema order), `</function>`, `</tool_call>`."""
     params = fn["parameters"] if isinstance(fn["parameters"], dict) else {}
     props = params.get("properties") or {}
     required = set(params.get("required") or [])
-    parts = [f'"{CALL_OPEN}\\n<function={fn["name"]}>\\n"']
+    parts = [f'"\\n<function={fn["name"]}>\\n"']  # what follows `<tool_call>`
     for name, schema in props.items():
         if not isinstance(schema, dict):
             schema = {}
-        if schema.get("type") == "string" and "enum" not in schema:
+        enum = schema.get("enum")
+        tag = _lit(f"<parameter={name}>\n")
+        if is_text_param(schema) and isinstance(enum, list) and enum:
+            # templates write string values bare (`args_value | string`), not as JSON
+            item = f'({tag} ({" | ".join(_lit(v) for v in enum)}) "\\n</parameter>\\n")'
+        elif is_text_param(schema):
             # text up to the closing tag as ONE lexeme (a separate "\n</parameter>" lexeme after a free-text one
             # is ambiguous for the lexer); the text cannot contain '<'
-            item = f'("<parameter={name}>\\n" /[^<]*\\n<\\/parameter>\\n/)'
+            item = f'({tag} /[^<]*\\n<\\/parameter>\\n/)'
         else:
             value = f"%json {_dump({**schema, 'x-guidance': COMPACT})}"
-            item = f'("<parameter={name}>\\n" {value} "\\n</parameter>\\n")'
+            item = f'({tag} {value} "\\n</parameter>\\n")'
         parts.append(item if name in required else item + "?")
     parts.append(f'"</function>\\n{CALL_CLOSE}"')
     return " ".join(parts)
-
-
-# ---------------------------------------------------------------- parsing output
-
-
-def _partial_suffix(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that is a proper beginning of one of `markers`."""
-    best = 0
-    for mk in markers:
-        for n in range(min(len(mk) - 1, len(text)), best, -1):
-            if text.endswith(mk[:n]):
-                best = n
-                break
-    return best
-
-
-class OutputParser:
-    """Splits generated text into reasoning, content and tool calls as it arrives. Text that may begin a
-    marker is held back until it is clear; a call is emitted once it is complete."""
-
-    def __init__(self, plan: ToolPlan | None, reasoning: bool = True, in_reasoning: bool = False):
-        self.plan = plan
-        self.reasoning = reasoning
-        self.mode = "reasoning" if (reasoning and in_reasoning) else "start"
-        self.buf = ""
-        self.blank = ""  # whitespace held back: dropped if only calls follow
-        self.calls: list[ToolCall] = []
-        fmt = plan.format if plan else None
-        self.json_whole = fmt in ("llama3", "generic")
-        self.openers: tuple[str, ...] = ()
-        if fmt in ("hermes", "qwen3_xml"):
-            self.openers = (CALL_OPEN, "<function=") if fmt == "qwen3_xml" else (CALL_OPEN,)
-        elif fmt == "mistral":
-            self.openers = (MISTRAL_OPEN,)
-
-    def feed(self, text: str) -> list[Event]:
-        self.buf += text
-        return self._drain(False)
-
-    def finish(self) -> list[Event]:
-        out = self._drain(True)
-        if self.blank and not self.calls:
-            out.append(("content", self.blank))
-        self.blank = ""
-        return out
-
-    # ------------------------------------------------------------ states
-
-    def _drain(self, final: bool) -> list[Event]:
-        out: list[Event] = []
-        while True:
-            before = (self.mode, len(self.buf))
-            getattr(self, "_" + self.mode)(final, out)
-            if (self.mode, len(self.buf)) == before:
-                return out
-
-    def _start(self, final: bool, out: list) -> None:
-        head = self.buf.lstrip()
-        if not head and not final:
-            return
-        if self.reasoning and head.startswith(THINK_OPEN):
-            self.buf = head[len(THINK_OPEN):]
-            self.mode = "reasoning"
-            return
-        if self.reasoning and THINK_OPEN.startswith(head) and head and not final:
-            return
-        if self.json_whole and (head.startswith("{") or head.startswith(PYTHON_TAG)):
-            self.mode = "whole"
-            return
-        if self.json_whole and PYTHON_TAG.startswith(head) and not final:
-            return
-        self.mode = "content"
-
-    def _reasoning(self, final: bool, out: list) -> None:
-        at = self.buf.find(THINK_CLOSE)
-        if at != -1:
-            if self.buf[:at]:
-                out.append(("reasoning", self.buf[:at]))
-            self.buf = self.buf[at + len(THINK_CLOSE):].lstrip("\n")
-            self.mode = "after_think"
-            return
-        keep = 0 if final else _partial_suffix(self.buf, (THINK_CLOSE,))
-        if len(self.buf) > keep:
-            out.append(("reasoning", self.buf[: len(self.buf) - keep]))
-            self.buf = self.buf[len(self.buf) - keep:]
-
-    def _after_think(self, final: bool, out: list) -> None:
-        head = self.buf.lstrip()
-        if not head and not final:
-            return
-        if self.json_whole and (head.startswith("{") or head.startswith(PYTHON_TAG)):
-            self.buf = head
-            self.mode = "whole"
-            return
-        self.buf = head
-        self.mode = "content"
-
-    def _content(self, final: bool, out: list) -> None:
-        starts = [(self.buf.find(o), o) for o in self.openers]
-        starts = [s for s in starts if s[0] != -1]
-        if starts:
-            at, _ = min(starts)
-            self._text(self.buf[:at], out)
-            self.buf = self.buf[at:]
-            self.mode = "call"
-            return
-        keep = 0 if final else _partial_suffix(self.buf, self.openers)
-        if len(self.buf) > keep:
-            self._text(self.buf[: len(self.buf) - keep], out)
-            self.buf = self.buf[len(self.buf) - keep:]
-
-    def _text(self, text: str, out: list) -> None:
-        body = text.rstrip()
-        if not body:
-            self.blank += text
-            return
-        # trailing whitespace waits: before a call it is dropped, otherwise it goes out with what follows
-        out.append(("content", self.blank + body))
-        self.blank = text[len(body):]
-
-    def _call(self, final: bool, out: list) -> None:
-        buf = self.buf
-        if buf.startswith(MISTRAL_OPEN):
-            if final:
-                self._emit_calls(_parse_mistral(buf[len(MISTRAL_OPEN):], self.plan), buf, out)
-                self.buf = ""
-                self.mode = "content"
-            return
-        close = CALL_CLOSE if buf.startswith(CALL_OPEN) else "</function>"
-        at = buf.find(close)
-        if at == -1:
-            if final:
-                self._emit_calls(_parse_block(buf, self.plan), buf, out)
-                self.buf = ""
-                self.mode = "content"
-            return
-        block = buf[: at + len(close)]
-        self._emit_calls(_parse_block(block, self.plan), block, out)
-        self.buf = buf[at + len(close):]
-        self.mode = "content"
-
-    def _whole(self, final: bool, out: list) -> None:
-        if not final:
-            return
-        text = self.buf
-        self.buf = ""
-        self.mode = "content"
-        body = text.strip()
-        if body.startswith(PYTHON_TAG):
-            body = body[len(PYTHON_TAG):]
-        calls = _parse_json_calls(body, self.plan)
-        if calls is None and self.plan is not None and self.plan.format == "generic":
-            try:
-                value = json.loads(body)
-            except ValueError:
-                value = None
-            if isinstance(value, dict) and isinstance(value.get("response"), str) and len(value) == 1:
-                self._text(value["response"], out)
-                return
-        self._emit_calls(calls, text, out)
-
-    def _emit_calls(self, calls: list[ToolCall] | None, raw: str, out: list) -> None:
-        if not calls:
-            self._text(raw, out)
-            return
-        self.blank = ""
-        for c in calls:
-            c.id = self.plan.new_id()
-            self.calls.append(c)
-            out.append(c)
-
-
-def _known(plan: ToolPlan | None, name: Any) -> bool:
-    return plan is not None and isinstance(name, str) and any(t["function"]["name"] == name for t in plan.tools)
-
-
-def _make_call(plan, name: Any, args: Any) -> ToolCall | None:
-    if not _known(plan, name):
-        return None
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except ValueError:
-            return None
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(name, json.dumps(args, ensure_ascii=False))
-
-
-def _call_from_object(obj: Any, plan) -> ToolCall | None:
-    if not isinstance(obj, dict):
-        return None
-    if isinstance(obj.get("function"), dict):
-        obj = obj["function"]
-    args = obj.get("arguments", obj.get("parameters"))
-    return _make_call(plan, obj.get("name"), args)
-
-
-def _parse_block(block: str, plan) -> list[ToolCall] | None:
-    """One `<tool_call>...</tool_call>` (JSON or XML inside) or a bare `<function=...>...</function>`."""
-    inner = block
-    if inner.startswith(CALL_OPEN):
-        inner = inner[len(CALL_OPEN):]
-    if inner.endswith(CALL_CLOSE):
-        inner = inner[: -len(CALL_CLOSE)]
-    inner = inner.strip()
-    if inner.startswith("<function="):
-        call = _parse_xml_function(inner, plan)
-        return [call] if call else None
-    try:
-        obj = json.loads(inner)
-    except ValueError:
-        return None
-    call = _call_from_object(obj, plan)
-    return [call] if call else None
-
-
-_FUNCTION_RE = re.compile(r"^<function=([^>\n]+)>(.*?)(?:</function>\s*)?$", re.S)
-_PARAM_RE = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
-
-
-def _parse_xml_function(text: str, plan) -> ToolCall | None:
-    m = _FUNCTION_RE.match(text.strip())
-    if not m or not _known(plan, m.group(1).strip()):
-        return None
-    name = m.group(1).strip()
-    fn = next(t["function"] for t in plan.tools if t["function"]["name"] == name)
-    props = (fn["parameters"].get("properties") or {}) if isinstance(fn["parameters"], dict) else {}
-    args = {}
-    for pname, raw in _PARAM_RE.findall(m.group(2)):
-        pname = pname.strip()
-        schema = props.get(pname) if isinstance(props.get(pname), dict) else {}
-        if schema.get("type") == "string":
-            args[pname] = raw
-            continue
-        try:
-            args[pname] = json.loads(raw)
-        except ValueError:
-            args[pname] = raw
-    return ToolCall(name, json.dumps(args, ensure_ascii=False))
-
-
-def _parse_json_calls(body: str, plan) -> list[ToolCall] | None:
-    """A whole answer that is a call: {"name", "parameters"|"arguments"}, a list of them, or
-    {"tool_calls": [...]} / {"tool_call": {...}} (generic); several Llama calls may be joined by ';'."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        pieces = [p for p in body.split(";") if p.strip()]
-        if len(pieces) < 2:
-            return None
-        try:
-            value = [json.loads(p) for p in pieces]
-        except ValueError:
-            return None
-    if isinstance(value, dict) and "tool_calls" in value:
-        value = value["tool_calls"]
-    elif isinstance(value, dict) and "tool_call" in value:
-        value = [value["tool_call"]]
-    items = value if isinstance(value, list) else [value]
-    calls = [_call_from_object(v, plan) for v in items]
-    if not calls or any(c is None for c in calls):
-        return None
-    return calls
-
-
-def _parse_mistral(body: str, plan) -> list[ToolCall] | None:
-    body = body.strip()
-    if body.startswith("["):
-        return _parse_json_calls(body, plan)
-    calls = []  # newer Mistral templates: NAME[ARGS]{...}, repeated with [TOOL_CALLS] between
-    for piece in body.split(MISTRAL_OPEN):
-        name, sep, args = piece.partition("[ARGS]")
-        if not sep:
-            return None
-        call = _make_call(plan, name.strip(), args.strip())
-        if call is None:
-            return None
-        calls.append(call)
-    return calls or None

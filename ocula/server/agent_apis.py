@@ -106,7 +106,7 @@ def register_agent_apis(app: FastAPI, chat: Chat, read_json, check_auth, model_i
     async def count_tokens(request: Request):
         try:
             body = await read_json_authed(request)
-            return await anthropic_api.count_tokens(body, ChatCall(chat, request, "messages"))
+            return await anthropic_api.count_tokens(body, ChatCall(chat, request, "count_tokens"))
         except Exception as e:  # noqa: BLE001
             return anthropic_error(to_api_error(e))
 

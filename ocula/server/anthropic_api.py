@@ -94,6 +94,7 @@ def _add_turn(messages: list[dict], role: str, content: Any, where: str) -> None
         raise _bad(f"{where}.content must be a string or a list of content blocks", f"{where}.content")
     parts: list[dict] = []
     calls: list[dict] = []
+    thought = ""
     for j, block in enumerate(content):
         bw = f"{where}.content.{j}"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -118,15 +119,18 @@ def _add_turn(messages: list[dict], role: str, content: Any, where: str) -> None
             if block.get("is_error"):
                 result = f"Error: {result}"
             messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": result})
+        elif kind == "thinking" and role == "assistant":
+            thought += block.get("thinking") or ""  # templates that keep reasoning render it
         elif kind in ("thinking", "redacted_thinking"):
             continue
         else:
             raise _bad(f"{bw} is a {kind!r} block, which this server does not take here; send text, image, "
                        "tool_use (assistant) or tool_result (user) blocks", bw)
+    extra = {"reasoning_content": thought} if thought else {}
     if calls:
-        messages.append({"role": "assistant", "content": parts or None, "tool_calls": calls})
-    elif parts:
-        messages.append({"role": role, "content": parts})
+        messages.append({"role": "assistant", "content": parts or None, "tool_calls": calls, **extra})
+    elif parts or extra:
+        messages.append({"role": role, "content": parts, **extra})
 
 
 def _image_url(source: Any, where: str) -> str:
@@ -191,6 +195,8 @@ def _tool_use_id(call_id: str) -> str:
 
 async def handle(body: dict, call: ChatCall, model_id: str):
     chat = to_chat(body)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):  # strict: "yes", 1 are not true
+        raise _bad(f"stream must be true or false, got {body['stream']!r}", "stream")
     if not body.get("stream"):
         return JSONResponse(full(await call.answer(chat), model_id))
     chunks = await call.chunks(chat)

@@ -31,7 +31,7 @@ from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
 from ocula.server.agent_apis import register_agent_apis
 from ocula.server.chat_tools import ChatPlan
-from ocula.server.choices import run_choices
+from ocula.server.choices import MAX_CHOICES, run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.image_budget import has_media, image_max_tokens, image_token_limit
@@ -159,7 +159,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
-            "modalities": {"vision": model.supports_images, "audio": False},
+            "modalities": {"vision": model.supports_images, "audio": False, "video": model.supports_video},
             "architecture": model.architecture,
         }
 
@@ -193,8 +193,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            if (req.n or 1) > 1:
-                resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,
+            if isinstance(greq, list) or (req.n or 1) > 1:
+                resp = await run_choices(sched, metrics, request, greq, fmt, req.n or 1, req.stream, include_usage,
                                          endpoint, t0)
             else:
                 resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
@@ -236,15 +236,16 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise to_api_error(e, None) from None
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
-        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx,
+                                                       media)
+        if plan.needs_parse and plan.thinks:
+            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         constraint = await make_constraint(req.response_format, req)
         if constraint is None and plan.tools.grammar() is not None:
             try:
                 constraint = await run_in_threadpool(plan.constraint, structured_for(model))
             except OculaError as e:
                 raise to_api_error(e, "tools") from None
-        if plan.needs_parse and plan.thinks:
-            plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
         img_max = image_max_tokens(model, config.image_max_tokens, req.image_max_tokens)
         limit = image_token_limit(config.max_image_tokens_per_request, sched.n_ctx)
@@ -263,12 +264,18 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         return greq, plan.wrap(ChatFormat(model_id, model.tokenizer, logprobs is not None))
 
     async def prepare_completion(req: P.CompletionRequest, params, explicit: bool, bias):
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompt)}",
-                               param="prompt", code="unsupported_parameter")
-            prompt = prompt[0]
+        """One prompt: (request, format); several (a list of texts or of id lists): lists of both, whose
+        choices run_choices numbers prompt by prompt (OpenAI's order)."""
+        prompts = req.prompt
+        if not (isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list))):
+            return await prepare_one_completion(req, prompts, params, explicit, bias)
+        if len(prompts) > MAX_CHOICES:
+            raise APIError(400, f"prompt: at most {MAX_CHOICES} prompts per request, got {len(prompts)}",
+                           param="prompt", code="invalid_value")
+        prepared = [await prepare_one_completion(req, p, params, explicit, bias) for p in prompts]
+        return [g for g, _ in prepared], [f for _, f in prepared]
+
+    async def prepare_one_completion(req: P.CompletionRequest, prompt, params, explicit: bool, bias):
         if isinstance(prompt, list):
             bad = [t for t in prompt if not 0 <= t < model.text.cfg.n_vocab]
             if bad:
@@ -392,7 +399,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 elif isinstance(ev, Failed):
                     err = to_api_error(ev.error)
                     status = err.status
-                    yield _data(err.body())
+                    yield _data(fmt.error_body(err) if hasattr(fmt, "error_body") else err.body())
                     break
             if getattr(fmt, "done_marker", True):  # llama-server's native stream ends without one
                 yield "data: [DONE]\n\n"
@@ -407,7 +414,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     register_llama_routes(app, RouteContext(
         model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
-        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health))
+        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health,
+        media))
     register_agent_apis(app, lambda request, endpoint, body: generation_route(
         request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
     return app

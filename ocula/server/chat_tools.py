@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from ocula.engine.request import Delta, Finished, Started
+from ocula.engine.structured import available as structured_available
 from ocula.engine.tool_calls import THINK_OPEN, ToolCall, ToolPlan
+from ocula.engine.tool_parse import split_events
 from ocula.errors import RequestError
 from ocula.server.errors import APIError
 
-REASONING_FORMATS = ("auto", "deepseek", "none", "parsed")
+REASONING_FORMATS = ("auto", "deepseek", "deepseek-legacy", "none", "parsed")  # llama-server's names
 
 
 class ChatPlan:
@@ -56,9 +58,9 @@ class ChatPlan:
         self.in_reasoning = tail.endswith(THINK_OPEN)
 
     def constraint(self, structured):
-        grammar = self.tools.grammar()
-        if grammar is None:
-            return None
+        grammar = self.tools.grammar(close_think=self.in_reasoning, tokenizer=structured.tokenizer)
+        if grammar is None or (self.tools.mode == "auto" and not structured_available()):
+            return None  # without llguidance, auto calls are only parsed
         return structured.for_lark(grammar, "the tool schema")
 
     def wrap(self, fmt):
@@ -79,16 +81,18 @@ class ParsedChatFormat:
     def _chunks(self, events: list, logprobs=None) -> list[dict]:
         out = []
         for e in events:
-            if isinstance(e, ToolCall):
-                i = self.n_calls
+            if isinstance(e, ToolCall) or e[0] == "call_begin":
+                call = e if isinstance(e, ToolCall) else e[1]
                 self.n_calls += 1
-                out.append(self.base._chunk({"tool_calls": [
-                    {"index": i, "id": e.id, "type": "function", "function": {"name": e.name, "arguments": ""}}]}))
-                out.append(self.base._chunk({"tool_calls": [{"index": i, "function": {"arguments": e.arguments}}]}))
-            else:
-                kind, text = e
-                key = "content" if kind == "content" else "reasoning_content"
-                out.append(self.base._chunk({key: text}))
+                out.append(self._call_chunk({"id": call.id, "type": "function",
+                                             "function": {"name": call.name, "arguments": ""}}))
+                if isinstance(e, ToolCall):
+                    out.append(self._call_chunk({"function": {"arguments": e.arguments}}))
+            elif e[0] == "call_args":
+                out.append(self._call_chunk({"function": {"arguments": e[1]}}))
+            elif e[0] in ("content", "reasoning"):
+                key = "content" if e[0] == "content" else "reasoning_content"
+                out.append(self.base._chunk({key: e[1]}))
         if logprobs:
             lp = self.base._lp(logprobs)
             if out:
@@ -96,6 +100,9 @@ class ParsedChatFormat:
             else:
                 out.append(self.base._chunk({}, None, lp))
         return out
+
+    def _call_chunk(self, fields: dict) -> dict:
+        return self.base._chunk({"tool_calls": [{"index": self.n_calls - 1, **fields}]})
 
     def delta(self, ev: Delta) -> list[dict]:
         return self._chunks(self.parser.feed(ev.text), ev.logprobs if self.base.logprobs else None)
@@ -107,10 +114,7 @@ class ParsedChatFormat:
 
     def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:
         parser = self.plan.tools.parser(self.plan.reasoning, self.plan.in_reasoning)
-        events = parser.feed(ev.result.text) + parser.finish()
-        content = "".join(t for e in events if not isinstance(e, ToolCall) and e[0] == "content" for t in [e[1]])
-        reasoning = "".join(e[1] for e in events if not isinstance(e, ToolCall) and e[0] == "reasoning")
-        calls = [e for e in events if isinstance(e, ToolCall)]
+        content, reasoning, calls = split_events(parser.feed(ev.result.text) + parser.finish())
         body = self.base.full(first, deltas, _with_reason(ev, bool(calls)))
         message = body["choices"][0]["message"]
         message["content"] = content if (content or not calls) else None

@@ -6,6 +6,7 @@ import os
 import sys
 
 from ocula.errors import OculaError
+from ocula.server.llama_flags import add_llama_server_flags, apply_llama_server_flags
 
 
 def _size(text: str) -> int:
@@ -32,6 +33,9 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
+    g.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
+                   help="chat template for chat requests: chatml, gemma, a Jinja file or the template text (default: "
+                        "the GGUF's own; without one, Gemma's turn format for Gemma, else ChatML)")
     g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
                    help="largest request body (default: room for the context's text, JSON-escaped, plus "
@@ -97,6 +101,7 @@ def add_parser(sub, add_model_args) -> None:
     v.add_argument("--video-max-frames", type=int, default=None, help="most frames sampled from one clip")
     v.add_argument("--video-max-tokens", type=int, default=None, help="most tokens one clip may take "
                    "(default: the context size)")
+    add_llama_server_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -114,6 +119,7 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
+    video_config = _video_config(args)
     for flag, value in (("--image-min-tokens", args.image_min_tokens), ("--image-max-tokens", args.image_max_tokens),
                         ("--image-threads", args.image_threads), ("--image-workers", args.image_workers)):
         if value is not None and value < 1:
@@ -128,7 +134,22 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     if args.threads is None:  # leave a core to the HTTP side (event loop, image decoding)
         args.threads = max(1, (os.cpu_count() or 2) - 1)
+    if args.chat_template:
+        from ocula.chat import ChatTemplate
+        from ocula.cli_template import template_source
+
+        ChatTemplate(template_source(args.chat_template))  # parses, before the model loads
     model = load_model(args)
+    apply_llama_server_flags(args, model)  # --chat-template-file, -b, and notes on flags without effect
+    if args.chat_template:
+        model.template = ChatTemplate(template_source(args.chat_template), model.tokenizer.bos_token,
+                                      model.tokenizer.eos_token, model.architecture)
+    elif not model.has_chat_template and args.chat_template_file is None:
+        from ocula.cli_template import fallback_name
+
+        print(f"ocula: warning: {model.gguf.path.name} has no chat template (a base model?): chat requests are "
+              f"wrapped in {fallback_name(model.architecture)} (--chat-template to choose); /v1/completions "
+              "completes prompts as is", file=sys.stderr)
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
@@ -146,7 +167,7 @@ def cmd_serve(args) -> int:
         image_workers=args.image_workers,
         max_body_bytes=args.max_request_bytes,
         max_request_media_bytes=args.max_request_media_bytes,
-        **_video_config(args),
+        **video_config,
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
