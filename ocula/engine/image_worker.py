@@ -25,7 +25,7 @@ import torch
 
 from ocula.engine.generate import Timings
 from ocula.engine.prompt import Prompt
-from ocula.engine.request import Handle, SchedulerStoppedError
+from ocula.engine.request import Handle, SchedulerStoppedError, building_for
 
 log = logging.getLogger("ocula.scheduler")
 
@@ -126,10 +126,13 @@ class ImageWorker:
             return Built(handle, timings, None, None, 0.0)
         t0 = time.perf_counter()
         prompt, error = None, None
+        token = building_for.set(handle)
         try:
             prompt = handle.request.build_prompt(timings)
         except Exception as e:  # noqa: BLE001 - bad input or a bug: this request only
             error = e
+        finally:
+            building_for.reset(token)
         return Built(handle, timings, prompt, error, (time.perf_counter() - t0) * 1000)
 
 
