@@ -3,6 +3,7 @@ a thread of its own (with its own torch thread count) while the other sequences 
 the build time is not queue time; a request cancelled while waiting for the worker is reported cancelled."""
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,40 @@ def test_a_prompt_built_after_stop_is_failed_not_left_hanging(model):
     gate.set()
     event = h._queue.get(timeout=5)  # before: no event ever came, the client waited forever
     assert isinstance(event, Failed) and "shutting down" in str(event.error)
+
+
+def test_other_image_work_runs_on_the_workers(model):
+    with Scheduler(model, image_workers=1) as s:
+        names = s.images.call(lambda: threading.current_thread().name).result(5)
+        assert names.startswith("ocula-image-worker")
+        bad = s.images.call(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            bad.result(5)
+    with pytest.raises(Exception, match="not running"):
+        s.images.call(lambda: None)
+
+
+QWEN2VL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "models" / "qwen2vl"
+
+
+@pytest.mark.skipif(not (QWEN2VL / "qwen2vl-f16.gguf").exists(), reason=f"Qwen2-VL fixture not found in {QWEN2VL}")
+def test_a_cancelled_request_stops_encoding_its_remaining_images():
+    import numpy as np
+    from PIL import Image
+
+    vlm = ocula.load(QWEN2VL / "qwen2vl-f16.gguf", mmproj=QWEN2VL / "mmproj-qwen2vl-f16.gguf", n_ctx=8192)
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8)) for _ in range(3)]
+    messages = [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                             {"type": "text", "text": "Compare."}]}]
+    req = GenerationRequest(lambda t: vlm.build_prompt(messages, t), SamplingParams(max_tokens=2), has_images=True)
+    with Scheduler(vlm, image_workers=1) as s:
+        h = s.submit(req)
+        deadline = time.monotonic() + 10
+        while not s.images.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # inside the first image's preprocessing or encode
+        h.cancel()
+        events = list(h)
+    assert isinstance(events[-1], Failed) and isinstance(events[-1].error, Cancelled)
+    assert len(vlm.vision.cache._items) <= 1, "images were encoded after the client had gone"

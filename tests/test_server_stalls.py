@@ -118,9 +118,12 @@ def test_a_large_image_encodes_while_a_text_request_is_answered(server):
     time.sleep(1.0)  # the image is encoding now
     r, took = chat(server, "Say hi.")
     text_done = time.monotonic()
+    busy = [ln for ln in CLIENT.get(server.url + "/metrics").text.splitlines()
+            if ln.startswith("ocula_image_workers_busy ")]
     t.join(120)
     assert r.status_code == 200, r.text
     assert big["r"].status_code == 200, big["r"].text
+    assert busy == ["ocula_image_workers_busy 1"], busy
     timings = big["r"].json()["timings"]
     assert timings["image_tokens"] == 4096
     assert text_done < big["done"] - 1.0, "the image request was not encoding while the text one ran"
@@ -157,3 +160,26 @@ def test_the_default_image_cap_lowers_but_never_raises():
         m = ocula.load(internvl / "internvl-f16.gguf", mmproj=internvl / "mmproj-internvl-f16.gguf")
         own = m.vision.vision.default_max_tokens  # 12 tiles + thumbnail: a max_tokens above it adds tiles
         assert own < 4096 and image_max_tokens(m, None, None) == own
+
+
+def test_counting_a_large_image_chat_does_not_stop_decoding(server):
+    """/v1/chat/completions/input_tokens builds the prompt (the image encoded) on an image worker, not on
+    the scheduler thread, so a text request sent meanwhile is answered at once."""
+    body = {"model": "m", "messages": [{"role": "user", "content": image_content(pattern_png(2000, 7), "Count.")}]}
+    counted: dict = {}
+
+    def count():
+        t0 = time.monotonic()
+        counted["r"] = CLIENT.post(server.url + "/v1/chat/completions/input_tokens", json=body, timeout=120)
+        counted["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=count)
+    t.start()
+    time.sleep(1.0)
+    r, took = chat(server, "Say hi.")
+    t.join(120)
+    assert r.status_code == 200 and counted["r"].status_code == 200, counted["r"].text
+    r2, _ = chat(server, body["messages"][0]["content"])  # the same chat (its image now cached): same count
+    assert counted["r"].json()["input_tokens"] == r2.json()["usage"]["prompt_tokens"]
+    assert r2.json()["timings"]["image_tokens"] == 4096  # the server's default cap in both
+    assert took < min(3.0, counted["took"] / 2), f"a text request waited {took:.1f} s behind a token count"

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +25,7 @@ import torch
 
 from ocula.engine.generate import Timings
 from ocula.engine.prompt import Prompt
-from ocula.engine.request import Handle
+from ocula.engine.request import Handle, SchedulerStoppedError, building_for
 
 log = logging.getLogger("ocula.scheduler")
 
@@ -46,7 +47,7 @@ class ImageWorker:
             raise ValueError("image workers: at least one, with at least one thread each")
         self.threads, self.workers = threads, workers
         self._deliver = deliver
-        self._queue: deque[Handle] = deque()
+        self._queue: deque[Handle | _Call] = deque()
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._running = False
@@ -66,9 +67,13 @@ class ImageWorker:
         """Stop after the prompts being built (if any); the requests still waiting, never started."""
         with self._cond:
             self._running = False
-            waiting = list(self._queue)
+            waiting = [h for h in self._queue if isinstance(h, Handle)]
+            calls = [c for c in self._queue if isinstance(c, _Call)]
             self._queue.clear()
             self._cond.notify_all()
+        for c in calls:
+            if c.future.set_running_or_notify_cancel():
+                c.future.set_exception(SchedulerStoppedError("the server is shutting down"))
         end = time.monotonic() + timeout
         for t in self._threads:
             if t is not threading.current_thread():
@@ -79,6 +84,17 @@ class ImageWorker:
         with self._cond:
             self._queue.append(handle)
             self._cond.notify_all()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on a worker, in turn with the prompts, for other image work that should not stop decoding
+        (e.g. counting a chat's tokens, images encoded); the Future gets its result or exception."""
+        future: Future = Future()
+        with self._cond:
+            if not self._running:
+                raise SchedulerStoppedError("the scheduler is not running")
+            self._queue.append(_Call(fn, future))
+            self._cond.notify_all()
+        return future
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -92,10 +108,13 @@ class ImageWorker:
                         self._cond.wait(0.5)
                     if not self._running:
                         return
-                    handle = self._queue.popleft()
+                    item = self._queue.popleft()
                     self.busy += 1
                 try:
-                    self._deliver(self._build(handle))
+                    if isinstance(item, _Call):
+                        item.run()
+                    else:
+                        self._deliver(self._build(item))
                 finally:
                     with self._cond:
                         self.busy -= 1
@@ -107,8 +126,25 @@ class ImageWorker:
             return Built(handle, timings, None, None, 0.0)
         t0 = time.perf_counter()
         prompt, error = None, None
+        token = building_for.set(handle)
         try:
             prompt = handle.request.build_prompt(timings)
         except Exception as e:  # noqa: BLE001 - bad input or a bug: this request only
             error = e
+        finally:
+            building_for.reset(token)
         return Built(handle, timings, prompt, error, (time.perf_counter() - t0) * 1000)
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], object]
+    future: Future
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn())
+        except Exception as e:  # noqa: BLE001 - the caller gets it
+            self.future.set_exception(e)

@@ -11,7 +11,7 @@ import torch
 
 from ocula.chat import image_parts
 from ocula.engine.prompt import ImageSpan, Prompt
-from ocula.engine.request import ContextOverflowError
+from ocula.engine.request import ContextOverflowError, raise_if_cancelled
 from ocula.engine.video_prompt import encode_video, expand_markers, video_spans
 from ocula.errors import OculaError, RequestError
 from ocula.media import MediaPolicy, image_digest, load_image
@@ -196,6 +196,7 @@ class VisionRuntime:
         for p in prepared:
             enc = p.cached or fresh.get(p.key)
             if enc is None:
+                raise_if_cancelled()  # the client has gone: the images not encoded yet are not
                 enc = fresh[p.key] = self.run_encoder(p.key, p.processed)
             encoded.append((p.key, enc))
         expanded = pieces[0]

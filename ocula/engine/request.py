@@ -1,6 +1,7 @@
 """A generation request submitted to the Scheduler, the events it produces, and the submitter's Handle."""
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -27,6 +28,17 @@ class SchedulerStoppedError(OculaError):
 
 class Cancelled(OculaError):
     """The request was cancelled before it finished."""
+
+
+# Set while a worker builds a request's prompt: the request's Handle, so that long work inside the build
+# (one image encode after another) can stop early when its client has gone (raise_if_cancelled).
+building_for: contextvars.ContextVar = contextvars.ContextVar("building_for", default=None)
+
+
+def raise_if_cancelled() -> None:
+    handle = building_for.get()
+    if handle is not None and handle.cancelled:
+        raise Cancelled("cancelled")
 
 
 @dataclass

@@ -92,8 +92,12 @@ async def embeddings(ctx, request: Request, openai_shape: bool | None):
                                 "shortening them is not supported", param="dimensions", code="unsupported_value")
         norm = field(body, "embd_normalize", int, 2)
         inputs = await prepare_inputs(ctx, raw)
-        futures = [asyncio.wrap_future(ctx.sched.call(lambda s=s: embed(ctx, s, pooling, norm))) for s in inputs]
         try:
+            # images are encoded on the image workers first (into the embedding cache), so that the forward on
+            # the scheduler thread does not stop the decoding sequences for an image's encode
+            await asyncio.gather(*(asyncio.wrap_future(ctx.sched.images.call(
+                lambda s=s: build_prompt(ctx, *s, Timings()))) for s in inputs if s[1]))
+            futures = [asyncio.wrap_future(ctx.sched.call(lambda s=s: embed(ctx, s, pooling, norm))) for s in inputs]
             results = await asyncio.gather(*futures)
         except Exception as e:  # noqa: BLE001 - engine errors become 4xx, the rest 500 (never a traceback)
             raise to_api_error(e, "input") from None

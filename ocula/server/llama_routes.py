@@ -181,7 +181,7 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
             return len(greq.build_prompt(Timings()))
 
         try:
-            n = await asyncio.wrap_future(ctx.sched.call(count))
+            n = await asyncio.wrap_future(ctx.sched.images.call(count))  # encodes: not on the scheduler thread
         except OculaError as e:
             raise to_api_error(e, "messages") from None
         return JSONResponse({"object": "chat.completion.input_tokens", "input_tokens": n})

@@ -86,6 +86,8 @@ class Metrics:
         metric("ocula_prefill_seconds_total", "counter", "Time spent in prefill forwards.", [("", st.prefill_seconds)])
         metric("ocula_queue_depth", "gauge", "Requests waiting for admission.", [("", scheduler.queue_depth)])
         metric("ocula_active_sequences", "gauge", "Sequences being prefilled or decoded.", [("", scheduler.active)])
+        metric("ocula_image_workers_busy", "gauge", "Image workers encoding a request's images now.",
+               [("", scheduler.images.busy)])
         metric("ocula_scheduler_requests_total", "counter", "Scheduler outcomes.",
                [('{outcome="admitted"}', st.requests_admitted), ('{outcome="finished"}', st.requests_finished),
                 ('{outcome="failed"}', st.requests_failed), ('{outcome="cancelled"}', st.requests_cancelled),
