@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 
 from ocula.chat import ChatTemplate
+from ocula.engine import video_prompt
 from ocula.engine.generate import Chunk, Engine, Result, Timings
 from ocula.engine.prompt import Prompt
 from ocula.engine.sampling import SamplingParams
@@ -34,6 +35,27 @@ def resolve_dtype(dtype: str | torch.dtype, what: str = "dtype") -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: cuda when torch sees a GPU, else cpu); an UnsupportedError names a device
+    torch does not know, one ocula does not run on, or a GPU this torch build or machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UnsupportedError(f"device {device!r} is not a device name torch knows; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"device {device!r} is not supported: ocula runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support (a CPU-only wheel)" if torch.version.cuda is None
+                   else "torch sees no CUDA GPU on this machine")
+            raise UnsupportedError(f"device {device!r} asked for, but {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UnsupportedError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def load(
     model: str | os.PathLike,
     mmproj: str | os.PathLike | None = None,
@@ -55,8 +77,13 @@ def load(
     needs ocula[fast]) or "torch" (reference tile dequantization).
     kv_dtype: the KV cache's dtype (default: the compute dtype); "float16" or "bfloat16" halve it
     (llama.cpp's default is float16) at the cost of rounding every cached key and value."""
-    if threads:
-        torch.set_num_threads(int(threads))
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0):
+        raise RequestError(f"n_ctx must be a positive number of tokens (0 or None: the model's own context), "
+                           f"got {n_ctx!r}")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise RequestError(f"threads must be a whole number >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
     return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx, kernels=kernels,
                  kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype, "kv_dtype"))
 
@@ -66,7 +93,7 @@ class Model:
                  kv_dtype=None):
         t0 = time.perf_counter()
         check_mode(kernels)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.gguf = GGUFFile(path)
         self.text = build_text_model(self.gguf)
@@ -109,6 +136,12 @@ class Model:
         return self.engine.n_ctx
 
     @property
+    def has_chat_template(self) -> bool:
+        """Whether the GGUF carries a chat template (without one, chat() wraps messages in the architecture's
+        fallback format: Gemma's turns for Gemma, else ChatML; base models are better run with generate())."""
+        return not self.template.is_fallback
+
+    @property
     def supports_images(self) -> bool:
         return self.vision is not None
 
@@ -130,17 +163,28 @@ class Model:
 
     def build_prompt(self, messages: list[dict], timings: Timings | None = None,
                      image_min_tokens: int | None = None, image_max_tokens: int | None = None,
-                     media_policy=None, max_images: int | None = None, **template_kwargs) -> Prompt:
-        """Render the chat template and turn the conversation into decoder input (images encoded)."""
+                     media_policy=None, max_images: int | None = None, video_options: dict | None = None,
+                     video_limits=None, **template_kwargs) -> Prompt:
+        """Render the chat template and turn the conversation into decoder input (images and videos encoded).
+        `video_options`: the HF video processor's keywords (fps, num_frames, do_sample_frames, min_frames,
+        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt)."""
+        videos = []
+        if self.vision is not None and video_prompt.has_video(messages):
+            if self.supports_native_video:
+                messages, videos = video_prompt.take_video_parts(messages)
+            else:
+                messages = video_prompt.frames_as_images(messages, media_policy, video_options, video_limits)
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)
-            return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images)
+            return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images,
+                                            videos, video_options, video_limits)
         from ocula.chat import image_parts
 
-        if image_parts(messages):
+        if image_parts(messages) or video_prompt.has_video(messages):
+            what = "images" if image_parts(messages) else "videos"
             raise RequestError(
-                f"{self.gguf.path.name} is a text-only model: images need a vision projector (load it with mmproj=...)"
+                f"{self.gguf.path.name} is a text-only model: {what} need a vision projector (load it with mmproj=...)"
             )
         return self._text_prompt(text, add_special=False)
 
@@ -150,7 +194,7 @@ class Model:
         return Prompt.from_tokens(ids, self.text.cfg.is_mrope)
 
     def prompt_token_ids(self, messages: list[dict], **image_options) -> list[int]:
-        """Prompt ids with each image's placeholder expanded as the HF processor does."""
+        """Prompt ids with each image's (and video's) placeholder expanded as the HF processor does."""
         return self.build_prompt(messages, **image_options).token_ids
 
     def encode_image(self, image, *, deepstack: bool = False, image_min_tokens: int | None = None,
@@ -162,6 +206,22 @@ class Model:
         if self.vision is None:
             raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
         _, enc = self.vision.encode(image, ImageOptions(image_min_tokens, image_max_tokens))
+        return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
+
+    @property
+    def supports_native_video(self) -> bool:
+        """Whether the projector takes clips itself (Qwen2/2.5/3-VL); other families get frames as images."""
+        return self.vision is not None and getattr(self.vision.vision, "temporal", 1) == 2
+
+    def encode_video(self, video, *, video_options: dict | None = None, deepstack: bool = False):
+        """Projector output [n_tokens, n_embd] for a clip (path, URL, bytes, frames or a video part), slot by slot
+        (Qwen2/2.5/3-VL). With deepstack=True returns (features, [per-layer deepstack features])."""
+        if self.vision is None:
+            raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
+        if not self.supports_native_video:
+            raise RequestError(f"{self.vision.vision.cfg.projector_type!r} has no video encoder: its chats take a "
+                               "clip as sampled frames (images), see encode_image")
+        _, enc = video_prompt.encode_video(self.vision, video, video_options)
         return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
 
     def _as_prompt(self, source) -> Prompt:
@@ -191,8 +251,9 @@ class Model:
 
     def chat(self, messages: list[dict], *, stream: bool = False, image_min_tokens: int | None = None,
              image_max_tokens: int | None = None, response_format: dict | None = None,
-             tools: list[dict] | None = None, tool_choice: Any = None, parallel_tool_calls: bool | None = None,
-             chat_template_kwargs: dict | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
+             video_options: dict | None = None, tools: list[dict] | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool | None = None, chat_template_kwargs: dict | None = None,
+             **sampling: Any) -> Result | Iterator[Chunk]:
         """Answer a conversation. `response_format` is OpenAI's: {"type": "json_object"} or
         {"type": "json_schema", "json_schema": {"schema": {...}}} constrains the answer to that JSON.
 
@@ -220,7 +281,8 @@ class Model:
         if constraint is None and grammar is not None:
             constraint = structured_for(self).for_lark(grammar, "the tool schema")
         timings = Timings()
-        prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens, **kwargs)
+        prompt = self.build_prompt(messages, timings, image_min_tokens, image_max_tokens,
+                                   video_options=video_options, **kwargs)
         result = self._run(prompt, stream, timings, sampling, constraint)
         if not stream:
             result.parsed = parse_answer(result.text, plan, in_reasoning=thinking)

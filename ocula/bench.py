@@ -468,6 +468,10 @@ def merge_runs(runs: list[dict]) -> dict:
 
 
 def cmd_bench(args) -> int:
+    if args.video:  # a clip's decode / preprocess / encode cost (ocula/bench_video.py)
+        from ocula.bench_video import cmd_bench_video
+
+        return cmd_bench_video(args)
     cfg = config_from_args(args)
     if args.compare:
         # engines alternate round by round, so a change in machine load hits both alike
@@ -539,6 +543,9 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--image", action="append", default=[], help="image file to preprocess + encode (repeatable)")
     p.add_argument("--image-min-tokens", type=int, default=None)
     p.add_argument("--image-max-tokens", type=int, default=None)
+    p.add_argument("--video", action="append", default=[], help="measure this clip's decode, preprocess and encode "
+                   "time per frame instead (repeatable; see ocula/bench_video.py)")
+    p.add_argument("--video-fps", type=float, default=None, help="with --video: frames sampled per second (4)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="synthetic prompt length in tokens (0: skip)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to generate, EOS ignored (0: skip)")
     p.add_argument("--reps", type=int, default=3, help="repetitions (min and median are reported)")

@@ -42,6 +42,7 @@ GEMMA_TEMPLATE = (
 )
 FALLBACK_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+VIDEO_PART_TYPES = ("video", "video_url", "input_video")  # taken out before templating (engine/video_prompt.py)
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -114,12 +115,18 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             raise RequestError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
         content = m.get("content")
         if content is None:
+            if not (m["role"] == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+                raise RequestError(f"messages[{i}] has no 'content' (only an assistant message with 'tool_calls' "
+                                   "may leave it out); send \"content\": \"\" for an empty message")
             content = ""
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
                 if isinstance(part, str):
                     part = {"type": "text", "text": part}
+                if isinstance(part, dict) and part.get("type") in VIDEO_PART_TYPES:
+                    parts.append({"type": "video"})
+                    continue
                 if not isinstance(part, dict) or part.get("type") not in ("text", *IMAGE_PART_TYPES):
                     raise RequestError(refused_part(part, f"messages[{i}].content[{j}]"))
                 if part["type"] == "text" and not isinstance(part.get("text"), str):
@@ -163,7 +170,7 @@ def refused_part(part: Any, where: str) -> str:
     kind = part.get("type")
     if kind in MEDIA_KINDS:
         return (f"{where} is a part of type {kind!r}, but this model cannot take {MEDIA_KINDS[kind]} input (it reads text "
-                "and, with a vision projector, images); send text or images only")
+                "and, with a vision projector, images and videos); send text, images or videos only")
     if kind is None:
-        return f"{where} has no 'type'; send parts of type 'text', 'image_url' or 'image'"
-    return f"{where} has the unknown part type {kind!r}; send parts of type 'text', 'image_url' or 'image'"
+        return f"{where} has no 'type'; send parts of type 'text', 'image_url', 'image' or 'video_url'"
+    return f"{where} has the unknown part type {kind!r}; send parts of type 'text', 'image_url', 'image' or 'video_url'"

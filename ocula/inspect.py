@@ -54,7 +54,13 @@ def describe(path: str) -> dict:
                                f"{sparse} of {n_layer} layers sparse, gate/up {'fused' if fused else 'split'}")
         info["vocab_size"] = len(f.get("tokenizer.ggml.tokens") or []) or None
         info["tokenizer"] = f.get("tokenizer.ggml.model")
-        info["chat_template"] = "yes" if f.get("tokenizer.chat_template") else "no (ChatML fallback)"
+        if f.get("tokenizer.chat_template"):
+            info["chat_template"] = "yes"
+        else:
+            from ocula.cli_template import fallback_name
+
+            info["chat_template"] = (f"no (a base model?): ocula run / chat complete the prompt as is; chat messages "
+                                     f"(model.chat, the server) are wrapped in {fallback_name(arch)}")
     info["tensor_types"] = types
     info["metadata"] = {k: _summarize(v) for k, v in f.metadata.items()}
     return info

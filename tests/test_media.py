@@ -490,15 +490,45 @@ def test_other_schemes_refused_without_traffic(no_network):
 # --------------------------------------------------------------------------------------------- to_rgb / digest
 
 
-def test_to_rgb_matches_pil_convert():
-    rgba = Image.new("RGBA", (2, 1))
-    rgba.putpixel((0, 0), (200, 100, 50, 0))      # fully transparent: HF keeps the colour (alpha dropped)
-    rgba.putpixel((1, 0), (10, 20, 30, 128))
+def _white_composite(image: Image.Image) -> np.ndarray:
+    """The reference the way transformers 5's convert_to_rgb computes it: RGBA composited onto opaque white."""
+    rgba = image.convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+
+
+def test_to_rgb_composites_transparency_onto_white_as_hf():
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putpixel((0, 0), (200, 100, 50, 0))      # fully transparent: white, not the colour stored under it
+    rgba.putpixel((1, 0), (10, 20, 30, 128))      # half: between the colour and white
+    rgba.putpixel((2, 0), (10, 20, 30, 255))      # opaque: unchanged
     out = to_rgb(rgba)
-    assert out.mode == "RGB" and out.getpixel((0, 0)) == (200, 100, 50) and out.getpixel((1, 0)) == (10, 20, 30)
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((2, 0)) == (10, 20, 30)
+    assert out.getpixel((1, 0)) == tuple(round(c * 128 / 255 + 255 * 127 / 255) for c in (10, 20, 30))
+    # a real picture with a gradient alpha (LA, RGBA) and a palette image with a transparent entry
+    rgb = _pattern()
+    alpha = np.linspace(0, 255, rgb.shape[0] * rgb.shape[1]).reshape(rgb.shape[:2]).astype(np.uint8)
+    cases = {"RGBA": Image.fromarray(np.dstack([rgb, alpha])),
+             "LA": Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA")}
+    p = Image.fromarray(rgb).convert("P")
+    p.info["transparency"] = int(np.asarray(p)[0, 0])
+    cases["P"] = p
+    rgb_key = Image.fromarray(rgb)
+    rgb_key.info["transparency"] = tuple(int(c) for c in rgb[0, 0])   # an RGB PNG's tRNS colour
+    cases["RGB+tRNS"] = rgb_key
+    for name, img in cases.items():
+        want = _white_composite(img)
+        got = np.asarray(to_rgb(img))
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        assert (got != np.asarray(img.convert("RGB"))).any(), name   # dropping the alpha would differ
+    # the same through an encoded PNG (the transparency survives load_image)
+    for name in ("RGBA", "LA", "P"):
+        np.testing.assert_array_equal(np.asarray(to_rgb(load_image(_encode(cases[name])))), _white_composite(cases[name]))
+
+
+def test_to_rgb_without_transparency():
     gray = Image.fromarray(_pattern()[..., 0])
     np.testing.assert_array_equal(np.asarray(to_rgb(gray)), np.repeat(_pattern()[..., :1], 3, axis=2))
-    la = gray.convert("LA")
+    la = gray.convert("LA")      # opaque alpha: the grey replicated
     np.testing.assert_array_equal(np.asarray(to_rgb(la)), np.asarray(to_rgb(gray)))
     p = Image.fromarray(_pattern()).convert("P")
     np.testing.assert_array_equal(np.asarray(to_rgb(p)), np.asarray(p.convert("RGB")))

@@ -69,6 +69,37 @@ def test_invalid_params(kw, msg):
         SamplingParams(**kw)
 
 
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(temperature=INF), "temperature must be a finite number, got inf"),
+    (dict(temperature=NAN), "temperature must be a finite number, got nan"),
+    (dict(temperature=1e308), r"temperature must be in \[0, 1e6\], got 1e\+308"),
+    (dict(temperature="hot"), "temperature must be a number, got 'hot'"),
+    (dict(top_p=NAN), "top_p must be a finite number"),
+    (dict(min_p=-INF), "min_p must be a finite number"),
+    (dict(repetition_penalty=INF), "repetition_penalty must be a finite number"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty must be in"),
+    (dict(repetition_penalty=1e308), "repetition_penalty must be in"),
+    (dict(presence_penalty=NAN), "presence_penalty must be a finite number"),
+    (dict(frequency_penalty=-INF), "frequency_penalty must be a finite number"),
+    (dict(top_k=1.5), "top_k must be an integer"),
+    (dict(seed=2**70), "seed must be in"),
+])
+def test_non_finite_and_overflowing_values_are_refused_by_name(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e6), dict(temperature=50.0, top_k=0, top_p=1.0, min_p=0.0),
+                                dict(repetition_penalty=1e-6), dict(repetition_penalty=1e6)])
+def test_extreme_accepted_values_still_sample_a_token(kw):
+    lg = torch.randn(50) * 30
+    s = Sampler(SamplingParams(seed=0, **kw))
+    assert 0 <= s(lg, [1, 2, 3, 3]) < 50
+
+
 def test_stop_helpers():
     assert find_stop("hello world", ["wor"]) == 6
     assert find_stop("hello", ["xyz"]) == -1

@@ -3,7 +3,7 @@ official `openai` client and raw httpx: answers equal the library's, streaming, 
 queue, and a bad-input suite after which the server is still healthy.
 
 Unknown request fields are accepted and ignored (documented in the README); OpenAI fields that would change
-the answer but are not implemented (legacy functions, n > 1, ...) are refused with 400.
+the answer but are not implemented (legacy functions, ...) are refused with 400.
 """
 import concurrent.futures as cf
 import json
@@ -188,12 +188,43 @@ BAD = [  # (id, body, status, error code, text in the message)
     ("temperature-type", {"messages": MSGS, "temperature": "hot"}, 400, "invalid_type", "temperature"),
     ("temperature-range", {"messages": MSGS, "temperature": -1}, 400, "invalid_value", "temperature"),
     ("top-p-range", {"messages": MSGS, "top_p": 0}, 400, "invalid_value", "top_p"),
+    # non-finite (Python's json reads Infinity / NaN) and overflowing numbers name the value, never a 500
+    ("temperature-infinity", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400,
+     "invalid_value", "temperature: Input should be a finite number, got inf"),
+    ("temperature-nan", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "invalid_value", "temperature: Input should be a finite number"),
+    ("temperature-1e308", {"messages": MSGS, "temperature": 1e308}, 400, "invalid_value",
+     "temperature must be in [0, 1e6], got 1e+308"),
+    ("top-p-nan", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', 400, "invalid_value",
+     "top_p"),
+    ("min-p-infinity", b'{"messages": [{"role": "user", "content": "hi"}], "min_p": -Infinity}', 400,
+     "invalid_value", "min_p"),
+    ("repetition-penalty-tiny", {"messages": MSGS, "repetition_penalty": 1e-300}, 400, "invalid_value",
+     "repetition_penalty must be in"),
+    ("frequency-penalty-infinity", b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": '
+     b'Infinity}', 400, "invalid_value", "frequency_penalty"),
+    ("logit-bias-nan", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": NaN}}', 400,
+     "invalid_value", "logit_bias"),
+    # strict booleans: "yes" / 1 are not true
+    ("stream-yes", {"messages": MSGS, "stream": "yes"}, 400, "invalid_type", "stream: Input should be a valid boolean"),
+    ("stream-one", {"messages": MSGS, "stream": 1}, 400, "invalid_type", "stream"),
+    ("ignore-eos-string", {"messages": MSGS, "ignore_eos": "true"}, 400, "invalid_type", "ignore_eos"),
+    ("logprobs-string", {"messages": MSGS, "logprobs": "true"}, 400, "invalid_type", "logprobs"),
+    ("include-usage-string", {"messages": MSGS, "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
+     "invalid_type", "include_usage"),
+    # a message without content: only an assistant message with tool_calls may leave it out
+    ("user-without-content", {"messages": [{"role": "user"}]}, 400, "invalid_request", "messages[0] has no 'content'"),
+    ("null-content", {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": None}]}, 400,
+     "invalid_request", "messages[1] has no 'content'"),
+    ("assistant-without-content", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"},
+                                                {"role": "user", "content": "again"}]}, 400, "invalid_request",
+     "messages[1] has no 'content'"),
     ("max-tokens-negative", {"messages": MSGS, "max_tokens": -5}, 400, "invalid_value", "max_tokens"),
     ("max-tokens-type", {"messages": MSGS, "max_tokens": "many"}, 400, "invalid_type", "max_tokens"),
     ("stop-type", {"messages": MSGS, "stop": 5}, 400, "invalid_type", "stop"),
     ("seed-range", {"messages": MSGS, "seed": 2**70}, 400, "invalid_value", "seed"),
     ("n-zero", {"messages": MSGS, "n": 0}, 400, "invalid_value", "n"),
-    ("n-2", {"messages": MSGS, "n": 2}, 400, "unsupported_parameter", "n is not supported"),
+    ("n-too-many", {"messages": MSGS, "n": 17}, 400, "invalid_value", "at most 16 choices"),
     ("legacy-functions", {"messages": MSGS, "functions": [{"name": "f"}]}, 400, "unsupported_parameter",
      "send tools instead"),
     ("tool-choice-bogus", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -242,6 +273,25 @@ def test_bad_completion_requests_and_routes(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_assistant_message_with_tool_calls_may_leave_out_content(server):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "user", "content": "again"}]
+    r = post(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+
+
+def test_completions_context_error_names_the_prompt(server):
+    r = post(server, "/v1/completions", {"prompt": "the " * 400, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt", err
+    r = post(server, "/v1/completions", {"prompt": "the", "max_tokens": 1000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    r = post(server, "/v1/completions", {"prompt": "the", "echo": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo", r.text
 
 
 def test_unknown_fields_are_ignored(server, lib):

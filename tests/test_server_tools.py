@@ -143,6 +143,12 @@ def test_tool_result_renders_into_the_next_prompt(client, lib):
     assert '"name": "get_weather"' in expected.split("<|im_start|>user")[0]  # the tool list in the system turn
     r = client.chat.completions.create(model="m", messages=history, tools=[WEATHER], max_tokens=1)
     assert r.usage.prompt_tokens == len(lib.tokenize(expected, add_special=False))
+    # llama-server's routes see the same prompt
+    server = client.base_url.scheme + "://" + client.base_url.host + ":" + str(client.base_url.port)
+    rendered = httpx.post(server + "/apply-template", json={"messages": history, "tools": [WEATHER]}).json()
+    assert rendered["prompt"] == expected
+    counted = httpx.post(server + "/v1/chat/completions/input_tokens", json={"messages": history, "tools": [WEATHER]})
+    assert counted.json()["input_tokens"] == r.usage.prompt_tokens
 
 
 def test_tool_choice_none_and_template_kwargs(client, lib):

@@ -18,7 +18,7 @@ def ask(image, text="What is this?"):
 
 def test_image_to_text_only_model(tiny_llama):
     model = ocula.load(tiny_llama)
-    with pytest.raises(ocula.RequestError, match="text-only model: images need a vision projector"):
+    with pytest.raises(ocula.RequestError, match="text-only model: images( and videos)? need a vision projector"):
         model.chat(ask(b"whatever"), max_tokens=1)
     with pytest.raises(ocula.RequestError, match="no vision projector"):
         model.encode_image(b"whatever")

@@ -11,6 +11,7 @@ import torch
 
 from ocula.chat import image_parts
 from ocula.engine.prompt import ImageSpan, Prompt
+from ocula.engine.video_prompt import encode_video, expand_markers, video_spans
 from ocula.errors import OculaError, RequestError
 from ocula.media import MediaPolicy, image_digest, load_image
 from ocula.models.vision.base import ImageOptions, ProcessedImage, VisionModel
@@ -109,10 +110,24 @@ class VisionRuntime:
         self.cache.put(key, encoded)
         return key, encoded
 
+    def video_token_id(self) -> int:
+        from ocula.models.vision.qwen_video import VIDEO_PAD
+
+        tid = self.tokenizer.token_id(VIDEO_PAD)
+        if tid is None:
+            raise RequestError(f"the text model's vocabulary has no {VIDEO_PAD!r} token: it cannot take video")
+        return tid
+
     # ------------------------------------------------------------ whole prompt
 
     def build_prompt(self, text: str, messages: list[dict], timings=None, options: ImageOptions | None = None,
-                     policy: MediaPolicy | None = None, max_images: int | None = None) -> Prompt:
+                     policy: MediaPolicy | None = None, max_images: int | None = None, videos=(),
+                     video_options: dict | None = None, video_limits=None) -> Prompt:
+        """`videos`: the video parts taken out of the messages (video_prompt.take_video_parts), whose markers
+        the rendered `text` holds."""
+        encoded_videos = [encode_video(self, v, video_options, policy, video_limits) for v in videos]
+        if encoded_videos:
+            text = expand_markers(text, [e for _, e in encoded_videos])
         parts = image_parts(messages)
         if max_images is not None and len(parts) > max_images:
             raise RequestError(f"{len(parts)} images sent but at most {max_images} are allowed per request")
@@ -151,9 +166,13 @@ class VisionRuntime:
                                        deepstack, self.vision.bidirectional, enc.encode_ms if r == 0 else 0.0))
                 span_images.append(enc.processed)
             at += n
+        if encoded_videos:
+            vspans, vgrids = video_spans(ids, self.video_token_id(), encoded_videos)
+            order = sorted(range(len(spans) + len(vspans)), key=lambda i: (spans + vspans)[i].start)
+            spans, span_images = [(spans + vspans)[i] for i in order], [(span_images + vgrids)[i] for i in order]
         if timings is not None:
-            timings.image_encode_ms = sum(e.encode_ms for _, e in encoded)
-            timings.image_tokens = want
+            timings.image_encode_ms = sum(e.encode_ms for _, e in encoded) + sum(e.encode_ms for _, e in encoded_videos)
+            timings.image_tokens = want + sum(e.processed.n_tokens for _, e in encoded_videos)
         positions, next_pos = self.positions(ids, spans, span_images)
         return Prompt(ids, positions, next_pos, spans)
 
@@ -171,7 +190,8 @@ class VisionRuntime:
             t, h, w = pre.grid_thw
             m = self.vision.merge_size
             gh, gw = h // m, w // m
-            tt = torch.arange(t).repeat_interleave(gh * gw)
+            t_index = pre.extra.get("t_index")  # video: Qwen2.5-VL's time-scaled temporal positions
+            tt = (torch.tensor(t_index) if t_index is not None else torch.arange(t)).repeat_interleave(gh * gw)
             hh = torch.arange(gh).repeat_interleave(gw).repeat(t)
             ww = torch.arange(gw).repeat(t * gh)
             grid = torch.stack([tt, hh, ww]) + nxt

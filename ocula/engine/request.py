@@ -37,6 +37,8 @@ class GenerationRequest:
     constraint: object | None = None  # ocula.engine.structured.Constraint
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     logit_bias: dict[int, float] | None = None
+    share_prompt: bool = False  # keep a copy of the prefilled prompt's KV in the prefix pool (n > 1 samples)
+    post_sampling_probs: bool = False  # logprobs of the distribution sampled from, not of the raw logits
     arrival: float = field(default_factory=time.perf_counter)
 
 

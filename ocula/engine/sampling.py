@@ -1,6 +1,7 @@
 """Token sampling: penalties, then top-k / top-p / min-p filtering, then temperature and a draw."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -28,19 +29,14 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
-        checks = [
-            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise RequestError(message)
+        for name, lo, hi, how in _RANGES:
+            setattr(self, name, _checked_number(name, getattr(self, name), lo, hi, how))
+        if self.max_tokens is not None:
+            self.max_tokens = _checked_int("max_tokens", self.max_tokens, 0, None)
+        self.top_k = _checked_int("top_k", self.top_k, 0, None, " (0 disables it)")
+        self.penalty_last_n = _checked_int("penalty_last_n", self.penalty_last_n, -1, None, " (-1: all)")
+        if self.seed is not None:
+            self.seed = _checked_int("seed", self.seed, -(2**63), 2**64 - 1)
 
     @property
     def greedy(self) -> bool:
@@ -101,6 +97,49 @@ class Sampler:
             return int(torch.argmax(logits))
         probs = self.probabilities(logits).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+# name, low, high, how the interval reads: sampling happens in float32, so a bound keeps every value (and its
+# reciprocal, where the sampler divides by it) finite there; beyond these bounds nothing changes any more
+# (a temperature of 1e6 is already a uniform draw)
+MAX_TEMPERATURE = 1e6
+_RANGES = [
+    ("temperature", 0.0, MAX_TEMPERATURE, "[0, 1e6]"),
+    ("top_p", 0.0, 1.0, "(0, 1]"),
+    ("min_p", 0.0, 1.0, "[0, 1]"),
+    ("repetition_penalty", 1e-6, 1e6, "[1e-6, 1e6] (1 is off)"),
+    ("presence_penalty", -2.0, 2.0, "[-2, 2]"),
+    ("frequency_penalty", -2.0, 2.0, "[-2, 2]"),
+]
+
+
+def _checked_number(name: str, value, lo: float, hi: float, how: str) -> float:
+    """`value` as a float, or a RequestError naming the option and the value: a non-number, NaN, an infinity
+    or a number outside [lo, hi] ((lo, hi] when `how` says so)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name} must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except OverflowError:  # an int too large for a float
+        raise RequestError(f"{name} must be in {how}, got {value}") from None
+    if not math.isfinite(x):
+        raise RequestError(f"{name} must be a finite number, got {value!r}")
+    open_low = how.startswith("(")
+    if x > hi or x < lo or (open_low and x == lo):
+        raise RequestError(f"{name} must be in {how}, got {value!r}")
+    return x
+
+
+def _checked_int(name: str, value, lo: int, hi: int | None, note: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise RequestError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise RequestError(f"{name} must be {bound}{note}, got {value}")
+    return value
 
 
 def find_stop(text: str, stops: list[str], start: int = 0) -> int:

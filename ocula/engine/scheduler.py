@@ -39,6 +39,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -135,6 +136,7 @@ class Scheduler:
         self.pool = PrefixPool(prefix_cache_bytes, self.text.new_cache)
         self.stats = SchedulerStats()
         self._pending: deque[Handle] = deque()
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # see call()
         self._prefilling: _Sequence | None = None
         self._active: list[_Sequence] = []
         self._cond = threading.Condition()
@@ -162,6 +164,10 @@ class Scheduler:
             self._thread.join(timeout)
         for h in self._drain_all():
             h._emit(Failed(SchedulerStoppedError("the server is shutting down")))
+        while self._calls:
+            _, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(SchedulerStoppedError("the server is shutting down"))
 
     def __enter__(self) -> "Scheduler":
         return self.start()
@@ -180,6 +186,17 @@ class Scheduler:
     @property
     def active(self) -> int:
         return len(self._active) + (self._prefilling is not None)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the scheduler thread, between two steps, for other work that needs the model (e.g.
+        embeddings); the Future gets its result or exception."""
+        future: Future = Future()
+        with self._cond:
+            if not self.alive:
+                raise SchedulerStoppedError("the scheduler is not running")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future
 
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None] | None = None) -> Handle:
         handle = Handle(request, sink)
@@ -203,7 +220,7 @@ class Scheduler:
             with torch.inference_mode():
                 while True:
                     with self._cond:
-                        while self._running and not (self._pending or self._active or self._prefilling):
+                        while self._running and not (self._pending or self._active or self._prefilling or self._calls):
                             self._cond.wait(0.5)
                         if not self._running:
                             return
@@ -235,6 +252,13 @@ class Scheduler:
 
     def _iteration(self) -> None:
         self._reap_cancelled()
+        if self._calls:  # one per step, so that decoding sequences keep moving
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - the caller gets it
+                    future.set_exception(e)
         if self._prefilling is None and len(self._active) < self.max_batch:
             handle = None
             with self._cond:
@@ -332,6 +356,8 @@ class Scheduler:
         if stop < len(prompt):
             return
         self._prefilling = None
+        if seq.req.share_prompt:  # siblings sampling the same prompt start from this prefill
+            self.pool.put(list(seq.keys), copy_prefix(seq.cache, len(prompt), self.text.new_cache))
         logits = self.text.logits(hidden)
         seq.timings.prompt_ms = (time.perf_counter() - seq.t_prefill) * 1000
         if seq.budget <= 0:
@@ -422,7 +448,8 @@ class Scheduler:
             req.constraint.accept(token)
         lp = None
         if req.logprobs is not None:
-            lp = [self._logprob(raw, token, req.logprobs)]
+            lp = [self._sampled_prob(seq.sampler, logits, seq.history, token, req.logprobs)
+                  if req.post_sampling_probs else self._logprob(raw, token, req.logprobs)]
         seq.out_ids.append(token)
         seq.history.append(token)
         self.stats.generated_tokens += 1
@@ -455,6 +482,22 @@ class Scheduler:
             vals, ids = torch.topk(lsm, min(k, lsm.shape[-1]))
             top = [(int(i), float(v)) for i, v in zip(ids, vals)]
         return TokenLogprob(int(token), float(lsm[token]), top)
+
+    @staticmethod
+    def _sampled_prob(sampler: Sampler, logits: torch.Tensor, history: list[int], token: int, k: int) -> TokenLogprob:
+        """The chosen token's and the top k's log-probabilities in the distribution the token was drawn from
+        (after bias, grammar, penalties, top-k/top-p/min-p and temperature; greedy: all mass on the argmax)."""
+        if sampler.params.greedy:
+            probs = torch.zeros(logits.shape[-1])
+            probs[token] = 1.0
+        else:
+            probs = sampler.probabilities(sampler.apply_penalties(logits, history)).float().cpu()
+        lps = torch.log(probs)
+        top = []
+        if k > 0:
+            vals, ids = torch.topk(lps, min(k, lps.shape[-1]))
+            top = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        return TokenLogprob(int(token), float(lps[token]), top)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         if reason == "length" or (seq.req.constraint is not None and reason == "stop"):

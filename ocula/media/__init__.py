@@ -56,18 +56,26 @@ def load_image(source, policy: MediaPolicy | None = None) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert to RGB exactly like Hugging Face ``transformers.image_transforms.convert_to_rgb``.
+    """Convert to RGB exactly like Hugging Face's ``transformers.image_transforms.convert_to_rgb`` (transformers 5,
+    which every supported family's image processor calls on a PIL image when ``do_convert_rgb=True``).
 
-    That function (used by both the PIL and the torchvision backends of the image processors when
-    ``do_convert_rgb=True``) returns an RGB image unchanged and otherwise calls ``image.convert("RGB")``: the alpha of
-    RGBA / LA / PA is dropped (no compositing over a background), L is replicated to three channels, P is looked up
-    in its palette (its transparency ignored), I;16 / I / F are clipped to 0..255, CMYK uses PIL's naive conversion.
+    An image with an alpha band (RGBA, LA, PA) or a transparency key (``info["transparency"]``: a P image's
+    transparent palette entries, an L or RGB PNG's tRNS colour) is converted to RGBA and composited onto opaque
+    white (``PIL.Image.alpha_composite``), so a transparent pixel becomes white, not the colour stored under it.
+    Otherwise an RGB image is returned unchanged and any other mode goes through ``image.convert("RGB")``: L is
+    replicated to three channels, P looked up in its palette, I;16 / I / F clipped to 0..255, CMYK by PIL's naive
+    conversion.
     """
     if not isinstance(image, Image.Image):
         raise MediaError(f"to_rgb: expected a PIL.Image.Image, got {type(image).__name__}")
-    if image.mode == "RGB":
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if image.mode == "RGB" and not has_alpha:
         return image
     try:
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
     except (ValueError, OSError) as e:
         raise MediaError(f"to_rgb: cannot convert a {image.mode} image to RGB: {e}") from None
@@ -80,9 +88,8 @@ def image_digest(image: Image.Image) -> str:
     h = hashlib.sha256()
     h.update(f"{image.mode}\0{image.size[0]}x{image.size[1]}\0".encode())
     if image.mode in ("P", "PA"):
-        palette = image.getpalette()
-        h.update(bytes(palette or b""))
-        h.update(repr(image.info.get("transparency")).encode())
+        h.update(bytes(image.getpalette() or b""))
+    h.update(repr(image.info.get("transparency")).encode())  # to_rgb composites transparent pixels onto white
     h.update(b"\0")
     try:
         h.update(image.tobytes())

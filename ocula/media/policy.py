@@ -10,7 +10,7 @@ from ocula.errors import MediaError
 class MediaPolicy:
     max_bytes: int = 20 * 1024 * 1024        # encoded size cap (files, URLs, base64)
     max_pixels: int = 50_000_000             # decoded width*height cap (decompression bombs)
-    url_timeout: float = 10.0                # seconds: per socket operation and for the whole download
+    url_timeout: float = 10.0                # seconds for the whole fetch (resolve, connect, headers, body)
     max_redirects: int = 3
     allow_urls: bool = True
     allow_private_urls: bool = False         # refuse loopback/private/link-local/reserved targets

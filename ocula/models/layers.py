@@ -23,6 +23,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
+class StreamNorm(RMSNorm):
+    """The RMSNorm that reads a decoder's float32 residual stream and feeds the next projection in the
+    model's compute dtype (its weight's: bfloat16 in the fast mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(self.weight.dtype)
+
+
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "quick_gelu": 2, "gelu_erf": 3}  # ocula_act's (ocula/quant/pointwise.c)
 
 

@@ -51,6 +51,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -169,6 +170,9 @@ def native_lib() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
                 src.write_text(_C_SOURCE)
+                # a few seconds, once per machine: say why the first load is slow
+                print(f"ocula: compiling the C kernels for this CPU with {Path(cc).name} (first run only; cached in "
+                      f"{path.parent})", file=sys.stderr, flush=True)
                 err = _compile(cc, src, out)
                 if err:
                     warnings.warn(f"ocula: native kernels not built ({err}); using the slower torch path")

@@ -1,8 +1,9 @@
 """FastAPI application: OpenAI routes, SSE streaming, auth, errors, metrics.
 
 The event loop never runs the model: requests become `GenerationRequest`s for the scheduler thread, whose
-events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) in
-the thread pool before a request is queued, so a slow URL never stalls the scheduler; encoding happens on the
+events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) off
+the event loop before a request is queued (URLs on a pool of their own: `media_loader`), so a slow URL never
+stalls the scheduler or another request's images; encoding happens on the
 scheduler thread, through the model's image-embedding cache.
 """
 from __future__ import annotations
@@ -21,18 +22,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ocula.chat import IMAGE_PART_TYPES, normalize_messages
+from ocula.server.video import prepare_videos
 from ocula.engine.scheduler import (
     Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
 )
 from ocula.errors import MediaError, OculaError
-from ocula.media import load_image
 from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
 from ocula.server.agent_apis import register_agent_apis
 from ocula.server.chat_tools import ChatPlan
+from ocula.server.choices import run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
+from ocula.server.llama_routes import listed_model
+from ocula.server.media_loader import MediaLoader
 from ocula.server.metrics import Metrics
+from ocula.server.web import add_web_routes
+from ocula.server.native_completion import extension_constraint, llama_timings
 
 log = logging.getLogger("ocula.server")
 DISCONNECT_POLL = 0.25  # seconds between client-disconnect checks of a non-streaming request
@@ -47,6 +53,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                                    prefill_chunk=config.prefill_chunk, prefix_cache_bytes=config.prefix_cache_bytes)
     metrics = Metrics()
     policy = config.media_policy()
+    media = MediaLoader(policy, config.max_media_fetches)
     created = int(time.time())
     model.tokenizer.max_token_bytes  # noqa: B018 - computed now (0.2 s for 152k tokens), not in a request
 
@@ -56,6 +63,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         try:
             yield
         finally:
+            media.close()
             if own_scheduler:
                 await run_in_threadpool(sched.stop)
 
@@ -67,6 +75,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
+
+    add_web_routes(app)
 
     # ------------------------------------------------------------ errors
 
@@ -104,16 +114,16 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
-        limit = config.body_limit
+        limit = config.body_limit(sched.n_ctx * model.tokenizer.max_token_bytes)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise APIError(413, f"the request body has {length} bytes, more than the {limit} allowed",
+            raise APIError(413, f"the request body has {length} bytes, more than the {limit} allowed{BODY_HINT}",
                            code="request_too_large")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise APIError(413, f"the request body is larger than the {limit} bytes allowed",
+                raise APIError(413, f"the request body is larger than the {limit} bytes allowed{BODY_HINT}",
                                code="request_too_large")
         if not body:
             raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
@@ -147,13 +157,14 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
+            "modalities": {"vision": model.supports_images, "audio": False},
             "architecture": model.architecture,
         }
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()], "models": [listed_model(model, model_id)]}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request):
@@ -176,11 +187,15 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             req = P.parse(schema, body if body is not None else await read_json(request))
             P.check_unsupported(req)
             refuse_text_beyond_context(req)
-            params, explicit = P.sampling_params(req, config.default_max_tokens)
+            params, explicit = P.sampling_params(req, config.default_max_tokens, config.sampling_defaults)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
+            if (req.n or 1) > 1:
+                resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,
+                                         endpoint, t0)
+            else:
+                resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
             status = STREAMING if isinstance(resp, EventStream) else resp.status_code
             return resp
         except APIError as e:
@@ -219,9 +234,10 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise to_api_error(e, None) from None
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
         if plan.needs_parse and plan.thinks:
             plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
-        constraint = await make_constraint(req.response_format)
+        constraint = await make_constraint(req.response_format, req)
         if constraint is None and plan.tools.grammar() is not None:
             try:
                 constraint = await run_in_threadpool(plan.constraint, structured_for(model))
@@ -232,7 +248,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
         def build(timings, messages=messages):
             return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
-                                      max_images=config.max_images, **plan.template_kwargs)
+                                      max_images=config.max_images, video_options=video_options,
+                                      **plan.template_kwargs)
 
         logprobs = None
         if req.logprobs:
@@ -254,7 +271,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if bad:
                 raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
                                     f"(0..{model.text.cfg.n_vocab - 1})", param="prompt", code="invalid_value")
-        constraint = await make_constraint(req.response_format)
+        constraint = await make_constraint(req.response_format, req)
 
         def build(timings, prompt=prompt):
             return model._as_prompt(prompt)
@@ -282,22 +299,23 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise APIError(400, f"{len(found)} images sent but at most {config.max_images} are allowed per request",
                            param="messages", code="too_many_images")
 
-        def load_all():
-            out = [dict(m) for m in messages]
-            for i, j in found:
-                part = messages[i]["content"][j]
-                where = f"messages[{i}].content[{j}]"
-                try:
-                    image = load_image(_image_source(part, where), policy)
-                except MediaError as e:
-                    raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
-                content = out[i]["content"] = list(out[i]["content"])
-                content[j] = {"type": "image", "image": image}
-            return out
+        async def load_one(i: int, j: int):
+            where = f"messages[{i}].content[{j}]"
+            try:
+                return await media.load(_image_source(messages[i]["content"][j], where))
+            except MediaError as e:
+                raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
 
-        return await run_in_threadpool(load_all)
+        images = await asyncio.gather(*(load_one(i, j) for i, j in found))
+        out = [dict(m) for m in messages]
+        for (i, j), image in zip(found, images):
+            content = out[i]["content"] = list(out[i]["content"])
+            content[j] = {"type": "image", "image": image}
+        return out
 
-    async def make_constraint(response_format: Any):
+    async def make_constraint(response_format: Any, req=None):
+        if req is not None and (req.grammar or req.json_schema is not None):  # llama-server's fields
+            return await extension_constraint(model, req, response_format)
         if response_format is None:
             return None
         try:
@@ -328,7 +346,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if first is None:
                 return disconnected()
             if isinstance(first, Failed):
-                raise to_api_error(first.error)
+                raise to_api_error(first.error, "prompt" if endpoint == "completions" else None)
             assert isinstance(first, Started)
             if stream:
                 handed_off = True
@@ -373,7 +391,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                     status = err.status
                     yield _data(err.body())
                     break
-            yield "data: [DONE]\n\n"
+            if getattr(fmt, "done_marker", True):  # llama-server's native stream ends without one
+                yield "data: [DONE]\n\n"
         except BaseException:
             status = 499
             metrics.disconnects += 1
@@ -381,9 +400,18 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         finally:
             metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
+    from ocula.server.llama_routes import RouteContext, register_llama_routes
+
+    register_llama_routes(app, RouteContext(
+        model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
+        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health))
     register_agent_apis(app, lambda request, endpoint, body: generation_route(
         request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
     return app
+
+
+BODY_HINT = (" (room for the context's text and --max-request-media-bytes of inline images and videos; send media "
+             "as URLs, or raise --max-request-bytes)")
 
 
 def _text_chars(value) -> int:
@@ -485,7 +513,7 @@ class ChatFormat:
         return {"content": P.chat_logprobs(self.tokenizer, items or []), "refusal": None}
 
     def start(self) -> list[dict]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": None})]
 
     def delta(self, ev: Delta) -> dict | None:
         if not ev.text and not (self.logprobs and ev.logprobs):
@@ -494,13 +522,13 @@ class ChatFormat:
 
     def finish(self, first: Started, ev: Finished, include_usage: bool) -> list[dict]:
         out = []
-        if ev.tail:
-            out.append(self._chunk({"content": ev.tail}))
+        if ev.tail:  # text held back earlier; its tokens' logprobs went out already (an empty list here)
+            out.append(self._chunk({"content": ev.tail}, None, self._lp([])))
         out.append(self._chunk({}, ev.result.finish_reason))
         if include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": [],
-                        "usage": _usage(first, ev)})
+                        "usage": _usage(first, ev), "timings": _timings(first, ev)})
         return out
 
     def full(self, first: Started, deltas: list[Delta], ev: Finished) -> dict:
@@ -547,6 +575,7 @@ class CompletionFormat:
             c = self._chunk("")
             c["choices"] = []
             c["usage"] = _usage(first, ev)
+            c["timings"] = _timings(first, ev)
             out.append(c)
         return out
 
@@ -572,6 +601,7 @@ def _logprobs(deltas: list[Delta]) -> list:
 def _timings(first: Started, ev: Finished) -> dict:
     t = ev.result.timings
     return {
+        **llama_timings(first, ev.result),  # llama-server's keys (prompt_n, predicted_per_second, ...)
         "queue_ms": round(first.queue_ms, 2), "prompt_ms": round(t.prompt_ms, 2), "ttft_ms": round(t.ttft_ms, 2),
         "generation_ms": round(t.generation_ms, 2), "generation_tps": round(t.generation_tps, 2),
         "cached_tokens": first.cached_tokens, "image_tokens": first.image_tokens,

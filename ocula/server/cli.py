@@ -34,7 +34,10 @@ def add_parser(sub, add_model_args) -> None:
                    help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
     g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
-                   help="largest request body (default: room for --max-images images of --max-image-bytes)")
+                   help="largest request body (default: room for the context's text, JSON-escaped, plus "
+                        "--max-request-media-bytes of base64 media)")
+    g.add_argument("--max-request-media-bytes", type=_size, default=32 * 1024 * 1024, metavar="BYTES",
+                   help="inline (base64) images and videos one request body may carry, decoded (default 32M)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s = p.add_argument_group("scheduling")
     s.add_argument("-np", "--parallel", type=int, default=8, help="sequences decoded together (default 8)")
@@ -44,8 +47,18 @@ def add_parser(sub, add_model_args) -> None:
                    help="KV prefix cache pool size (default 512M; 0 disables)")
     s.add_argument("--image-cache", type=_size, default=None, metavar="BYTES",
                    help="image embedding cache size (default 512M)")
-    s.add_argument("--default-max-tokens", type=int, default=None,
-                   help="answer length when a request sets no max_tokens (default: until the context is full)")
+    s.add_argument("--default-max-tokens", "-n", "--n-predict", dest="default_max_tokens", type=int, default=None,
+                   help="answer length when a request sets no max_tokens (default: until the context is full; "
+                        "on llama-server's /completion it also caps n_predict)")
+    d = p.add_argument_group("sampling defaults (what a request gets when it does not say; llama-server's flags)")
+    d.add_argument("--temp", "--temperature", dest="temperature", type=float, default=None, help="default 0.8")
+    d.add_argument("--top-k", type=int, default=None, help="default 40")
+    d.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    d.add_argument("--min-p", type=float, default=None, help="default 0.05")
+    d.add_argument("--repeat-penalty", dest="repetition_penalty", type=float, default=None, help="default 1.0")
+    d.add_argument("-s", "--seed", type=int, default=None, help="default: a fresh random seed per request")
+    s.add_argument("--pooling", choices=["none", "mean", "cls", "last"], default=None,
+                   help="embeddings: how token states are pooled (default: the GGUF's pooling_type, else last)")
     m = p.add_argument_group("media")
     m.add_argument("--allowed-media-path", default=None, metavar="DIR",
                    help="allow file:// URLs and paths inside DIR (default: no local files)")
@@ -58,8 +71,22 @@ def add_parser(sub, add_model_args) -> None:
     m.add_argument("--max-image-bytes", type=_size, default=_size("20M"), metavar="BYTES")
     m.add_argument("--max-image-pixels", type=int, default=50_000_000)
     m.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    m.add_argument("--media-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="total time for one image URL fetch: connect, headers, body (default 10)")
+    m.add_argument("--max-media-fetches", type=int, default=8, metavar="N",
+                   help="image URLs fetched at once over all requests; more wait for a slot within "
+                        "--media-timeout (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
     m.add_argument("--image-max-tokens", type=int, default=None)
+    v = p.add_argument_group("video")
+    v.add_argument("--max-videos", type=int, default=2, help="videos per request (default 2)")
+    v.add_argument("--max-video-bytes", type=_size, default=_size("100M"), metavar="BYTES")
+    v.add_argument("--max-video-seconds", type=float, default=600.0, help="longest clip accepted (default 600)")
+    v.add_argument("--video-fps", type=float, default=None,
+                   help="frames sampled per second (default: the model's video processor's own setting)")
+    v.add_argument("--video-max-frames", type=int, default=None, help="most frames sampled from one clip")
+    v.add_argument("--video-max-tokens", type=int, default=None, help="most tokens one clip may take "
+                   "(default: the context size)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -73,9 +100,13 @@ def cmd_serve(args) -> int:
             from None
     from ocula.cli import load_model
     from ocula.server.config import ServerConfig
+    from ocula.server.web import page_url
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
+    if not args.media_timeout > 0 or args.max_media_fetches < 1:
+        raise OculaError("--media-timeout must be > 0 seconds and --max-media-fetches >= 1")
+    check_listen_address(args.host, args.port)  # before the model loads: a busy port is known at once
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -87,20 +118,83 @@ def cmd_serve(args) -> int:
     config = ServerConfig(
         model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
-        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens,
+        prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
+        sampling_defaults=sampling_defaults(args),
         allowed_media_path=args.allowed_media_path, allow_private_media=args.allow_private_media,
         allow_link_local_media=args.allow_link_local_media,
         allow_remote_media=not args.no_remote_media, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+        media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         max_body_bytes=args.max_request_bytes,
+        max_request_media_bytes=args.max_request_media_bytes,
+        **_video_config(args),
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
           f" (vision: {'yes' if model.supports_images else 'no'}, context {model.n_ctx}, {args.threads} compute "
           f"thread(s), up to {args.parallel} sequences at once)", file=sys.stderr)
+    print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """An OculaError if the server could not listen on host:port: a port outside 0..65535, a host name that does
+    not resolve or is not this machine's, or a port another process listens on (bound and released here)."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise OculaError(f"--port must be in 0..65535, got {port}")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise OculaError(f"--host {host!r} does not resolve: {e}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            try:
+                s.bind(address)
+            except OSError as e:
+                where = f"{_host_for_url(address[0])}:{port}"
+                if e.errno == errno.EADDRINUSE:
+                    raise OculaError(f"port {port} is already in use on {address[0]} (another server is "
+                                     f"listening there); pick another with --port") from None
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    raise OculaError(f"not allowed to listen on {where} (ports below 1024 need privileges); "
+                                     "pick another with --port") from None
+                raise OculaError(f"cannot listen on {where}: {e.strerror or e}") from None
+
+
+def sampling_defaults(args) -> dict:
+    """The sampling flags given on the command line (the rest keep the library's defaults)."""
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if out.get("seed", 0) < 0:  # llama-server's -1: random
+        del out["seed"]
+    from ocula.engine.sampling import SamplingParams
+    from ocula.errors import RequestError
+
+    try:
+        SamplingParams(**out)
+    except RequestError as e:
+        raise OculaError(f"bad sampling default: {e}") from None
+    return out
+
+
+def _video_config(args) -> dict:
+    for name in ("max_videos", "video_max_frames", "video_max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_videos" else 1):
+            raise OculaError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("max_video_seconds", "video_fps"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise OculaError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    return dict(max_videos=args.max_videos, max_video_bytes=args.max_video_bytes,
+                max_video_seconds=args.max_video_seconds, video_fps=args.video_fps,
+                video_max_frames=args.video_max_frames, video_max_tokens=args.video_max_tokens)
 
 
 def _is_loopback(host: str) -> bool:

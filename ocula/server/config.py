@@ -17,6 +17,8 @@ class ServerConfig:
     prefill_chunk: int = 512
     prefix_cache_bytes: int = 512 * 1024 * 1024
     default_max_tokens: int | None = None  # when a request gives none; None: until the context is full
+    sampling_defaults: dict = field(default_factory=dict)  # SamplingParams fields set by --temp, --seed, ...
+    pooling: str | None = None  # embeddings: none/mean/cls/last (default: the GGUF's pooling_type, else last)
     # media
     allowed_media_path: str | None = None  # file:// and paths only inside this directory (default: none)
     allow_private_media: bool = False  # URLs resolving to loopback/private addresses
@@ -25,10 +27,19 @@ class ServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_images: int = 8  # per request
-    media_timeout: float = 10.0
+    media_timeout: float = 10.0  # seconds for a whole image URL fetch, waiting for a fetch slot included
+    max_media_fetches: int = 8  # image URLs fetched at once (over all requests)
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
-    max_body_bytes: int | None = None  # default: enough for max_images base64 images
+    max_body_bytes: int | None = None  # default: body_limit()'s room for a context's text and the inline media
+    max_request_media_bytes: int = 32 * 1024 * 1024  # inline (base64) images and videos of one request, decoded
+    # video
+    max_videos: int = 2  # per request
+    max_video_bytes: int = 100 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    video_fps: float | None = None  # default sampling rate (None: each model processor's default)
+    video_max_frames: int | None = None
+    video_max_tokens: int | None = None  # default: the context size
 
     def media_policy(self) -> MediaPolicy:
         return MediaPolicy(
@@ -42,8 +53,10 @@ class ServerConfig:
             allowed_local_root=self.allowed_media_path,
         )
 
-    @property
-    def body_limit(self) -> int:
+    def body_limit(self, context_text_bytes: int) -> int:
+        """The largest request body: --max-request-bytes, else room for the text a context can hold
+        (`context_text_bytes`: its tokens × the longest token's bytes), JSON-escaped at worst (6 bytes a
+        byte, \\u00XX), plus max_request_media_bytes of base64 media and 1 MiB for everything else."""
         if self.max_body_bytes is not None:
             return self.max_body_bytes
-        return max(8 * 1024 * 1024, self.max_images * self.max_image_bytes * 4 // 3 + 1024 * 1024)
+        return 6 * context_text_bytes + self.max_request_media_bytes * 4 // 3 + 1024 * 1024

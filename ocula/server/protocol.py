@@ -1,7 +1,7 @@
 """OpenAI request schemas (validated with pydantic) and response builders.
 
 Unknown request fields are accepted and ignored (clients send `user`, `store`, `metadata`, ...). Fields OpenAI
-defines that would change the answer but ocula does not implement (legacy `functions`, `audio`, `n` > 1,
+defines that would change the answer but ocula does not implement (legacy `functions`, `audio`,
 `best_of` > 1, `suffix`, ...) are refused with 400 `unsupported_parameter` rather than silently dropped.
 """
 from __future__ import annotations
@@ -10,27 +10,29 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ocula.engine.sampling import SamplingParams
 from ocula.server.errors import APIError
 
-SYSTEM_FINGERPRINT = "ocula"
+SYSTEM_FINGERPRINT = "b0-ocula"  # llama-server's "b<build>-<commit>" form, which its clients and tests expect
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities (Python's json reads `NaN`, `Infinity`) are refused as values of every number field;
+    # booleans are strict: "yes", "true", 1 are not true (use StrictBool, not bool, in request models)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Req):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(_Req):
     model: str | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
@@ -47,7 +49,10 @@ class _Sampling(_Req):
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     n: int | None = Field(None, ge=1)
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
+    # llama-server extensions: constrain the answer to a JSON schema or a GBNF grammar
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
     tools: list[Any] | None = None  # chat only (ocula.server.chat_tools)
     tool_choice: Any = None
     # unsupported: refused when set (see check_unsupported)
@@ -60,19 +65,20 @@ class _Sampling(_Req):
 
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     image_min_tokens: int | None = Field(None, ge=1)
     image_max_tokens: int | None = Field(None, ge=1)
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_format: str | None = None
+    video_options: dict[str, Any] | None = None  # HF video processor keywords (ocula.engine.video_prompt)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: StrictBool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
@@ -87,7 +93,9 @@ def parse(model: type[BaseModel], body: dict) -> Any:
         code = "missing_required_parameter" if kind == "missing" else "invalid_type" if "type" in kind or kind.endswith(
             ("_parsing", "_type")) else "invalid_value"
         extra = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-        raise APIError(400, f"{loc or 'body'}: {err['msg']}{extra}", param=loc or None, code=code) from None
+        value = err.get("input")
+        got = f", got {value!r}" if isinstance(value, (int, float, str)) and len(repr(value)) <= 40 else ""
+        raise APIError(400, f"{loc or 'body'}: {err['msg']}{got}{extra}", param=loc or None, code=code) from None
 
 
 _UNION_TAGS = {"str", "list[str]", "list[int]", "list[list[int]]", "function-after", "constrained-int",
@@ -98,8 +106,6 @@ def check_unsupported(req: _Sampling) -> None:
     def refuse(name: str, why: str) -> None:
         raise APIError(400, f"{name} is not supported by this server: {why}", param=name, code="unsupported_parameter")
 
-    if req.n is not None and req.n > 1:
-        refuse("n", "it returns one choice per request (n=1); send several requests instead")
     if req.functions:
         refuse("functions", "the legacy functions field is not implemented; send tools instead")
     if req.function_call not in (None, "none", "auto"):
@@ -122,11 +128,13 @@ def check_unsupported(req: _Sampling) -> None:
             refuse("echo", "echo with logprobs (prompt logprobs) is not implemented")
 
 
-def sampling_params(req: _Sampling, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
-    """SamplingParams for a request, and whether max_tokens was given explicitly."""
+def sampling_params(req: _Sampling, default_max_tokens: int | None,
+                    defaults: dict | None = None) -> tuple[SamplingParams, bool]:
+    """SamplingParams for a request (over the server's `defaults`), and whether max_tokens was given explicitly."""
     mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     explicit = mt is not None
-    opts: dict[str, Any] = {"max_tokens": mt if explicit else default_max_tokens}
+    opts: dict[str, Any] = dict(defaults or {})
+    opts["max_tokens"] = mt if explicit else default_max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty"):
         v = getattr(req, name)
         if v is not None:

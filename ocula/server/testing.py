@@ -28,9 +28,9 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, args: list[str], *, startup_timeout: float = 60.0, log_level: str = "warning",
-                 env: dict | None = None):
+                 env: dict | None = None, port: int | None = None):
         self.args = list(args)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.startup_timeout = startup_timeout
         self.log_level = log_level

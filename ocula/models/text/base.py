@@ -15,7 +15,8 @@ from torch import nn
 from ocula.errors import GGUFError, UnsupportedError
 from ocula.gguf import GGUFFile
 from ocula.models.moe import MoEConfig, SparseMoE
-from ocula.models.layers import KVCache, RMSNorm, RopeConfig, RopeTable, Rotary, attend, attention_mask, gated_act
+from ocula.models.layers import (KVCache, RMSNorm, RopeConfig, RopeTable, Rotary, StreamNorm, attend, attention_mask,
+                                 gated_act)
 from ocula.quant.linear import QEmbedding, QLinear
 
 
@@ -163,7 +164,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         d, hd = cfg.n_embd, cfg.head_dim
-        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.attn_norm = StreamNorm(d, cfg.norm_eps)
         self.attn_q = QLinear(d, cfg.n_head * hd, bias=cfg.attn_bias)
         self.attn_k = QLinear(d, cfg.n_head_kv * hd, bias=cfg.attn_bias)
         self.attn_v = QLinear(d, cfg.n_head_kv * hd, bias=cfg.attn_bias)
@@ -171,7 +172,7 @@ class DecoderBlock(nn.Module):
         if cfg.qk_norm:
             self.attn_q_norm = RMSNorm(hd, cfg.norm_eps)
             self.attn_k_norm = RMSNorm(hd, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+        self.ffn_norm = StreamNorm(d, cfg.norm_eps)
         self.init_ffn(cfg)
 
     def init_ffn(self, cfg: TextConfig) -> None:
@@ -211,7 +212,7 @@ class TextModel(nn.Module):
         self.cfg = cfg
         self.token_embd = QEmbedding(cfg.n_vocab, cfg.n_embd)
         self.blk = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.n_layer))
-        self.output_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.output_norm = StreamNorm(cfg.n_embd, cfg.norm_eps)
         self.output = QLinear(cfg.n_embd, cfg.n_vocab)
         self.rotary = Rotary(cfg.rope)
         self.kv_dtype: torch.dtype | None = None  # None: the compute dtype
@@ -253,7 +254,10 @@ class TextModel(nn.Module):
             if fused is not None and fused.accepts(caches):
                 h = fused.run(x, [s.positions.to(x.device) for s in steps], caches)
                 return self.output_norm(h).to(x.dtype)
-        x = x.clone()  # the blocks add their outputs to x in place
+        # The residual stream stays float32 whatever the compute dtype, as in llama.cpp: rounding it to
+        # bfloat16 after every block doubled the fast mode's logit error on Gemma 3 270M, and its worst
+        # step moved with the GEMM's summation order (test_gemma3_270m). The blocks add to x in place.
+        x = x.to(torch.float32, copy=True)
         caches = [s.cache for s in steps]
         if len(steps) == 1:  # cos/sin once per forward, shared by all layers
             ropes = self.rope_tables(steps[0].positions.to(x.device))
