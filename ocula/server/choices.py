@@ -203,9 +203,9 @@ async def stream_choices(metrics, fmts, started, early, events: asyncio.Queue, n
             i, ev = pending.pop(0) if pending else await events.get()
             f = fmts[i]
             if isinstance(ev, Delta):
-                chunk = f.delta(ev)
-                if chunk is not None:
-                    yield _data(set_index(chunk, i))
+                chunk = f.delta(ev)  # a chunk, None, or a list of chunks (tool calls, reasoning)
+                for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
+                    yield _data(set_index(c, i))
             elif isinstance(ev, Finished):
                 finished[i] = ev
                 r = ev.result
