@@ -85,8 +85,15 @@ class SSE(StreamingResponse):
             self.call.cancel()
 
 
-def register_agent_apis(app: FastAPI, chat: Chat, read_json, check_auth, model_id: str) -> None:
+def register_agent_apis(app: FastAPI, routes) -> None:
+    """The routes; `routes` is app.py's RouteContext (ocula.server.llama_routes)."""
     from ocula.server import anthropic_api, responses_api
+    from ocula.server import protocol as P
+
+    read_json, check_auth, model_id = routes.read_json, routes.check_auth, routes.model_id
+
+    def chat(request: Request, endpoint: str, body: dict):
+        return routes.generation_route(request, endpoint, P.ChatRequest, routes.prepare_chat, body)
 
     @app.post("/v1/responses")
     @app.post("/responses")
@@ -106,7 +113,8 @@ def register_agent_apis(app: FastAPI, chat: Chat, read_json, check_auth, model_i
     async def count_tokens(request: Request):
         try:
             body = await read_json_authed(request)
-            return await anthropic_api.count_tokens(body, ChatCall(chat, request, "count_tokens"))
+            return JSONResponse({"input_tokens": await count_prompt_tokens(routes, anthropic_api.to_chat(
+                body, need_max_tokens=False))})
         except Exception as e:  # noqa: BLE001
             return anthropic_error(to_api_error(e))
 
@@ -124,3 +132,32 @@ def anthropic_error(e: APIError) -> JSONResponse:
     kind = ANTHROPIC_ERROR_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "api_error")
     return JSONResponse({"type": "error", "error": {"type": kind, "message": e.message}}, status_code=e.status,
                         headers=e.headers)
+
+
+async def count_prompt_tokens(routes, chat: dict) -> int:
+    """The prompt tokens a chat request would take (template, tools, images expanded), counted on the scheduler
+    thread between steps, without generating."""
+    import asyncio
+
+    from ocula.chat import normalize_messages
+    from ocula.engine.generate import Timings
+    from ocula.errors import OculaError
+    from ocula.server.chat_tools import template_inputs
+
+    model, config = routes.model, routes.config
+    messages, kwargs = template_inputs(model.template.source, chat["messages"], chat,
+                                       chat.get("chat_template_kwargs"))
+    try:
+        normalize_messages(messages)
+    except OculaError as e:
+        raise to_api_error(e, "messages") from None
+    messages = await routes.prepare_images(messages)
+
+    def count() -> int:
+        return len(model.build_prompt(messages, Timings(), config.image_min_tokens, config.image_max_tokens,
+                                      media_policy=routes.policy, max_images=config.max_images, **kwargs))
+
+    try:
+        return await asyncio.wrap_future(routes.sched.call(count))
+    except OculaError as e:
+        raise to_api_error(e, "messages") from None

@@ -1,7 +1,8 @@
-"""`POST /v1/messages` and `/v1/messages/count_tokens` (Anthropic Messages API) as a chat completion.
+"""`POST /v1/messages` and `/v1/messages/count_tokens` (Anthropic Messages API) as a chat completion (count_tokens:
+the prompt built and counted without generating).
 
 Request: `system` (string or text blocks), `messages` whose content is a string or blocks (`text`, `image` with a
-base64 or URL source, `tool_use`, `tool_result`; `thinking` blocks are dropped), `tools` (`input_schema`),
+base64 or URL source, `tool_use`, `tool_result`; an assistant's `thinking` blocks go to the template as its reasoning), `tools` (`input_schema`),
 `tool_choice` (auto / any / tool / none, `disable_parallel_tool_use`), `max_tokens`, `stop_sequences`,
 `temperature`, `top_p`, `top_k`, `thinking` (passed to the template as `enable_thinking`). The answer is a
 `message` with `thinking`, `text` and `tool_use` blocks; streaming sends message_start, content_block_start /
@@ -200,16 +201,6 @@ async def handle(body: dict, call: ChatCall, model_id: str):
     chunks = await call.chunks(chat)
     started = {"prompt_tokens": call.prompt_tokens, "prompt_tokens_details": {"cached_tokens": call.cached_tokens}}
     return SSE(stream_events(chunks, model_id, started), call)
-
-
-async def count_tokens(body: dict, call: ChatCall):
-    """The prompt's token count: the request run for one token through the chat path (images and tools
-    count as the model sees them, and the prompt's KV stays in the prefix cache for the real request)."""
-    chat = to_chat(body, need_max_tokens=False)
-    chat.update(max_tokens=1, temperature=0)
-    chat.pop("tool_choice", None)
-    answer = await call.answer(chat)
-    return JSONResponse({"input_tokens": answer["usage"]["prompt_tokens"]})
 
 
 async def stream_events(chunks: AsyncIterator[dict], model_id: str, started: dict) -> AsyncIterator[dict]:
