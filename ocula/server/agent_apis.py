@@ -65,6 +65,43 @@ class ChatCall:
             self.handle.cancel()
 
 
+class StopWordFormat:
+    """A chat format that also names the stop string that ended the answer (`choices[0].stop_word`, on the
+    whole answer and on the stream's last choice chunk): Anthropic reports it as stop_sequence."""
+
+    def __init__(self, fmt, tokenizer, stops: list[str]):
+        self.fmt, self.tokenizer, self.stops = fmt, tokenizer, stops
+
+    def start(self):
+        return self.fmt.start()
+
+    def delta(self, ev):
+        return self.fmt.delta(ev)
+
+    def word(self, r) -> str | None:
+        if r.finish_reason != "stop" or not self.stops:
+            return None
+        spelled = b"".join(self.tokenizer.token_to_bytes(t) for t in r.token_ids).decode("utf-8", errors="replace")
+        # the answer's text ends where the stop string began; the tokens spell the stop string too
+        return next((s for s in self.stops if s in spelled[max(0, len(r.text) - len(s)):]), None)
+
+    def finish(self, first, ev, include_usage: bool):
+        chunks = self.fmt.finish(first, ev, include_usage)
+        word = self.word(ev.result)
+        for c in chunks:
+            for choice in c.get("choices") or []:
+                if choice.get("finish_reason") and word:
+                    choice["stop_word"] = word
+        return chunks
+
+    def full(self, first, deltas, ev):
+        body = self.fmt.full(first, deltas, ev)
+        word = self.word(ev.result)
+        if word:
+            body["choices"][0]["stop_word"] = word
+        return body
+
+
 class SSE(StreamingResponse):
     """`event: <type>` + `data: <json>` server-sent events; the generation is cancelled however it ends."""
 
@@ -92,8 +129,12 @@ def register_agent_apis(app: FastAPI, routes) -> None:
 
     read_json, check_auth, model_id = routes.read_json, routes.check_auth, routes.model_id
 
+    async def prepare(req, params, explicit, bias):
+        greq, fmt = await routes.prepare_chat(req, params, explicit, bias)
+        return greq, StopWordFormat(fmt, routes.model.tokenizer, params.stop)
+
     def chat(request: Request, endpoint: str, body: dict):
-        return routes.generation_route(request, endpoint, P.ChatRequest, routes.prepare_chat, body)
+        return routes.generation_route(request, endpoint, P.ChatRequest, prepare, body)
 
     @app.post("/v1/responses")
     @app.post("/responses")

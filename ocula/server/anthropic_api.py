@@ -186,8 +186,11 @@ def full(answer: dict, model_id: str) -> dict:
                        "input": json.loads(c["function"]["arguments"] or "{}")})
     if not any(b["type"] != "thinking" for b in blocks):  # an empty answer is still one (empty) text block
         blocks.append({"type": "text", "text": ""})
-    return _envelope(model_id, blocks, STOP_REASONS.get(choice["finish_reason"], "end_turn"),
-                     _usage(answer.get("usage")))
+    message = _envelope(model_id, blocks, STOP_REASONS.get(choice["finish_reason"], "end_turn"),
+                        _usage(answer.get("usage")))
+    if choice.get("stop_word"):
+        message.update(stop_reason="stop_sequence", stop_sequence=choice["stop_word"])
+    return message
 
 
 def _tool_use_id(call_id: str) -> str:
@@ -207,7 +210,7 @@ async def stream_events(chunks: AsyncIterator[dict], model_id: str, started: dic
     start = _envelope(model_id, [], None, _usage(started))
     yield {"type": "message_start", "message": start}
     index, open_kind = -1, None
-    usage, finish = None, None
+    usage, finish, word = None, None, None
 
     def close():
         if open_kind == "thinking":  # clients expect a signature before a thinking block ends (none here)
@@ -220,6 +223,7 @@ async def stream_events(chunks: AsyncIterator[dict], model_id: str, started: dic
                 usage = chunk["usage"]
             for choice in chunk.get("choices") or []:
                 finish = choice.get("finish_reason") or finish
+                word = choice.get("stop_word") or word
                 d = choice.get("delta") or {}
                 for kind, piece in (("thinking", d.get("reasoning_content")), ("text", d.get("content"))):
                     if not piece:
@@ -257,8 +261,8 @@ async def stream_events(chunks: AsyncIterator[dict], model_id: str, started: dic
     for e in close():
         yield e
     u = _usage(usage)
-    yield {"type": "message_delta", "delta": {"stop_reason": STOP_REASONS.get(finish, "end_turn"),
-                                              "stop_sequence": None},
+    reason = "stop_sequence" if word else STOP_REASONS.get(finish, "end_turn")
+    yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": word},
            "usage": {"output_tokens": u["output_tokens"], "input_tokens": u["input_tokens"],
                      "cache_read_input_tokens": u["cache_read_input_tokens"]}}
     yield {"type": "message_stop"}
