@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 import time
@@ -77,15 +78,15 @@ def load(
     needs ocula[fast]) or "torch" (reference tile dequantization).
     kv_dtype: the KV cache's dtype (default: the compute dtype); "float16" or "bfloat16" halve it
     (llama.cpp's default is float16) at the cost of rounding every cached key and value."""
-    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0):
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, numbers.Integral) or n_ctx < 0):
         raise RequestError(f"n_ctx must be a positive number of tokens (0 or None: the model's own context), "
                            f"got {n_ctx!r}")
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise RequestError(f"threads must be a whole number >= 1, got {threads!r}")
-        torch.set_num_threads(threads)
-    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=n_ctx, kernels=kernels,
-                 kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype, "kv_dtype"))
+        torch.set_num_threads(int(threads))
+    return Model(model, mmproj, dtype=resolve_dtype(dtype), device=device, n_ctx=None if n_ctx is None else int(n_ctx),
+                 kernels=kernels, kv_dtype=None if kv_dtype is None else resolve_dtype(kv_dtype, "kv_dtype"))
 
 
 class Model:
@@ -118,7 +119,11 @@ class Model:
             from ocula.engine.multimodal import VisionRuntime
             from ocula.models.vision import build_vision_model
 
+            from ocula.models.vision.pairing import check_pairing
+
             vision = build_vision_model(mmproj, self.text.cfg.n_embd, dtype=dtype, device=self.device)
+            check_pairing(vision.cfg.projector_type, vision.gguf.path.name, self.gguf,
+                          lambda token: self.tokenizer.token_id(token) is not None, vision.cfg)
             self.kernels += use_kernels(vision, dtype, kernels)
             self.vision = VisionRuntime(vision, self.tokenizer, self.text.cfg)
         self.engine = Engine(self.text, self.tokenizer, n_ctx=n_ctx)
@@ -164,27 +169,33 @@ class Model:
     def build_prompt(self, messages: list[dict], timings: Timings | None = None,
                      image_min_tokens: int | None = None, image_max_tokens: int | None = None,
                      media_policy=None, max_images: int | None = None, video_options: dict | None = None,
-                     video_limits=None, **template_kwargs) -> Prompt:
+                     video_limits=None, image_limit=None, **template_kwargs) -> Prompt:
         """Render the chat template and turn the conversation into decoder input (images and videos encoded).
         `video_options`: the HF video processor's keywords (fps, num_frames, do_sample_frames, min_frames,
-        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt)."""
+        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt). `image_limit`
+        (an ImageTokenLimit) refuses images needing too many tokens before any is encoded."""
         videos = []
         if self.vision is not None and video_prompt.has_video(messages):
+            # a clip that cannot fit the context is refused before its frames are decoded
+            video_options = {"max_tokens": self.n_ctx, **(video_options or {})}
             if self.supports_native_video:
                 messages, videos = video_prompt.take_video_parts(messages)
             else:
                 messages = video_prompt.frames_as_images(messages, media_policy, video_options, video_limits)
+        if max_images is not None:  # a clip's frames (other families) do not count as images sent
+            max_images += sum(1 for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+                              if isinstance(p, dict) and p.get("video_frame"))
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)
             return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images,
-                                            videos, video_options, video_limits)
+                                            videos, video_options, video_limits, image_limit)
         from ocula.chat import image_parts
 
         if image_parts(messages) or video_prompt.has_video(messages):
-            what = "images" if image_parts(messages) else "videos"
             raise RequestError(
-                f"{self.gguf.path.name} is a text-only model: {what} need a vision projector (load it with mmproj=...)"
+                f"{self.gguf.path.name} is a text-only model: images and videos need a vision projector (load it "
+                "with mmproj=...)"
             )
         return self._text_prompt(text, add_special=False)
 
@@ -207,6 +218,15 @@ class Model:
             raise RequestError(f"{self.gguf.path.name} has no vision projector: load it with mmproj=...")
         _, enc = self.vision.encode(image, ImageOptions(image_min_tokens, image_max_tokens))
         return (enc.features, list(enc.deepstack or [])) if deepstack else enc.features
+
+    @property
+    def supports_video(self) -> bool:
+        """Whether chats take video parts: a vision projector, and PyAV to decode clips."""
+        if self.vision is None:
+            return False
+        import importlib.util
+
+        return importlib.util.find_spec("av") is not None
 
     @property
     def supports_native_video(self) -> bool:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -119,7 +118,7 @@ def load_model(args):
     return model
 
 
-def user_message(text: str, images: list[str], videos: list[str] = ()) -> dict:
+def user_message(text: str, images: list, videos: list[str] = ()) -> dict:
     if not images and not videos:
         return {"role": "user", "content": text}
     parts = [{"type": "image", "image": img} for img in images] + [{"type": "video", "video": v} for v in videos]
@@ -146,9 +145,9 @@ def media_options(args) -> dict:
 
 def cmd_run(args) -> int:
     check_template_args(args)
+    image_opts = media_options(args)  # bad video flags are refused before the model loads
     model = load_model(args)
     opts = sampling_options(args)
-    image_opts = media_options(args)
     completion = choose_completion(args, model)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if completion:
@@ -188,15 +187,16 @@ def result_json(result) -> dict:
 
 def cmd_chat(args) -> int:
     check_template_args(args)
+    image_opts = media_options(args)
     model = load_model(args)
     opts = sampling_options(args)
-    image_opts = media_options(args)
     if choose_completion(args, model):
         return completion_chat(model, opts)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     pending_images = [image for image in (chat_image(model, source) for source in args.image) if image is not None]
-    pending_videos = list(args.video)
-    print("ocula chat: /image PATH adds an image, /clear starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    pending_videos = [clip for clip in (chat_video(model, source) for source in args.video) if clip is not None]
+    print("ocula chat: /image PATH adds an image, /video PATH a video, /clear starts over, /exit or Ctrl-D quits.",
+          file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -221,6 +221,11 @@ def cmd_chat(args) -> int:
             if image is not None:
                 pending_images.append(image)
             continue
+        if line.startswith("/video"):
+            clip = chat_video(model, line[len("/video"):].strip())
+            if clip is not None:
+                pending_videos.append(clip)
+            continue
         message = user_message(line, pending_images, pending_videos)
         answer = ""
         try:
@@ -234,8 +239,9 @@ def cmd_chat(args) -> int:
             # the message is not added to the conversation, and its images are dropped: a bad image must not
             # make every later message fail
             dropped = f" ({len(pending_images)} image(s) left out)" if pending_images else ""
+            dropped += f" ({len(pending_videos)} video(s) left out)" if pending_videos else ""
             print(f"\nerror: {e}{dropped}; the conversation is unchanged", file=sys.stderr)
-            pending_images = []
+            pending_images, pending_videos = [], []
             continue
         print()
         history += [message, {"role": "assistant", "content": answer}]
@@ -249,7 +255,7 @@ def chat_image(model, source: str):
         print("usage: /image PATH (or an http(s) URL)", file=sys.stderr)
         return None
     if not model.supports_images:
-        print(f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj", file=sys.stderr)
+        print(no_images_note(model), file=sys.stderr)
         return None
     from ocula.media import load_image
 
@@ -260,6 +266,29 @@ def chat_image(model, source: str):
         return None
     print(f"(image {source} will go with your next message)", file=sys.stderr)
     return image
+
+
+def no_images_note(model) -> str:
+    return f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj"
+
+
+def chat_video(model, source: str):
+    """`/video SOURCE` in `ocula chat`: the clip opened now (demuxed, not decoded), refused once if it cannot be."""
+    if not source:
+        print("usage: /video PATH (or an http(s) URL)", file=sys.stderr)
+        return None
+    if not model.supports_images:
+        print(f"error: {model.gguf.path.name} takes no video: start ocula chat with --mmproj", file=sys.stderr)
+        return None
+    from ocula.media.video import open_video
+
+    try:
+        clip = open_video(source)
+    except OculaError as e:
+        print(f"error: {e}; the video was left out", file=sys.stderr)
+        return None
+    print(f"(video {source}, {clip.duration:.1f} s, will go with your next message)", file=sys.stderr)
+    return clip
 
 
 def completion_chat(model, opts: dict) -> int:
@@ -281,10 +310,8 @@ def completion_chat(model, opts: dict) -> int:
             print("(transcript cleared)", file=sys.stderr)
             continue
         if line.strip().startswith("/image"):
-            if not model.supports_images:
-                chat_image(model, "-")  # says the model takes no images
-            else:
-                print("error: images need a chat template: start ocula chat with --chat-template", file=sys.stderr)
+            print(no_images_note(model) if not model.supports_images else
+                  "error: images need a chat template: start ocula chat with --chat-template", file=sys.stderr)
             continue
         if not line.strip():
             continue

@@ -10,16 +10,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ocula.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE, ChatTemplate
+from ocula.builtin_templates import BUILTIN_TEMPLATES
+from ocula.chat import GEMMA_TEMPLATE, ChatTemplate
 from ocula.errors import OculaError
-
-BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_TEMPLATE}
 
 
 def add_template_args(p) -> None:
     p.add_argument("--raw", action="store_true", help="no chat template: complete the prompt as is")
     p.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
-                   help="chat through this template: a built-in name (chatml, gemma), a Jinja file, or the template "
+                   help="chat through this template: a built-in name (chatml, gemma, llama3, command-r), a Jinja file, or the template "
                         "text itself; replaces the GGUF's own. Without it a GGUF that carries no chat template "
                         "(a base model) completes the prompt as is")
 

@@ -224,3 +224,27 @@ def test_first_demo_assembly_says_so(tiny_llama, tmp_path, monkeypatch, capsys):
         assert main(["run", "-p", "x", "-n", "1", "--json"]) == 0
         err = capsys.readouterr().err
         assert ("assembling the demo model file" in err) == first, err
+
+
+def test_serve_chat_template_flag(tiny_llama):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    import ocula
+    from ocula.server.testing import ServerProcess
+
+    from ocula.chat import ChatTemplate
+
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}[assistant]"
+    lib = ocula.load(tiny_llama)
+    lib.template = ChatTemplate(template)
+    messages = [{"role": "user", "content": "hello there"}]
+    assert lib.apply_chat_template(messages) == "[user] hello there [assistant]"
+    want = len(lib.prompt_token_ids(messages))
+    body = {"messages": messages, "max_tokens": 1}
+    with ServerProcess(["-m", str(tiny_llama), "--chat-template", template]) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == want, r.text
+    with ServerProcess(["-m", str(tiny_llama)]) as server:
+        assert "has no chat template (a base model?)" in server.output()
+    r = run_cli("serve", "-m", str(tiny_llama), "--chat-template", "{% if %}")
+    assert r.returncode == 1 and "ocula: error: the chat template does not parse" in r.stderr, r.stderr

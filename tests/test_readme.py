@@ -3,6 +3,7 @@ image example works with an image too large for a command-line argument (against
 import json
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_first_command_prints_what_the_readme_says(capsys):
 
 
 @pytest.mark.skipif(not (QWEN2VL / "qwen2vl-f16.gguf").exists(), reason=f"shared fixtures not found at {FIXTURES}")
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("bash")), reason="needs curl and bash")
 def test_curl_image_example_runs_with_a_large_image(tmp_path):
     pytest.importorskip("uvicorn")
     from ocula.server.testing import ServerProcess

@@ -261,8 +261,8 @@ def test_bad_chat_requests(server, body, status, code, text):
 
 
 def test_bad_completion_requests_and_routes(server):
-    r = post(server, "/v1/completions", {"prompt": ["a", "b"]})
-    assert r.status_code == 400 and "one prompt" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"prompt": ["a"] * 17})
+    assert r.status_code == 400 and "at most 16 prompts" in r.json()["error"]["message"]
     r = post(server, "/v1/completions", {"prompt": [1, 2, 99999]})
     assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
     r = post(server, "/v1/completions", {"prompt": "x", "suffix": "y"})

@@ -165,6 +165,13 @@ def test_responses_errors(oai, body, fragment):
         openai.OpenAI(base_url=oai.base_url, api_key="wrong", max_retries=0).responses.create(model="m", input="x")
 
 
+def test_responses_stream_is_a_strict_boolean(tools_server):
+    for stream in ("yes", 1):
+        r = httpx.post(tools_server.url + "/v1/responses", json={"model": "m", "input": "x", "stream": stream},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+
+
 # ---------------------------------------------------------------- Anthropic Messages
 
 
@@ -248,6 +255,9 @@ def test_messages_image_base64_and_url(vision_server):
       "messages": [{"role": "user", "content": "x"}]}, "server tools"),
     ({"max_tokens": 5, "tool_choice": {"type": "tool", "name": "missing"}, "tools": [
         {"name": "forecast", "input_schema": CITY}], "messages": [{"role": "user", "content": "x"}]}, "missing"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+     "stream must be true or false, got 'yes'"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "temperature": 1e308}, "temperature"),
 ])
 def test_messages_errors_in_anthropic_shape(tools_server, body, fragment):
     r = httpx.post(tools_server.url + "/v1/messages", json={"model": "m", **body}, headers={"x-api-key": KEY},

@@ -154,3 +154,10 @@ def test_image_embeddings():
         assert torch.allclose(torch.tensor(native[0]["embedding"][0]), v[0], atol=1e-5)
         r = post(s, "/embeddings", {"content": [{"prompt_string": "<__media__>", "multimodal_data": ["bm9wZQ=="]}]})
         assert r.status_code == 400 and "multimodal_data[0]" in r.json()["error"]["message"]
+
+
+def test_input_of_wrong_type(server):
+    r = post(server, "/v1/embeddings", {"input": 5})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("input must be")
+    r = post(server, "/embeddings", {"content": 5})
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400

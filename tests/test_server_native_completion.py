@@ -103,9 +103,8 @@ def test_n_probs_and_response_fields(server, lib):
     for p in probs:
         assert p["logprob"] <= 0 and len(p["top_logprobs"]) == 5 and isinstance(p["bytes"], list)
         assert p["top_logprobs"][0]["id"] == p["id"]  # greedy: the chosen token is the most likely one
-    b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4,
-                                     "response_fields": ["content", "generation_settings/n_predict", "timings/predicted_n"]
-                                     }).json()
+    fields = ["content", "generation_settings/n_predict", "timings/predicted_n"]
+    b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "response_fields": fields}).json()
     assert set(b) == {"content", "generation_settings/n_predict", "timings/predicted_n"}
     assert b["generation_settings/n_predict"] == 4 and b["timings/predicted_n"] == 4
 
@@ -218,3 +217,56 @@ def test_post_sampling_probs(server, lib):
         probs = [t["prob"] for t in p["top_probs"]]
         assert sum(x > 0 for x in probs) == 5 and abs(sum(probs) - 1) < 1e-5 and p["prob"] > 0
         assert probs == sorted(probs, reverse=True)
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "seed": 2**70},
+    {"prompt": "x", "response_fields": [1]},
+    {"prompt": "x", "logit_bias": [["the", "much"]]},
+    {"prompt": [1, 1.5]},
+    {"prompt": [{"foo": 1}]},
+    {"prompt": [[]]},
+    {"prompt": "x", "stop": [1]},
+    {"prompt": "x", "n_predict": 1.5},
+    {"prompt": "x", "top_k": -5},
+])
+def test_bad_values_are_400(server, body):
+    r = post(server, "/completion", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == 400 and "internal" not in r.json()["error"]["message"]
+
+
+def test_nan_bias_is_400(server):
+    r = httpx.post(server.url + "/completion", content=b'{"prompt": "x", "logit_bias": [["a", NaN]]}', timeout=30)
+    assert r.status_code == 400 and "finite" in r.json()["error"]["message"]
+
+
+def test_native_requests_are_counted(server):
+    def count(status):
+        text = httpx.get(server.url + "/metrics").text
+        line = [x for x in text.splitlines() if x.startswith("ocula_requests_total{")
+                and 'endpoint="completion"' in x and f'status="{status}"' in x]
+        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+
+    ok, bad = count(200), count(400)
+    post(server, "/completion", {"prompt": PROMPT, "n_predict": 2})
+    post(server, "/completion", {"prompt": [PROMPT, PROMPT], "n_predict": 2})
+    post(server, "/completion", {"prompt": 5})
+    assert count(200) == ok + 2 and count(400) == bad + 1
+
+
+def test_openai_client_on_unprefixed_completions(server, lib):
+    """OpenAI clients whose base URL lacks /v1 reach llama-server's /completions: its answer carries OpenAI's
+    text_completion fields, so the official client reads it, plain and streamed."""
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    want = lib.generate(PROMPT, max_tokens=6, temperature=0, ignore_eos=True)
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == want.text and chunks[-1].choices[0].finish_reason == "length"
+    r = httpx.post(server.url + "/props", json={"n_ctx": 5}, timeout=10)
+    assert r.status_code == 501 and r.json()["error"]["type"] == "not_supported_error"

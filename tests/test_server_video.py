@@ -47,7 +47,8 @@ def media_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(media_root):
-    args = ["-m", str(MODEL), "--mmproj", str(MMPROJ), "-c", str(N_CTX), "--allowed-media-path", str(media_root)]
+    args = ["-m", str(MODEL), "--mmproj", str(MMPROJ), "-c", str(N_CTX), "--allowed-media-path", str(media_root),
+            "--allow-private-media", "--max-video-bytes", "100000"]
     with ServerProcess(args) as s:
         yield s
 
@@ -106,6 +107,37 @@ def test_input_video_and_file_url_forms(server, client, media_root):
         assert r.status_code == 200, r.text
         answers.add(r.json()["choices"][0]["message"]["content"])
     assert len(answers) == 1
+
+
+@pytest.fixture(scope="module")
+def http_root(media_root):
+    """A loopback HTTP server over the media directory (and a clip too big for --max-video-bytes)."""
+    import functools
+    import http.server
+    import threading
+
+    (media_root / "big.mp4").write_bytes(CLIP.read_bytes() * 5)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_root))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_http_video_url(server, client, http_root, lib):
+    want = lib.chat(video_msg({"type": "video", "video": str(CLIP)}), video_options=OPTIONS, max_tokens=6,
+                    temperature=0)
+    r = client.chat.completions.create(model="qwen2vl", max_tokens=6, temperature=0,
+                                       messages=video_msg({"type": "video_url",
+                                                           "video_url": {"url": http_root + "/coffee.mp4"}}),
+                                       extra_body={"video_options": OPTIONS})
+    assert r.choices[0].message.content == want.text
+    with pytest.raises(openai.BadRequestError, match="too many bytes"):
+        client.chat.completions.create(model="qwen2vl", max_tokens=2, extra_body={"video_options": OPTIONS},
+                                       messages=video_msg({"type": "video_url",
+                                                           "video_url": {"url": http_root + "/big.mp4"}}))
 
 
 @pytest.mark.parametrize("part, options, code, needle", [

@@ -296,13 +296,14 @@ def test_bad_image_requests_shape_and_limits(server):
     wrong = [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": wrong})
     assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
-    # an image that fits the pixel limit but whose tokens overflow the context: the numbers are reported
+    # an image that fits the pixel limit but whose tokens overflow the context: refused before it is encoded,
+    # with the numbers
     big = "data:image/png;base64," + base64.b64encode(png_bytes(980, 980)).decode()
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": image_msg(big), "max_tokens": 2},
                    timeout=60)
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded"
-    assert f"but the context holds {N_CTX}" in err["message"] and "the prompt has" in err["message"]
+    assert f"the request's images alone need 1225 tokens but the context holds {N_CTX}" in err["message"]
 
 
 def test_server_still_serves(server, client, lib):

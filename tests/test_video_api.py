@@ -116,9 +116,24 @@ def test_other_families_get_frames_as_images_with_timestamps():
     for span, w in zip(prompt.images, want):
         assert torch.equal(span.features, w)
     assert len(m.build_prompt(messages, video_options={"num_frames": 5}).images) == 5
+    # a clip's frames are not images sent: max_images still counts only the images
+    assert len(m.build_prompt(messages, max_images=0, video_options={"num_frames": 5}).images) == 5
     assert len(m.build_prompt(messages, video_options={"fps": 10, "max_frames": 3}).images) == 3
     with pytest.raises(ocula.RequestError, match="no video encoder"):
         m.encode_video(str(WEBM))
     with pytest.raises(ocula.RequestError, match="unknown video option"):
         m.build_prompt(messages, video_options={"frames": 3})
+    with pytest.raises(ocula.RequestError, match="fps must be a positive number"):
+        m.build_prompt(messages, video_options={"fps": 0})
+    with pytest.raises(ocula.RequestError, match="must be positive integers"):
+        m.build_prompt(messages, video_options={"max_frames": 0})
     assert np.asarray(frames).shape == (2, 150, 200, 3)
+
+
+def test_a_clip_longer_than_the_context_is_refused_before_decoding(monkeypatch):
+    model("qwen2vl")  # skips without the fixtures
+    small = ocula.load(FIXTURES / "models/qwen2vl/qwen2vl-f16.gguf",
+                       mmproj=FIXTURES / "models/qwen2vl/mmproj-qwen2vl-f16.gguf", n_ctx=128)
+    monkeypatch.setattr(VideoClip, "frames", lambda self, idx: pytest.fail("frames decoded"))
+    with pytest.raises(ocula.RequestError, match="more than max_tokens 128"):
+        small.prompt_token_ids(ask(str(CLIP)))  # every frame (the processor's default): 23 slots x 35 tokens

@@ -50,3 +50,27 @@ def test_bench_video_json(capsys):
     assert r["frames"] == 8  # 2 s at --video-fps' default 4
     assert r["tokens"] == 4 * 5 * 7  # 4 temporal slots of a 140x196 frame (5x7 merged tokens)
     assert r["encode_ms"]["median"] > 0 and r["encode_ms_per_frame"] > 0 and r["decode_ms"]["median"] > 0
+
+
+def test_chat_video_command(monkeypatch, capsys, tmp_path):
+    import io
+    import sys
+
+    import ocula.api
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 20)
+    sent = []
+    chat = ocula.api.Model.chat
+    monkeypatch.setattr(ocula.api.Model, "chat", lambda self, messages, **kw: (sent.append((messages, kw)),
+                                                                              chat(self, messages, **kw))[1])
+    lines = [f"/video {bad}", f"/video {CLIP}", "what happens?", "and then?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    code = main(["chat", "-m", str(MODEL), "--mmproj", str(MMPROJ), "-n", "2", "--temp", "0", "--video-fps", "2"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    assert err.count("the video was left out") == 1 and "2.0 s, will go with your next message" in err
+    assert [len(m) for m, _ in sent] == [1, 3]
+    assert [p["type"] for p in sent[0][0][0]["content"]] == ["video", "text"]
+    assert sent[1][0][2]["content"] == "and then?"
+    assert sent[0][1]["video_options"] == {"do_sample_frames": True, "fps": 2.0}

@@ -8,7 +8,6 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-import torch
 from parity import FIXTURES, greedy_checkable, load_model, rel_err
 
 VIDEO = FIXTURES / "video"
@@ -36,10 +35,26 @@ def model_of(case):
     return load_model(str(text), str(mmproj))
 
 
+def _part(part):
+    if isinstance(part, dict) and part.get("type") == "video" and "path" in part:
+        return {"type": "video", "video": str(VIDEO / part["path"])}
+    return part
+
+
 def messages_of(case):
+    """The case's chat as recorded (video parts name their clip by path), else system + [clip, question]."""
+    if case.get("messages"):
+        return [{**m, "content": m["content"] if isinstance(m["content"], str) else [_part(p) for p in m["content"]]}
+                for m in case["messages"]]
     messages = [{"role": "system", "content": case["system"]}] if case.get("system") else []
     return messages + [{"role": "user", "content": [{"type": "video", "video": str(VIDEO / case["clip"])},
                                                     {"type": "text", "text": case["question"]}]}]
+
+
+def clip_info(case) -> dict:
+    clips = video_manifest()["clips"]
+    name = case["clip"].split("/")[-1]
+    return clips.get(name) or clips.get(case["clip"]) or next(c for c in clips.values() if c.get("file") == name)
 
 
 @pytest.mark.skipif(not CASES, reason=f"no video fixture manifest at {VIDEO} (shared fixtures absent)")
@@ -51,10 +66,11 @@ def test_video_case_matches_hf(case):
     model = model_of(case)
     ref = np.load(VIDEO / case["reference_npz"])
     options = case["processor_call_kwargs"]
-    clip_info = video_manifest()["clips"][case["clip"].split("/")[-1]]
+    info = clip_info(case)
     clip = open_video(VIDEO / case["clip"])
-    assert clip.total_frames == clip_info["metadata"]["total_num_frames"]
-    assert clip.fps == clip_info["metadata"]["fps"]
+    assert clip.total_frames == info["metadata"]["total_num_frames"]
+    assert clip.fps == info["metadata"]["fps"]
+    assert sha(clip.frames(range(clip.total_frames))) == info["decoded_rgb_sha256"]
     video = process_video(model.vision.vision, clip, options)
     assert video.indices == ref["frame_indices"].tolist()
     assert sha(clip.frames(video.indices)) == case["sampled_rgb_sha256"]

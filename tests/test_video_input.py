@@ -56,6 +56,22 @@ def test_seeking_decode_equals_full_decode(clip_bytes):
         assert np.array_equal(clip.frames(indices), full[indices])
 
 
+def test_parallel_and_single_thread_decodes_agree(clip_bytes):
+    import torch
+
+    clip = open_video(clip_bytes)
+    indices = [1, 9, 17, 25, 33, 39]  # one frame in each GOP
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = clip.frames(indices)
+        torch.set_num_threads(3)
+        assert np.array_equal(clip.frames(indices), one)
+    finally:
+        torch.set_num_threads(old)
+    assert np.array_equal(one, full_decode(clip_bytes)[indices])
+
+
 def test_timestamps_are_the_stream_pts(clip_bytes):
     clip = open_video(clip_bytes)
     assert clip.timestamps == pytest.approx([i / 25 for i in range(40)])

@@ -25,8 +25,10 @@ class Timings:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     prompt_ms: float = 0.0
-    image_encode_ms: float = 0.0
+    image_encode_ms: float = 0.0  # images encoded for this prompt (cached ones cost nothing)
     image_tokens: int = 0
+    images_encoded: int = 0
+    images_cached: int = 0
     ttft_ms: float = 0.0
     generated_tokens: int = 0
     generation_ms: float = 0.0

@@ -11,6 +11,7 @@ import torch
 
 from ocula.chat import image_parts
 from ocula.engine.prompt import ImageSpan, Prompt
+from ocula.engine.request import ContextOverflowError
 from ocula.engine.video_prompt import encode_video, expand_markers, video_spans
 from ocula.errors import OculaError, RequestError
 from ocula.media import MediaPolicy, image_digest, load_image
@@ -19,6 +20,40 @@ from ocula.models.vision.base import ImageOptions, ProcessedImage, VisionModel
 
 class VisionEncodeError(OculaError):
     pass
+
+
+class ImageBudgetError(RequestError):
+    """A request's images need more tokens than it may have."""
+
+
+@dataclass
+class ImageTokenLimit:
+    """Checked when a request's images are preprocessed, before any is encoded (a large image takes seconds
+    to minutes): their tokens in all against a per-request total, and against the context."""
+
+    per_request: int | None = None
+    context: int | None = None
+
+    def check(self, counts: list[int]) -> None:
+        total = sum(counts)
+        each = f" ({' + '.join(map(str, counts))})" if len(counts) > 1 else ""
+        if self.per_request is not None and total > self.per_request:
+            raise ImageBudgetError(
+                f"the request's images need {total} image tokens{each}, more than the {self.per_request} allowed "
+                "per request; send fewer or smaller images, or a lower image_max_tokens"
+            )
+        if self.context is not None and total >= self.context:
+            raise ContextOverflowError(
+                f"the request's images alone need {total} tokens{each} but the context holds {self.context}; "
+                "send fewer or smaller images, or a lower image_max_tokens"
+            )
+
+
+@dataclass
+class _Prepared:
+    key: str
+    cached: Encoded | None
+    processed: ProcessedImage
 
 
 @dataclass
@@ -43,6 +78,10 @@ class EmbeddingCache:
     def _size(e: Encoded) -> int:
         tensors = [e.features, *(e.deepstack or [])]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def __contains__(self, key: str) -> bool:  # a look that counts neither a hit nor a miss
+        with self._lock:
+            return key in self._items
 
     def get(self, key: str) -> Encoded | None:
         with self._lock:
@@ -86,15 +125,19 @@ class VisionRuntime:
 
     # ------------------------------------------------------------ one image
 
-    @torch.inference_mode()
-    def encode(self, source, options: ImageOptions | None = None, policy: MediaPolicy | None = None) -> tuple[str, Encoded]:
+    def prepare(self, source, options: ImageOptions | None = None, policy: MediaPolicy | None = None) -> _Prepared:
+        """Load the image and find it in the cache, or preprocess it: its token count is then known before the
+        expensive part, the encoder, runs."""
         options = options or ImageOptions()
         image = load_image(source, policy)
         key = f"{self.fingerprint}:{image_digest(image)}:{options.key()}"
         cached = self.cache.get(key)
         if cached is not None:
-            return key, cached
-        processed = self.vision.preprocess(image, options)
+            return _Prepared(key, cached, cached.processed)
+        return _Prepared(key, None, self.vision.preprocess(image, options))
+
+    @torch.inference_mode()
+    def run_encoder(self, key: str, processed: ProcessedImage) -> Encoded:
         t0 = time.perf_counter()
         out = self.vision.encode(processed)
         features, deepstack = out if isinstance(out, tuple) else (out, None)
@@ -108,7 +151,11 @@ class VisionRuntime:
             )
         encoded = Encoded(features, deepstack, processed, (time.perf_counter() - t0) * 1000)
         self.cache.put(key, encoded)
-        return key, encoded
+        return encoded
+
+    def encode(self, source, options: ImageOptions | None = None, policy: MediaPolicy | None = None) -> tuple[str, Encoded]:
+        p = self.prepare(source, options, policy)
+        return p.key, p.cached if p.cached is not None else self.run_encoder(p.key, p.processed)
 
     def video_token_id(self) -> int:
         from ocula.models.vision.qwen_video import VIDEO_PAD
@@ -122,15 +169,20 @@ class VisionRuntime:
 
     def build_prompt(self, text: str, messages: list[dict], timings=None, options: ImageOptions | None = None,
                      policy: MediaPolicy | None = None, max_images: int | None = None, videos=(),
-                     video_options: dict | None = None, video_limits=None) -> Prompt:
+                     video_options: dict | None = None, video_limits=None,
+                     limit: ImageTokenLimit | None = None) -> Prompt:
         """`videos`: the video parts taken out of the messages (video_prompt.take_video_parts), whose markers
-        the rendered `text` holds."""
-        encoded_videos = [encode_video(self, v, video_options, policy, video_limits) for v in videos]
-        if encoded_videos:
-            text = expand_markers(text, [e for _, e in encoded_videos])
+        the rendered `text` holds. `limit`: checked on the images' token counts after preprocessing, before
+        any image or video is encoded."""
         parts = image_parts(messages)
         if max_images is not None and len(parts) > max_images:
             raise RequestError(f"{len(parts)} images sent but at most {max_images} are allowed per request")
+        prepared = [self.prepare(p, options, policy) for p in parts]
+        if limit is not None:
+            limit.check([p.processed.n_tokens for p in prepared])
+        encoded_videos = [encode_video(self, v, video_options, policy, video_limits) for v in videos]
+        if encoded_videos:
+            text = expand_markers(text, [e for _, e in encoded_videos])
         placeholder = self.vision.placeholder
         pieces = text.split(placeholder)
         if len(pieces) - 1 != len(parts):
@@ -139,7 +191,13 @@ class VisionRuntime:
                 f"for {len(parts)} image(s); messages must not contain that text literally, and the "
                 "template must write one placeholder per image part"
             )
-        encoded = [self.encode(p, options, policy) for p in parts]
+        fresh: dict[str, Encoded] = {}  # encoded for this request (an image sent twice is encoded once)
+        encoded = []
+        for p in prepared:
+            enc = p.cached or fresh.get(p.key)
+            if enc is None:
+                enc = fresh[p.key] = self.run_encoder(p.key, p.processed)
+            encoded.append((p.key, enc))
         expanded = pieces[0]
         for (_, enc), rest in zip(encoded, pieces[1:]):
             expanded += self.vision.prompt_text(enc.processed) + rest
@@ -171,8 +229,10 @@ class VisionRuntime:
             order = sorted(range(len(spans) + len(vspans)), key=lambda i: (spans + vspans)[i].start)
             spans, span_images = [(spans + vspans)[i] for i in order], [(span_images + vgrids)[i] for i in order]
         if timings is not None:
-            timings.image_encode_ms = sum(e.encode_ms for _, e in encoded) + sum(e.encode_ms for _, e in encoded_videos)
+            # images taken from the cache cost nothing now
+            timings.image_encode_ms = sum(e.encode_ms for e in fresh.values()) + sum(e.encode_ms for _, e in encoded_videos)
             timings.image_tokens = want + sum(e.processed.n_tokens for _, e in encoded_videos)
+            timings.images_encoded, timings.images_cached = len(fresh), len(prepared) - len(fresh)
         positions, next_pos = self.positions(ids, spans, span_images)
         return Prompt(ids, positions, next_pos, spans)
 

@@ -40,6 +40,9 @@ class GenerationRequest:
     share_prompt: bool = False  # keep a copy of the prefilled prompt's KV in the prefix pool (n > 1 samples)
     post_sampling_probs: bool = False  # logprobs of the distribution sampled from, not of the raw logits
     arrival: float = field(default_factory=time.perf_counter)
+    # the prompt has images to preprocess and encode: built on the scheduler's image worker thread, so that
+    # the other sequences go on decoding meanwhile (False: built on the scheduler thread, e.g. text)
+    has_images: bool = False
 
 
 @dataclass

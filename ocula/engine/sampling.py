@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -116,12 +117,14 @@ _RANGES = [
 def _checked_number(name: str, value, lo: float, hi: float, how: str) -> float:
     """`value` as a float, or a RequestError naming the option and the value: a non-number, NaN, an infinity
     or a number outside [lo, hi] ((lo, hi] when `how` says so)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):  # numpy / torch scalars pass
         raise RequestError(f"{name} must be a number, got {value!r}")
     try:
         x = float(value)
     except OverflowError:  # an int too large for a float
         raise RequestError(f"{name} must be in {how}, got {value}") from None
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several values
+        raise RequestError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(x):
         raise RequestError(f"{name} must be a finite number, got {value!r}")
     open_low = how.startswith("(")
@@ -131,11 +134,12 @@ def _checked_number(name: str, value, lo: float, hi: float, how: str) -> float:
 
 
 def _checked_int(name: str, value, lo: int, hi: int | None, note: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
             value = int(value)
         else:
             raise RequestError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise RequestError(f"{name} must be {bound}{note}, got {value}")

@@ -8,13 +8,16 @@
         ...
     sched.stop()
 
-How a request moves (all on the scheduler thread, one loop iteration at a time):
+How a request moves (on the scheduler thread, one loop iteration at a time; image encoding aside, step 2):
 
 1. `submit` puts it in a bounded FIFO (`max_queue`; full → QueueFullError, the server's 503).
 2. Admission: when no other sequence is being prefilled and fewer than `max_batch` are decoding, the oldest
-   queued request has its prompt built (chat template, images encoded through the VisionRuntime cache),
-   checked against the context, and gets a KV cache from the prefix pool: the longest common prefix with
-   a finished sequence's cache (compared by `Prompt.cache_keys()`, never splitting an image) is copied, so
+   queued request has its prompt built (chat template, tokens), checked against the context, and gets a KV
+   cache from the prefix pool. A request with images (`has_images`) has its prompt built on the image
+   workers instead (`image_worker`: preprocessing and encoding through the VisionRuntime cache take
+   seconds for a large image, during which the decoding sequences keep going) and is admitted, in arrival
+   order with the others, once it is built. From the prefix pool, the longest common prefix with a
+   finished sequence's cache (compared by `Prompt.cache_keys()`, never splitting an image) is copied, so
    only the rest is computed.
 3. Prefill runs one chunk (`prefill_chunk` tokens, an image is never split) per loop iteration, so the
    decoding sequences advance between the chunks of a long prompt instead of waiting for all of it.
@@ -46,6 +49,7 @@ from typing import Callable
 import torch
 
 from ocula.engine.generate import PREFILL_CHUNK, Result, Timings
+from ocula.engine.image_worker import Built, ImageWorker
 from ocula.engine.prefix_pool import PrefixPool, copy_prefix
 from ocula.engine.prompt import Prompt
 from ocula.engine.request import (
@@ -121,9 +125,15 @@ class _Sequence:
 
 class Scheduler:
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK,
-                 prefix_cache_bytes: int = 512 * 1024 * 1024):
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+                 prefix_cache_bytes: int = 512 * 1024 * 1024, image_threads: int | None = None,
+                 image_workers: int = 2):
+        """`image_workers` threads build the prompts of requests with images, each computing with
+        `image_threads` torch threads (default: half the caller's, at least one); the scheduler thread
+        computes with the caller's `torch.get_num_threads()`."""
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or image_workers < 1 \
+                or (image_threads is not None and image_threads < 1):
+            raise ValueError("max_batch, prefill_chunk, image_threads and image_workers must be >= 1, "
+                             "max_queue >= 0")
         self.model = model
         self.text = model.text
         self.tokenizer = model.tokenizer
@@ -135,7 +145,10 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.pool = PrefixPool(prefix_cache_bytes, self.text.new_cache)
         self.stats = SchedulerStats()
+        self.threads = torch.get_num_threads()
         self._pending: deque[Handle] = deque()
+        self._built: deque[Built] = deque()  # prompts the image worker has built, waiting for admission
+        self.images = ImageWorker(image_threads or max(1, self.threads // 2), self._on_built, image_workers)
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # see call()
         self._prefilling: _Sequence | None = None
         self._active: list[_Sequence] = []
@@ -154,15 +167,17 @@ class Scheduler:
             self._running = True
         self._thread = threading.Thread(target=self._run, name="ocula-scheduler", daemon=True)
         self._thread.start()
+        self.images.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._running = False
             self._cond.notify_all()
+        waiting = self.images.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
-        for h in self._drain_all():
+        for h in waiting + self._drain_all():
             h._emit(Failed(SchedulerStoppedError("the server is shutting down")))
         while self._calls:
             _, future = self._calls.popleft()
@@ -181,11 +196,11 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self.images) + len(self._built)
 
     @property
     def active(self) -> int:
-        return len(self._active) + (self._prefilling is not None)
+        return len(self._active) + (self._prefilling is not None) + self.images.busy
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn() on the scheduler thread, between two steps, for other work that needs the model (e.g.
@@ -203,24 +218,38 @@ class Scheduler:
         with self._cond:
             if not self.alive:
                 raise SchedulerStoppedError("the scheduler is not running")
-            if len(self._pending) >= self.max_queue:
+            waiting = self.queue_depth
+            if waiting >= self.max_queue:
                 self.stats.requests_rejected += 1
                 raise QueueFullError(
-                    f"the server is busy: {len(self._pending)} requests are waiting (queue size {self.max_queue}) "
+                    f"the server is busy: {waiting} requests are waiting (queue size {self.max_queue}) "
                     f"and {self.active} are running; retry later"
                 )
-            self._pending.append(handle)
-            self._cond.notify_all()
+            if request.has_images:
+                self.images.submit(handle)
+            else:
+                self._pending.append(handle)
+                self._cond.notify_all()
         return handle
+
+    def _on_built(self, built: Built) -> None:  # on an image worker's thread
+        with self._cond:
+            if self._running:
+                self._built.append(built)
+                self._cond.notify_all()
+                return
+        built.handle._emit(Failed(SchedulerStoppedError("the server is shutting down")))  # built after stop()
 
     # ------------------------------------------------------------ loop
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's own count (the image worker sets its own)
         try:
             with torch.inference_mode():
                 while True:
                     with self._cond:
-                        while self._running and not (self._pending or self._active or self._prefilling or self._calls):
+                        while self._running and not (self._pending or self._built or self._active
+                                                     or self._prefilling or self._calls):
                             self._cond.wait(0.5)
                         if not self._running:
                             return
@@ -244,8 +273,9 @@ class Scheduler:
 
     def _drain_all(self) -> list[Handle]:
         with self._cond:
-            handles = list(self._pending)
+            handles = list(self._pending) + [b.handle for b in self._built]
             self._pending.clear()
+            self._built.clear()
         handles += [s.handle for s in self._in_flight()]
         self._active, self._prefilling = [], None
         return [h for h in handles if not h.done]
@@ -260,12 +290,7 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - the caller gets it
                     future.set_exception(e)
         if self._prefilling is None and len(self._active) < self.max_batch:
-            handle = None
-            with self._cond:
-                if self._pending:
-                    handle = self._pending.popleft()
-            if handle is not None:
-                self._admit(handle)
+            self._admit_next()
         if self._prefilling is not None:
             self._prefill_chunk(self._prefilling)
         if self._active:
@@ -276,6 +301,9 @@ class Scheduler:
             gone = [h for h in self._pending if h.cancelled]
             for h in gone:
                 self._pending.remove(h)
+            for b in [b for b in self._built if b.handle.cancelled]:
+                self._built.remove(b)
+                gone.append(b.handle)
         for h in gone:
             self.stats.requests_cancelled += 1
             h._emit(Failed(Cancelled("cancelled")))
@@ -297,13 +325,37 @@ class Scheduler:
 
     # ------------------------------------------------------------ admission and prefill
 
-    def _admit(self, handle: Handle) -> None:
+    def _admit_next(self) -> None:
+        """Admit the request that arrived first among those queued and those the image worker has built."""
+        with self._cond:
+            built = handle = None
+            if self._built and (not self._pending
+                                or self._built[0].handle.request.arrival <= self._pending[0].request.arrival):
+                built = self._built.popleft()
+            elif self._pending:
+                handle = self._pending.popleft()
+        if built is not None:
+            self._admit(built.handle, built.timings, built.prompt, built.error, built.build_ms)
+        elif handle is not None:
+            timings = Timings()
+            t0 = time.perf_counter()
+            prompt, error = None, None
+            try:
+                prompt = handle.request.build_prompt(timings)
+            except Exception as e:  # noqa: BLE001 - reported by _admit, for this request only
+                error = e
+            self._admit(handle, timings, prompt, error, (time.perf_counter() - t0) * 1000)
+
+    def _admit(self, handle: Handle, timings: Timings, prompt: Prompt | None, error: BaseException | None,
+               build_ms: float) -> None:
         req = handle.request
-        timings = Timings()
-        vision = getattr(self.model, "vision", None)
-        hits0, misses0 = (vision.cache.hits, vision.cache.misses) if vision is not None else (0, 0)
+        if handle.cancelled:
+            self.stats.requests_cancelled += 1
+            handle._emit(Failed(Cancelled("cancelled")))
+            return
         try:
-            prompt = req.build_prompt(timings)
+            if error is not None:
+                raise error
             if len(prompt) == 0:
                 raise RequestError("the prompt is empty")
             if len(prompt) >= self.n_ctx:
@@ -325,20 +377,20 @@ class Scheduler:
             self._fail(handle, e)
             return
         except Exception as e:  # noqa: BLE001 - a bug while building: this request only
-            log.exception("admitting a request failed")
+            log.error("admitting a request failed", exc_info=e)
             self._fail(handle, e)
             return
-        if vision is not None:
-            seq.images_cached = vision.cache.hits - hits0
-            seq.images_encoded = vision.cache.misses - misses0
+        seq.images_encoded, seq.images_cached = timings.images_encoded, timings.images_cached
         timings.prompt_tokens, timings.cached_tokens = len(prompt), reused
         st = self.stats
         st.requests_admitted += 1
         st.prompt_tokens += len(prompt)
         st.cached_prompt_tokens += reused
         self._prefilling = seq
+        # queue time: waiting only; building the prompt (encoding its images) is work, reported as image_encode_ms
+        queue_ms = max(0.0, (seq.t_prefill - req.arrival) * 1000 - build_ms)
         handle._emit(Started(len(prompt), reused, timings.image_tokens, seq.images_encoded, seq.images_cached,
-                             (seq.t_prefill - req.arrival) * 1000))
+                             queue_ms))
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         prompt = seq.prompt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from ocula.engine.tool_calls import (
     CALL_CLOSE, CALL_OPEN, MISTRAL_OPEN, PYTHON_TAG, THINK_CLOSE, THINK_OPEN, ToolCall, ToolPlan, is_text_param,

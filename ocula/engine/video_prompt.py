@@ -81,7 +81,7 @@ def frames_as_images(messages: list[dict], policy, options: dict | None, limits:
             new.append({"type": "text", "text": "Video:"})
             for i, frame in zip(indices, clip.frames(indices)):
                 new.append({"type": "text", "text": f"[{clip.timestamps[i]:.2f}s]"})
-                new.append({"type": "image", "image": frame})
+                new.append({"type": "image", "image": frame, "video_frame": True})
         out.append({**m, "content": new})
     return out
 
@@ -89,11 +89,11 @@ def frames_as_images(messages: list[dict], policy, options: dict | None, limits:
 def frame_indices(clip: VideoClip, opts: dict) -> list[int]:
     """Evenly spaced frames: `num_frames` of them, or `fps` per second (default 1), capped at `max_frames` (16)."""
     total = clip.total_frames
-    cap = opts.get("max_frames") or FRAMES_MAX
+    cap = FRAMES_MAX if opts.get("max_frames") is None else opts["max_frames"]
     if opts.get("num_frames") is not None:
         n = opts["num_frames"]
     else:
-        fps = opts.get("fps") or FRAMES_FPS
+        fps = FRAMES_FPS if opts.get("fps") is None else opts["fps"]
         if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
             raise RequestError(f"video option fps must be a positive number, got {fps!r}")
         n = max(1, int(clip.duration * fps))
@@ -114,6 +114,31 @@ class EncodedVideo:
     encode_ms: float
 
 
+@dataclass
+class PreparedVideo:
+    """A loaded clip, and (unless its embeddings were cached) its frames already sampled, resized and patched with
+    the settings keyed `settings_key`: the server does this in its thread pool, leaving the encoder's work alone
+    to the thread that builds the prompt."""
+
+    clip: VideoClip
+    settings_key: str | None = None
+    video: object | None = None  # qwen_video.ProcessedVideo
+
+
+def _cache_key(runtime, clip: VideoClip, settings_key: str) -> str:
+    return f"{runtime.fingerprint}:video:{clip.digest}:{settings_key}"
+
+
+def prepare_video(runtime, clip: VideoClip, options: dict | None) -> PreparedVideo:
+    """Sample, decode and preprocess a clip for a Qwen-VL tower now, unless its embeddings are cached."""
+    from ocula.models.vision.qwen_video import process_video, settings
+
+    skey = settings(runtime.vision.version, options).key()
+    if _cache_key(runtime, clip, skey) in runtime.cache:
+        return PreparedVideo(clip)
+    return PreparedVideo(clip, skey, process_video(runtime.vision, clip, options))
+
+
 def encode_video(runtime, source, options: dict | None = None, policy=None,
                  limits: VideoLimits | None = None) -> tuple[str, EncodedVideo]:
     """Encode one clip with a Qwen-VL tower, through the runtime's embedding cache."""
@@ -123,13 +148,20 @@ def encode_video(runtime, source, options: dict | None = None, policy=None,
     vision = runtime.vision
     if not getattr(vision, "version", None) or not hasattr(vision, "temporal"):
         raise RequestError(f"{vision.cfg.projector_type!r} has no native video path")
-    clip = open_video(source, policy, limits)
-    key = f"{runtime.fingerprint}:video:{clip.digest}:{settings(vision.version, options).key()}"
+    if isinstance(source, dict) and isinstance(source.get("video"), PreparedVideo):
+        source = source["video"]
+    prepared = source if isinstance(source, PreparedVideo) else None
+    clip = prepared.clip if prepared else open_video(source, policy, limits)
+    skey = settings(vision.version, options).key()
+    key = _cache_key(runtime, clip, skey)
     cached = runtime.cache.get(key)
     if cached is not None:
         return key, EncodedVideo(cached.features, cached.deepstack, cached.processed, 0.0)
     with torch.inference_mode():
-        video = process_video(vision, clip, options)
+        ready = prepared is not None and prepared.video is not None and prepared.settings_key == skey
+        video = prepared.video if ready else process_video(vision, clip, options)
+        if prepared is not None:
+            prepared.video = None  # its pixels are not needed once encoded
         t0 = time.perf_counter()
         out = vision.encode(video.processed)
         features, deepstack = out if isinstance(out, tuple) else (out, None)

@@ -10,7 +10,8 @@ Decoding uses PyAV (FFmpeg: libavcodec + libswscale, ``to_ndarray(format="rgb24"
 tags), the backend transformers' ``load_video`` defaults to. Opening a clip only demuxes it: the packets' presentation
 timestamps give the exact frame count and every frame's time in display order (the container header's count is
 unreliable: WebM stores none). ``VideoClip.frames(indices)`` then decodes just those frames, seeking to the keyframe
-before each run of wanted frames instead of decoding the whole clip.
+before each run of wanted frames instead of decoding the whole clip; runs of GOPs are decoded on parallel threads,
+each with its own demuxer and decoder (FFmpeg releases the GIL), as many as torch's thread count.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import hashlib
 import io
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,23 +89,33 @@ class VideoClip:
         if self._frames is not None:
             return self._frames[indices]
         wanted = sorted(set(indices))
-        got = self._decode(wanted)
+        groups: dict[int, list[int]] = {}  # keyframe → the wanted frames decoded from it
+        for i in wanted:
+            groups.setdefault(self._keyframes[max(0, bisect.bisect_right(self._keyframes, i) - 1)], []).append(i)
+        n = min(len(groups), decode_threads())
+        if n < 2:
+            got = self._decode(groups, threaded=True)
+        else:  # runs of GOPs on threads of their own, each with its own demuxer and decoder
+            keys = sorted(groups)
+            cuts = [len(keys) * k // n for k in range(n + 1)]
+            parts = [{key: groups[key] for key in keys[a:b]} for a, b in zip(cuts, cuts[1:])]
+            got = {}
+            for part in _decode_pool().map(lambda g: self._decode(g, threaded=False), parts):
+                got.update(part)
         return np.stack([got[i] for i in indices])
 
-    def _decode(self, wanted: list[int]) -> dict[int, np.ndarray]:
-        """Decode the wanted display-order frames; each run of them sharing one keyframe costs one seek. Frames a
-        seek did not reach (a container whose index disagrees with its packets) come from one plain pass."""
+    def _decode(self, groups: dict[int, list[int]], threaded: bool) -> dict[int, np.ndarray]:
+        """Decode the wanted display-order frames, grouped by the keyframe they decode from: one seek per group.
+        Frames a seek did not reach (a container whose index disagrees with its packets) come from a plain pass."""
         av = _av()
         index_of_pts = {p: i for i, p in enumerate(self._pts)}
-        groups: dict[int, list[int]] = {}
-        for i in wanted:
-            k = self._keyframes[max(0, bisect.bisect_right(self._keyframes, i) - 1)]
-            groups.setdefault(k, []).append(i)
+        wanted = [i for g in groups.values() for i in g]
         out: dict[int, np.ndarray] = {}
         try:
             with av.open(io.BytesIO(self._data), mode="r") as container:
                 stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
+                if threaded:
+                    stream.thread_type = "AUTO"
                 for n, key in enumerate(sorted(groups)):
                     if n or key:
                         container.seek(self._pts[key], stream=stream, backward=True, any_frame=False)
@@ -128,6 +141,25 @@ class VideoClip:
                 need.discard(i)
                 if not need:
                     return
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def decode_threads() -> int:
+    """How many runs of GOPs are decoded at once: torch's thread count (what `threads=` / `-t` sets)."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < decode_threads():
+            _pool = ThreadPoolExecutor(decode_threads(), thread_name_prefix="ocula-video")
+        return _pool
 
 
 # ------------------------------------------------------------------------------------------------ sources

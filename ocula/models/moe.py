@@ -22,7 +22,7 @@ from ocula.errors import GGUFError
 from ocula.gguf import GGUFFile
 from ocula.models.layers import gated_act
 from ocula.quant import kernels, linear
-from ocula.quant.cviews import GATINGS, CViews, Step, Unsupported
+from ocula.quant.cviews import CViews, Step, Unsupported
 from ocula.quant.linear import QLinear, QuantizedWeight
 
 # Experts chosen by at most this many of a prompt's tokens run in one C call (ocula_moe_experts: whole experts

@@ -176,29 +176,18 @@ def anthropic_error(e: APIError) -> JSONResponse:
 
 
 async def count_prompt_tokens(routes, chat: dict) -> int:
-    """The prompt tokens a chat request would take (template, tools, images expanded), counted on the scheduler
-    thread between steps, without generating."""
+    """The prompt tokens a chat request would take, counted on the scheduler thread between steps without
+    generating: the chat route's own preparation (template, tools, images, video), then the prompt built."""
     import asyncio
 
-    from ocula.chat import normalize_messages
     from ocula.engine.generate import Timings
     from ocula.errors import OculaError
-    from ocula.server.chat_tools import template_inputs
+    from ocula.server import protocol as P
 
-    model, config = routes.model, routes.config
-    messages, kwargs = template_inputs(model.template.source, chat["messages"], chat,
-                                       chat.get("chat_template_kwargs"))
+    req = P.parse(P.ChatRequest, chat)
+    params, explicit = P.sampling_params(req, routes.config.default_max_tokens, routes.config.sampling_defaults)
+    greq, _ = await routes.prepare_chat(req, params, explicit, None)
     try:
-        normalize_messages(messages)
-    except OculaError as e:
-        raise to_api_error(e, "messages") from None
-    messages = await routes.prepare_images(messages)
-
-    def count() -> int:
-        return len(model.build_prompt(messages, Timings(), config.image_min_tokens, config.image_max_tokens,
-                                      media_policy=routes.policy, max_images=config.max_images, **kwargs))
-
-    try:
-        return await asyncio.wrap_future(routes.sched.call(count))
+        return await asyncio.wrap_future(routes.sched.call(lambda: len(greq.build_prompt(Timings()))))
     except OculaError as e:
         raise to_api_error(e, "messages") from None

@@ -199,6 +199,8 @@ def _tool_use_id(call_id: str) -> str:
 
 async def handle(body: dict, call: ChatCall, model_id: str):
     chat = to_chat(body)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):  # strict: "yes", 1 are not true
+        raise _bad(f"stream must be true or false, got {body['stream']!r}", "stream")
     if not body.get("stream"):
         return JSONResponse(full(await call.answer(chat), model_id))
     chunks = await call.chunks(chat)

@@ -3,8 +3,8 @@
 The event loop never runs the model: requests become `GenerationRequest`s for the scheduler thread, whose
 events come back through `loop.call_soon_threadsafe`. Images are fetched/decoded (under the media policy) off
 the event loop before a request is queued (URLs on a pool of their own: `media_loader`), so a slow URL never
-stalls the scheduler or another request's images; encoding happens on the
-scheduler thread, through the model's image-embedding cache.
+stalls the scheduler or another request's images; encoding happens on the scheduler's image workers
+(through the model's image-embedding cache) while the other sequences keep decoding.
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
 from ocula.server.agent_apis import register_agent_apis
 from ocula.server.chat_tools import ChatPlan
-from ocula.server.choices import run_choices
+from ocula.server.choices import MAX_CHOICES, run_choices
 from ocula.server.config import ServerConfig
 from ocula.server.errors import APIError, to_api_error
+from ocula.server.image_budget import has_media, image_max_tokens, image_token_limit
 from ocula.server.llama_routes import listed_model
 from ocula.server.media_loader import MediaLoader
 from ocula.server.metrics import Metrics
@@ -50,7 +51,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     model_id = config.model_id or model.gguf.path.name
     own_scheduler = scheduler is None
     sched = scheduler or Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue,
-                                   prefill_chunk=config.prefill_chunk, prefix_cache_bytes=config.prefix_cache_bytes)
+                                   prefill_chunk=config.prefill_chunk, prefix_cache_bytes=config.prefix_cache_bytes,
+                                   image_threads=config.image_threads, image_workers=config.image_workers)
     metrics = Metrics()
     policy = config.media_policy()
     media = MediaLoader(policy, config.max_media_fetches)
@@ -76,7 +78,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
 
-    add_web_routes(app)
+    if config.web_ui:
+        add_web_routes(app)
 
     # ------------------------------------------------------------ errors
 
@@ -157,7 +160,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "id": model_id, "object": "model", "created": created, "owned_by": "ocula",
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
-            "modalities": {"vision": model.supports_images, "audio": False},
+            "modalities": {"vision": model.supports_images, "audio": False, "video": model.supports_video},
             "architecture": model.architecture,
         }
 
@@ -191,8 +194,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            if (req.n or 1) > 1:
-                resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,
+            if isinstance(greq, list) or (req.n or 1) > 1:
+                resp = await run_choices(sched, metrics, request, greq, fmt, req.n or 1, req.stream, include_usage,
                                          endpoint, t0)
             else:
                 resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
@@ -234,7 +237,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             raise to_api_error(e, None) from None
         plan = ChatPlan(req, model.template.source)
         messages = await prepare_images(plan.history(messages))
-        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx)
+        messages, video_options = await prepare_videos(model, config, policy, messages, req.video_options, sched.n_ctx,
+                                                       media)
         if plan.needs_parse and plan.thinks:
             plan.note_prompt(await run_in_threadpool(model.apply_chat_template, messages, **plan.template_kwargs))
         constraint = await make_constraint(req.response_format, req)
@@ -244,28 +248,35 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             except OculaError as e:
                 raise to_api_error(e, "tools") from None
         img_min = req.image_min_tokens if req.image_min_tokens is not None else config.image_min_tokens
-        img_max = req.image_max_tokens if req.image_max_tokens is not None else config.image_max_tokens
+        img_max = image_max_tokens(model, config.image_max_tokens, req.image_max_tokens)
+        limit = image_token_limit(config.max_image_tokens_per_request, sched.n_ctx)
 
         def build(timings, messages=messages):
             return model.build_prompt(messages, timings, img_min, img_max, media_policy=policy,
                                       max_images=config.max_images, video_options=video_options,
-                                      **plan.template_kwargs)
+                                      image_limit=limit, **plan.template_kwargs)
 
         logprobs = None
         if req.logprobs:
             logprobs = req.top_logprobs or 0
         elif req.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias)
+        greq = GenerationRequest(build, params, explicit, constraint, logprobs, bias, has_images=has_media(messages))
         return greq, plan.wrap(ChatFormat(model_id, model.tokenizer, logprobs is not None))
 
     async def prepare_completion(req: P.CompletionRequest, params, explicit: bool, bias):
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompt)}",
-                               param="prompt", code="unsupported_parameter")
-            prompt = prompt[0]
+        """One prompt: (request, format); several (a list of texts or of id lists): lists of both, whose
+        choices run_choices numbers prompt by prompt (OpenAI's order)."""
+        prompts = req.prompt
+        if not (isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list))):
+            return await prepare_one_completion(req, prompts, params, explicit, bias)
+        if len(prompts) > MAX_CHOICES:
+            raise APIError(400, f"prompt: at most {MAX_CHOICES} prompts per request, got {len(prompts)}",
+                           param="prompt", code="invalid_value")
+        prepared = [await prepare_one_completion(req, p, params, explicit, bias) for p in prompts]
+        return [g for g, _ in prepared], [f for _, f in prepared]
+
+    async def prepare_one_completion(req: P.CompletionRequest, prompt, params, explicit: bool, bias):
         if isinstance(prompt, list):
             bad = [t for t in prompt if not 0 <= t < model.text.cfg.n_vocab]
             if bad:
@@ -389,7 +400,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                 elif isinstance(ev, Failed):
                     err = to_api_error(ev.error)
                     status = err.status
-                    yield _data(err.body())
+                    yield _data(fmt.error_body(err) if hasattr(fmt, "error_body") else err.body())
                     break
             if getattr(fmt, "done_marker", True):  # llama-server's native stream ends without one
                 yield "data: [DONE]\n\n"
@@ -404,7 +415,8 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     routes = RouteContext(
         model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
-        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health)
+        prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health,
+        media)
     register_llama_routes(app, routes)
     register_agent_apis(app, routes)
     return app
@@ -605,5 +617,6 @@ def _timings(first: Started, ev: Finished) -> dict:
         "queue_ms": round(first.queue_ms, 2), "prompt_ms": round(t.prompt_ms, 2), "ttft_ms": round(t.ttft_ms, 2),
         "generation_ms": round(t.generation_ms, 2), "generation_tps": round(t.generation_tps, 2),
         "cached_tokens": first.cached_tokens, "image_tokens": first.image_tokens,
+        "image_ms": round(t.image_encode_ms, 2),
         "images_encoded": first.images_encoded, "images_cached": first.images_cached,
     }

@@ -136,14 +136,3 @@ def _with_reason(ev: Finished, called: bool) -> Finished:
     return dataclasses.replace(ev, tail="", result=dataclasses.replace(ev.result, finish_reason="tool_calls"))
 
 
-
-def template_inputs(template_source: str | None, messages: list, body: dict, kwargs: dict | None = None):
-    """The messages and template arguments /v1/chat/completions renders for a request body: its tool history
-    reshaped, its tools, its chat_template_kwargs (for routes that render or count without generating)."""
-    try:
-        plan = ToolPlan.create(body.get("tools"), body.get("tool_choice"), template_source,
-                               body.get("parallel_tool_calls"))
-        return plan.history(messages), {**(kwargs or {}), **plan.template_kwargs()}
-    except RequestError as e:
-        param = "tool_choice" if str(e).startswith("tool_choice") else "tools"
-        raise APIError(400, str(e), param=param, code="invalid_value") from None

@@ -38,6 +38,21 @@ def fork_constraint(constraint):
     return twin
 
 
+def fork_format(fmt):
+    """A response format for another choice: the same id and tokenizer, its own state (logprob offsets; a
+    tool/reasoning parser wrapped around a ChatFormat gets a fresh parser)."""
+    if hasattr(fmt, "base") and hasattr(fmt, "plan"):  # chat_tools.ParsedChatFormat(base, plan)
+        return type(fmt)(fork_format(fmt.base), fmt.plan)
+    return copy.copy(fmt)
+
+
+def innermost(fmt):
+    """The ChatFormat / CompletionFormat inside any wrappers (which keep it as `base`)."""
+    while hasattr(fmt, "base"):
+        fmt = fmt.base
+    return fmt
+
+
 def sample_requests(greq: GenerationRequest, n: int) -> list[GenerationRequest]:
     """n requests for n independent samples of greq's prompt; the first shares its prefill with the rest."""
     if n > MAX_CHOICES:
@@ -146,20 +161,31 @@ def set_index(chunk: dict, i: int) -> dict:
     return chunk
 
 
-def merged_usage(outcomes: list[Outcome]) -> dict:
-    """One prompt, n completions: the prompt counts once (as OpenAI counts it), the completions add up."""
-    first = outcomes[0]
+def merged_usage(outcomes: list[Outcome], prompts: int = 1) -> dict:
+    """n completions of each prompt: every prompt counts once (as OpenAI counts them), the completions add up."""
+    per = len(outcomes) // prompts
+    firsts = outcomes[::per]
     completion = sum(o.finished.result.completion_tokens for o in outcomes)
-    return P.usage(first.finished.result.prompt_tokens, completion, first.first.cached_tokens)
+    return P.usage(sum(o.finished.result.prompt_tokens for o in firsts), completion,
+                   sum(o.first.cached_tokens for o in firsts))
 
 
-async def run_choices(sched, metrics, request: Request, greq: GenerationRequest, fmt, n: int, stream: bool,
+async def run_choices(sched, metrics, request: Request, greq, fmt, n: int, stream: bool,
                       include_usage: bool, endpoint: str, t0: float):
-    """OpenAI `n` > 1 on chat/completions: one response with n choices (`index` 0..n-1), streamed or whole."""
+    """OpenAI `n` > 1 and several completion prompts: one response whose choices are n samples of each prompt
+    (`index` = prompt * n + sample), streamed or whole. `greq` / `fmt` are one, or lists (one per prompt)."""
     from ocula.server.app import EventStream
 
-    greqs = sample_requests(greq, n)
-    fmts = [copy.copy(fmt) for _ in range(n)]  # per-choice state (e.g. logprob offsets); same id and time
+    per_prompt = list(zip(greq, fmt)) if isinstance(greq, list) else [(greq, fmt)]
+    greqs, fmts = [], []
+    for g, f in per_prompt:
+        greqs += sample_requests(g, n)
+        fmts += [f] + [fork_format(f) for _ in range(n - 1)]
+    first = innermost(fmts[0])
+    for f in fmts[1:]:  # one response: the same id and time in every chunk (several prompts had their own)
+        inner = innermost(f)
+        inner.id, inner.created = first.id, first.created
+    n = len(greqs)
     group, events = await submit_all(sched, greqs)
     handed_off = False
     try:
@@ -169,8 +195,8 @@ async def run_choices(sched, metrics, request: Request, greq: GenerationRequest,
                 return disconnected(metrics)
             started, early = got
             handed_off = True
-            return EventStream(stream_choices(metrics, fmts, started, early, events, n, include_usage, endpoint, t0),
-                               group)
+            return EventStream(stream_choices(metrics, fmts, started, early, events, n, include_usage, endpoint, t0,
+                                              len(per_prompt)), group)
         outcomes = await collect(request, group, events, n)
         if outcomes is None:
             return disconnected(metrics)
@@ -181,7 +207,7 @@ async def run_choices(sched, metrics, request: Request, greq: GenerationRequest,
             bodies.append(f.full(o.first, o.deltas, o.finished))
         body = bodies[0]
         body["choices"] = [set_index(b, i)["choices"][0] for i, b in enumerate(bodies)]
-        body["usage"] = merged_usage(outcomes)
+        body["usage"] = merged_usage(outcomes, len(per_prompt))
         return JSONResponse(body)
     finally:
         if not handed_off:
@@ -189,7 +215,7 @@ async def run_choices(sched, metrics, request: Request, greq: GenerationRequest,
 
 
 async def stream_choices(metrics, fmts, started, early, events: asyncio.Queue, n: int, include_usage: bool,
-                         endpoint: str, t0: float) -> AsyncIterator[str]:
+                         endpoint: str, t0: float, prompts: int = 1) -> AsyncIterator[str]:
     from ocula.server.app import _data
 
     status = 200
@@ -203,7 +229,7 @@ async def stream_choices(metrics, fmts, started, early, events: asyncio.Queue, n
             i, ev = pending.pop(0) if pending else await events.get()
             f = fmts[i]
             if isinstance(ev, Delta):
-                chunk = f.delta(ev)  # a chunk, None, or a list of chunks (tool calls, reasoning)
+                chunk = f.delta(ev)  # a chunk, None, or a list of chunks (the tool/reasoning parser's)
                 for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
                     yield _data(set_index(c, i))
             elif isinstance(ev, Finished):
@@ -213,7 +239,7 @@ async def stream_choices(metrics, fmts, started, early, events: asyncio.Queue, n
                 last = all(x is not None for x in finished)
                 for chunk in f.finish(started[i], ev, include_usage and last):
                     if not chunk.get("choices") and "usage" in chunk:  # the one usage chunk, for all choices
-                        chunk["usage"] = merged_usage([_Done(s, x) for s, x in zip(started, finished)])
+                        chunk["usage"] = merged_usage([_Done(s, x) for s, x in zip(started, finished)], prompts)
                     yield _data(set_index(chunk, i))
             elif isinstance(ev, Failed):
                 err = to_api_error(ev.error)

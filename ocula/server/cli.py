@@ -6,6 +6,7 @@ import os
 import sys
 
 from ocula.errors import OculaError
+from ocula.server.llama_flags import add_llama_server_flags, apply_llama_server_flags
 
 
 def _size(text: str) -> int:
@@ -33,6 +34,13 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
     g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
+    g.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
+                   help="chat through this template instead of the GGUF's own: a built-in name (chatml, gemma, "
+                        "llama3, command-r), a Jinja file, or the template text")
+    g.add_argument("--chat-template-file", metavar="FILE", default=None,
+                   help="as --chat-template, from a Jinja file (llama-server's flag)")
+    g.add_argument("--no-ui", "--no-webui", dest="web_ui", action="store_false",
+                   help="no chat page at / (API routes only)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
                    help="largest request body (default: room for the context's text, JSON-escaped, plus "
                         "--max-request-media-bytes of base64 media)")
@@ -77,7 +85,17 @@ def add_parser(sub, add_model_args) -> None:
                    help="image URLs fetched at once over all requests; more wait for a slot within "
                         "--media-timeout (default 8)")
     m.add_argument("--image-min-tokens", type=int, default=None)
-    m.add_argument("--image-max-tokens", type=int, default=None)
+    m.add_argument("--image-max-tokens", type=int, default=None,
+                   help="tokens per image unless a request sets image_max_tokens (default: 4096, or the "
+                        "processor's own default where that is lower)")
+    m.add_argument("--max-image-tokens-per-request", type=int, default=16384, metavar="N",
+                   help="image tokens of all a request's images together; more is refused with a 400 before "
+                        "any is encoded (default 16384; 0: no limit but the context)")
+    m.add_argument("--image-workers", type=int, default=2, metavar="N",
+                   help="requests whose images are encoded at once, while the others keep decoding (default 2: "
+                        "a small image need not wait for a large one)")
+    m.add_argument("--image-threads", type=int, default=None, metavar="N",
+                   help="threads of each image worker (default: half of --threads, at least 1)")
     v = p.add_argument_group("video")
     v.add_argument("--max-videos", type=int, default=2, help="videos per request (default 2)")
     v.add_argument("--max-video-bytes", type=_size, default=_size("100M"), metavar="BYTES")
@@ -87,6 +105,7 @@ def add_parser(sub, add_model_args) -> None:
     v.add_argument("--video-max-frames", type=int, default=None, help="most frames sampled from one clip")
     v.add_argument("--video-max-tokens", type=int, default=None, help="most tokens one clip may take "
                    "(default: the context size)")
+    add_llama_server_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -104,19 +123,39 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1 or args.queue_size < 0 or args.prefill_chunk < 1:
         raise OculaError("--parallel and --prefill-chunk must be >= 1, --queue-size >= 0")
-    if not args.media_timeout > 0 or args.max_media_fetches < 1:
-        raise OculaError("--media-timeout must be > 0 seconds and --max-media-fetches >= 1")
+    video_config = _video_config(args)
+    for flag, value in (("--image-min-tokens", args.image_min_tokens), ("--image-max-tokens", args.image_max_tokens),
+                        ("--image-threads", args.image_threads), ("--image-workers", args.image_workers)):
+        if value is not None and value < 1:
+            raise OculaError(f"{flag} must be >= 1, got {value}")
+    if args.max_image_tokens_per_request < 0:
+        raise OculaError(f"--max-image-tokens-per-request must be >= 0, got {args.max_image_tokens_per_request}")
+    if not 0 < args.media_timeout <= 3600 or args.max_media_fetches < 1:
+        raise OculaError("--media-timeout must be > 0 and at most 3600 seconds, --max-media-fetches >= 1")
     check_listen_address(args.host, args.port)  # before the model loads: a busy port is known at once
+    template_text = chosen_template(args)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ocula: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     if args.threads is None:  # leave a core to the HTTP side (event loop, image decoding)
         args.threads = max(1, (os.cpu_count() or 2) - 1)
     model = load_model(args)
+    apply_llama_server_flags(args, model)  # -b, and a note on llama-server flags without effect here
+    if template_text is not None:
+        from ocula.chat import ChatTemplate
+
+        tok = model.tokenizer
+        model.template = ChatTemplate(template_text, tok.bos_token, tok.eos_token, model.architecture)
+    elif not model.has_chat_template:
+        from ocula.cli_template import fallback_name
+
+        print(f"ocula: warning: {model.gguf.path.name} has no chat template (a base model?): chat requests are "
+              f"wrapped in {fallback_name(model.architecture)} (--chat-template to choose); /v1/completions "
+              "completes prompts as is", file=sys.stderr)
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
-        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin,
+        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
         sampling_defaults=sampling_defaults(args),
@@ -126,9 +165,11 @@ def cmd_serve(args) -> int:
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
         media_timeout=args.media_timeout, max_media_fetches=args.max_media_fetches,
         image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
+        max_image_tokens_per_request=args.max_image_tokens_per_request or None, image_threads=args.image_threads,
+        image_workers=args.image_workers,
         max_body_bytes=args.max_request_bytes,
         max_request_media_bytes=args.max_request_media_bytes,
-        **_video_config(args),
+        **video_config,
     )
     app = create_app(model, config)
     print(f"ocula: serving {config.model_id or model.gguf.path.name} on http://{_host_for_url(args.host)}:{args.port}"
@@ -137,6 +178,23 @@ def cmd_serve(args) -> int:
     print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def chosen_template(args) -> str | None:
+    """The text of --chat-template / --chat-template-file (checked to parse before the model loads), or None."""
+    if args.chat_template and args.chat_template_file:
+        raise OculaError("--chat-template and --chat-template-file both given: pick one")
+    if args.chat_template_file and not os.path.isfile(args.chat_template_file):
+        raise OculaError(f"cannot read --chat-template-file {args.chat_template_file}: no such file")
+    choice = args.chat_template or args.chat_template_file
+    if choice is None:
+        return None
+    from ocula.chat import ChatTemplate
+    from ocula.cli_template import template_source
+
+    text = template_source(choice)
+    ChatTemplate(text)  # a TemplateError (an OculaError) if it does not parse
+    return text
 
 
 def check_listen_address(host: str, port: int) -> None:

@@ -11,6 +11,7 @@ class ServerConfig:
     model_id: str | None = None  # id in /v1/models and responses (default: the GGUF file name)
     api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer <key>"
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
+    web_ui: bool = True  # the chat page at / (off: --no-ui, as llama-server)
     # scheduler
     max_batch: int = 8  # sequences decoded together
     max_queue: int = 64  # waiting requests beyond that → 503
@@ -30,7 +31,10 @@ class ServerConfig:
     media_timeout: float = 10.0  # seconds for a whole image URL fetch, waiting for a fetch slot included
     max_media_fetches: int = 8  # image URLs fetched at once (over all requests)
     image_min_tokens: int | None = None
-    image_max_tokens: int | None = None
+    image_max_tokens: int | None = None  # per image; None: image_budget.DEFAULT_IMAGE_MAX_TOKENS as a cap
+    max_image_tokens_per_request: int | None = 16384  # all images of a request; None: only the context
+    image_threads: int | None = None  # torch threads per image worker (default: half of -t, >= 1)
+    image_workers: int = 2  # prompts with images built at once, beside decoding
     max_body_bytes: int | None = None  # default: body_limit()'s room for a context's text and the inline media
     max_request_media_bytes: int = 32 * 1024 * 1024  # inline (base64) images and videos of one request, decoded
     # video

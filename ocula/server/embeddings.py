@@ -26,16 +26,14 @@ import time
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from ocula.engine.generate import Timings
 from ocula.engine.prompt import Prompt
-from ocula.errors import MediaError
 from ocula.models.text.base import StepInput
 from ocula.server.errors import APIError, to_api_error
 from ocula.server.llama_routes import check_token_ids, field, native
 from ocula.server.native_completion import (
-    MEDIA_MARKER, build_prompt, load_media, refuse_text_beyond_context, split_prompts,
+    MEDIA_MARKER, build_prompt, load_images, load_media, refuse_text_beyond_context, split_prompts,
 )
 
 POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last"}
@@ -129,7 +127,11 @@ async def prepare_inputs(ctx, raw) -> list[tuple]:
     if isinstance(raw, dict):
         items = [raw]
     else:
-        items = split_prompts(raw)
+        try:
+            items = split_prompts(raw)
+        except APIError as e:
+            e.message, e.param = e.message.replace("prompt", "input", 1), "input"
+            raise
     try:
         refuse_text_beyond_context(ctx, items)
     except APIError as e:
@@ -164,7 +166,6 @@ async def prepare_inputs(ctx, raw) -> list[tuple]:
 async def content_parts(ctx, parts, where: str) -> tuple[str, list]:
     """{"content": [text and image parts]} → text with a <__media__> marker per image, and the images."""
     from ocula.chat import IMAGE_PART_TYPES
-    from ocula.media import load_image
     from ocula.server.app import _image_source
 
     if not isinstance(parts, list):
@@ -189,16 +190,7 @@ async def content_parts(ctx, parts, where: str) -> tuple[str, list]:
         raise APIError(400, f"{len(sources)} images sent but at most {ctx.config.max_images} are allowed per input",
                        param=where, code="too_many_images")
 
-    def load_all():
-        out = []
-        for at, src in sources:
-            try:
-                out.append(load_image(src, ctx.policy))
-            except MediaError as e:
-                raise APIError(400, f"invalid image at {at}: {e}", param=at, code="invalid_image") from None
-        return out
-
-    return text, (await run_in_threadpool(load_all) if sources else [])
+    return text, await load_images(ctx, sources)
 
 
 @torch.inference_mode()

@@ -31,6 +31,7 @@ def _param_from(message: str) -> str | None:
 def to_api_error(e: BaseException, param: str | None = None) -> APIError:
     """Map an exception from the engine to the error a client sees (never a traceback)."""
     from ocula.engine.scheduler import Cancelled, ContextOverflowError, QueueFullError, SchedulerStoppedError
+    from ocula.engine.multimodal import ImageBudgetError
     from ocula.engine.structured import ConstraintError
 
     if isinstance(e, APIError):
@@ -38,6 +39,8 @@ def to_api_error(e: BaseException, param: str | None = None) -> APIError:
     msg = str(e) or type(e).__name__
     if isinstance(e, ContextOverflowError):
         return APIError(400, msg, param=param or "messages", code="context_length_exceeded")
+    if isinstance(e, ImageBudgetError):
+        return APIError(400, msg, param=param or "messages", code="too_many_image_tokens")
     if isinstance(e, MediaError):
         return APIError(400, f"invalid image: {msg}", param=param, code="invalid_image")
     if isinstance(e, QueueFullError):

@@ -47,9 +47,14 @@ class RouteContext:
     completions: Callable
     models: Callable
     health: Callable
+    media: Any  # MediaLoader: image sources → PIL images, URLs on their own bounded fetch pool
 
 
 def native_error(e: APIError) -> JSONResponse:
+    return JSONResponse(native_error_body(e), status_code=e.status, headers=e.headers)
+
+
+def native_error_body(e: APIError) -> dict:
     """An error in llama-server's shape: the HTTP status as `code`, plus OpenAI's `param` when known."""
     body = {"code": e.status, "message": e.message, "type": e.type}
     if e.param:
@@ -64,7 +69,7 @@ def native_error(e: APIError) -> JSONResponse:
         m = re.search(r"context holds (\d+)", e.message)
         if m:
             body["n_ctx"] = int(m.group(1))
-    return JSONResponse({"error": body}, status_code=e.status, headers=e.headers)
+    return {"error": body}
 
 
 def native(handler):
@@ -114,6 +119,13 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         ctx.check_auth(request)
         return JSONResponse(props_body(ctx))
 
+    @app.post("/props")
+    @native
+    async def set_props(request: Request):
+        ctx.check_auth(request)
+        raise APIError(501, "this server does not change its settings at run time: restart it with other flags",
+                       type="not_supported_error", code="not_supported")
+
     @app.get("/slots")
     @native
     async def slots(request: Request):
@@ -148,36 +160,25 @@ def register_llama_routes(app: FastAPI, ctx: RouteContext) -> None:
         check_token_ids(ids, model.text.cfg.n_vocab, "tokens")
         return JSONResponse({"content": tok.decode(ids)})
 
-    from ocula.server import embeddings, native_completion
+    from ocula.server import embeddings, infill, native_completion
 
     native_completion.register(app, ctx)
     embeddings.register(app, ctx)
+    infill.register(app, ctx)
 
     async def input_tokens(request: Request):
         """How many tokens a chat request's prompt takes (template, images expanded), without generating."""
-        from ocula.chat import normalize_messages
         from ocula.engine.generate import Timings
-        from ocula.server.chat_tools import template_inputs
+        from ocula.server import protocol as P
 
         ctx.check_auth(request)
-        body = await ctx.read_json(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages must be a non-empty list of {'role': ..., 'content': ...} objects",
-                           param="messages", code="invalid_value")
-        try:
-            normalize_messages(messages)
-        except OculaError as e:
-            raise to_api_error(e, "messages") from None
-        messages, kwargs = template_inputs(model.template.source, messages, body,
-                                           field(body, "chat_template_kwargs", dict, {}))
-        messages = await ctx.prepare_images(messages)
-        img_min = field(body, "image_min_tokens", int, ctx.config.image_min_tokens)
-        img_max = field(body, "image_max_tokens", int, ctx.config.image_max_tokens)
+        req = P.parse(P.ChatRequest, await ctx.read_json(request))
+        params, explicit = P.sampling_params(req, ctx.config.default_max_tokens, ctx.config.sampling_defaults)
+        # the chat route's own preparation (template, tools, images, video), so the count is that prompt's
+        greq, _ = await ctx.prepare_chat(req, params, explicit, None)
 
         def count() -> int:
-            return len(model.build_prompt(messages, Timings(), img_min, img_max, media_policy=ctx.policy,
-                                          max_images=ctx.config.max_images, **kwargs))
+            return len(greq.build_prompt(Timings()))
 
         try:
             n = await asyncio.wrap_future(ctx.sched.call(count))
@@ -211,7 +212,7 @@ def props_body(ctx: RouteContext) -> dict:
         "total_slots": sched.max_batch,
         "model_alias": ctx.model_id,
         "model_path": str(model.gguf.path),
-        "modalities": {"vision": bool(model.supports_images), "audio": False},
+        "modalities": {"vision": bool(model.supports_images), "audio": False, "video": bool(model.supports_video)},
         "chat_template": model.template.source,
         "chat_template_caps": {},
         "bos_token": tok.token_to_piece(tok.bos_id) if tok.bos_id is not None else "",
@@ -279,20 +280,21 @@ def check_token_ids(ids: list, n_vocab: int, where: str) -> None:
 
 
 def render_template(model, body: dict) -> str:
-    """The prompt text the chat template makes of `messages` (what /v1/chat/completions would feed)."""
+    """The prompt text the chat template makes of a chat request: its messages (tool calls and results as the
+    chat route renders them), `tools`, `chat_template_kwargs`, `add_generation_prompt` (default true)."""
     from ocula.chat import normalize_messages
-    from ocula.server.chat_tools import template_inputs
+    from ocula.server import protocol as P
+    from ocula.server.chat_tools import ChatPlan
 
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list of {'role': ..., 'content': ...} objects",
-                       param="messages", code="invalid_value")
     add_generation_prompt = field(body, "add_generation_prompt", bool, True)
-    kwargs = dict(field(body, "chat_template_kwargs", dict, {}))
-    field(body, "tools", list, None)
+    req = P.parse(P.ChatRequest, body)
     try:
-        normalize_messages(messages)
-        messages, kwargs = template_inputs(model.template.source, messages, body, kwargs)
-        return model.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        normalize_messages(req.messages)
+    except OculaError as e:
+        raise to_api_error(e, "messages") from None
+    plan = ChatPlan(req, model.template.source)
+    try:
+        return model.apply_chat_template(plan.history(req.messages), add_generation_prompt=add_generation_prompt,
+                                         **plan.template_kwargs)
     except OculaError as e:
         raise to_api_error(e, "messages") from None

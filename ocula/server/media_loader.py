@@ -45,12 +45,14 @@ class MediaLoader:
         data, final_url = await self.fetch(source.strip())
         return await run_in_threadpool(decode_bytes, data, self.policy, "URL", short(final_url))
 
-    async def fetch(self, url: str) -> tuple[bytes, str]:
-        if not self.policy.allow_urls:  # refused at once, without waiting for a slot
+    async def fetch(self, url: str, policy: MediaPolicy | None = None) -> tuple[bytes, str]:
+        """The body of `url` under `policy` (default: the loader's; video passes its own byte cap)."""
+        policy = policy or self.policy
+        if not policy.allow_urls:  # refused at once, without waiting for a slot
             raise fail("URL", f"URLs are not allowed by the media policy: {short(url)}")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_fetches)
-        budget = self.policy.url_timeout
+        budget = policy.url_timeout
         t0 = time.monotonic()
         try:
             await asyncio.wait_for(self._slots.acquire(), budget)
@@ -64,7 +66,7 @@ class MediaLoader:
                 raise fail("URL", f"timed out after {budget:g} s waiting for a fetch slot: {short(url)}")
             # the deadline is the request's: time spent waiting for the slot is taken off the fetch's own
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, fetch_url, url, self.policy, left)
+            return await loop.run_in_executor(self._pool, fetch_url, url, policy, left)
         finally:
             self.active -= 1
             self._slots.release()

@@ -17,6 +17,7 @@ both kinds of client read it. Streams are llama-server's: one `data:` object per
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
 import time
@@ -30,8 +31,10 @@ from ocula.engine.prompt import Prompt
 from ocula.engine.sampling import SamplingParams
 from ocula.engine.scheduler import Delta, Finished, GenerationRequest, Started
 from ocula.errors import MediaError, OculaError, RequestError
+from ocula.models.vision.base import ImageOptions
 from ocula.server import protocol as P
 from ocula.server.errors import APIError, to_api_error
+from ocula.server.image_budget import image_max_tokens, image_token_limit
 from ocula.server.llama_routes import build_info, check_token_ids, field, native
 
 MEDIA_MARKER = "<__media__>"
@@ -44,10 +47,29 @@ NEUTRAL = {"mirostat": 0, "dynatemp_range": 0, "xtc_probability": 0, "dry_multip
 def register(app, ctx) -> None:
     @native
     async def handler(request: Request):
-        return await completion(ctx, request)
+        return await recorded(ctx, "completion", completion(ctx, request))
 
     app.add_api_route("/completion", handler, methods=["POST"])
     app.add_api_route("/completions", handler, methods=["POST"])
+
+
+async def recorded(ctx, endpoint: str, handling):
+    """Await a route's handling and count the request in the metrics by its status (a stream counts itself
+    when it ends), as the OpenAI routes do."""
+    from starlette.responses import StreamingResponse
+
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        resp = await handling
+        status = None if isinstance(resp, StreamingResponse) else resp.status_code
+        return resp
+    except APIError as e:
+        status = e.status
+        raise
+    finally:
+        if status is not None:
+            ctx.metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
 
 async def completion(ctx, request: Request):
@@ -71,9 +93,7 @@ async def completion(ctx, request: Request):
             return await ctx.run(request, greq, fmt, stream, False, "completion", t0)
         except APIError as e:
             raise about_prompt(e) from None
-    from ocula.server.choices import collect, disconnected, submit_all
-
-    from ocula.server.choices import sample_requests
+    from ocula.server.choices import collect, disconnected, sample_requests, submit_all
 
     prepared = []
     for p in prompts:  # n_cmpl samples of each prompt, the first sharing its prefill with the others
@@ -89,8 +109,6 @@ async def completion(ctx, request: Request):
         raise about_prompt(e) from None
     finally:
         group.cancel()
-    status = 200 if outcomes is not None else 499
-    ctx.metrics.request_done("completion", status, time.perf_counter() - t0)
     if outcomes is None:
         return disconnected(ctx.metrics)
     out = []
@@ -175,6 +193,8 @@ class Options:
         if last_n is not None:
             opts["penalty_last_n"] = last_n
         seed = field(body, "seed", int)
+        if seed is not None and seed >= 2**64:
+            raise APIError(400, "seed must be below 2**64 (-1: a random seed)", param="seed", code="invalid_value")
         if seed is not None and seed >= 0:
             opts["seed"] = seed
         stop = field(body, "stop", (list, str), [])
@@ -194,6 +214,9 @@ class Options:
         self.post_sampling = field(body, "post_sampling_probs", bool, False)
         self.return_tokens = field(body, "return_tokens", bool, False)
         self.response_fields = field(body, "response_fields", list, [])
+        if not all(isinstance(f, str) for f in self.response_fields):
+            raise APIError(400, "response_fields must be a list of strings such as \"timings/predicted_n\"",
+                           param="response_fields", code="invalid_type")
         self.logit_bias = logit_bias(ctx.model, body.get("logit_bias"))
         if self.params.ignore_eos:  # as llama-server: the end-of-generation tokens can not be sampled at all
             self.logit_bias = {**(self.logit_bias or {}), **{t: -math.inf for t in ctx.model.tokenizer.eot_ids}}
@@ -234,9 +257,9 @@ def logit_bias(model, value) -> dict[int, float] | None:
     for key, bias in pairs:
         if bias is False:
             bias = -math.inf
-        elif isinstance(bias, bool) or not isinstance(bias, NUMBER):
-            raise APIError(400, f"logit_bias: the bias for {key!r} must be a number or false", param="logit_bias",
-                           code="invalid_type")
+        elif isinstance(bias, bool) or not isinstance(bias, NUMBER) or not math.isfinite(bias):
+            raise APIError(400, f"logit_bias: the bias for {key!r} must be a finite number or false",
+                           param="logit_bias", code="invalid_type")
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             key = int(key)
         if isinstance(key, int) and not isinstance(key, bool):
@@ -284,13 +307,11 @@ async def prepare(ctx, options: Options, prompt, index: int):
 
     greq = GenerationRequest(build, options.params, False, constraint,
                              options.n_probs if options.n_probs > 0 else None, options.logit_bias,
-                             post_sampling_probs=options.post_sampling)
+                             post_sampling_probs=options.post_sampling, has_images=bool(images))
     return greq, NativeFormat(ctx, options, index, seen)
 
 
 async def load_media(ctx, text: str, media: list) -> list:
-    from ocula.media import load_image
-
     markers = text.count(MEDIA_MARKER)
     if markers != len(media):
         raise APIError(400, f"prompt.prompt_string has {markers} {MEDIA_MARKER} marker(s) for {len(media)} "
@@ -305,19 +326,22 @@ async def load_media(ctx, text: str, media: list) -> list:
         raise APIError(400, f"{len(media)} images sent but at most {ctx.config.max_images} are allowed per request",
                        param="prompt.multimodal_data", code="too_many_images")
 
-    def load_all():
-        out = []
-        for i, item in enumerate(media):
-            where = f"prompt.multimodal_data[{i}]"
-            if not isinstance(item, str) or not item:
-                raise APIError(400, f"{where} must be a non-empty base64 string", param=where, code="invalid_type")
-            try:
-                out.append(load_image(item, ctx.policy))
-            except MediaError as e:
-                raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
-        return out
+    return await load_images(ctx, [(f"prompt.multimodal_data[{i}]", item) for i, item in enumerate(media)])
 
-    return await run_in_threadpool(load_all)
+
+async def load_images(ctx, sources: list[tuple[str, Any]]) -> list:
+    """(where, source) pairs → PIL images through the server's MediaLoader (URLs on its bounded fetch pool);
+    a 400 naming the part that fails."""
+    async def one(where: str, source):
+        if not isinstance(source, str) or not source:
+            raise APIError(400, f"{where} must be a non-empty string (base64, data URI or URL)", param=where,
+                           code="invalid_type")
+        try:
+            return await ctx.media.load(source)
+        except MediaError as e:
+            raise APIError(400, f"invalid image at {where}: {e}", param=where, code="invalid_image") from None
+
+    return list(await asyncio.gather(*(one(w, s) for w, s in sources)))
 
 
 async def make_constraint(ctx, options: Options):
@@ -373,7 +397,10 @@ def build_prompt(ctx, source, images: list, timings) -> Prompt:
         if tok.add_bos and tok.bos_id is not None:
             text = tok.token_to_piece(tok.bos_id) + text
         messages = [{"role": "user", "content": [{"type": "image", "image": im} for im in images]}]
-        return model.vision.build_prompt(text, messages, timings, None, ctx.policy, ctx.config.max_images)
+        cap = ImageOptions(None, image_max_tokens(model, ctx.config.image_max_tokens, None))
+        limit = image_token_limit(ctx.config.max_image_tokens_per_request, ctx.sched.n_ctx)
+        return model.vision.build_prompt(text, messages, timings, cap, ctx.policy, ctx.config.max_images,
+                                         limit=limit)
     if isinstance(source, str):
         return Prompt.from_tokens(tok.encode(source, add_special=True), mrope)
     ids: list[int] = []
@@ -428,6 +455,12 @@ class NativeFormat:
 
     def start(self) -> list[dict]:
         return []
+
+    def error_body(self, e: APIError) -> dict:
+        """A failure in the middle of a stream, in llama-server's error shape."""
+        from ocula.server.llama_routes import native_error_body
+
+        return native_error_body(e)
 
     def delta(self, ev: Delta) -> dict:
         self.predicted += len(ev.token_ids)

@@ -226,6 +226,8 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 async def handle(body: dict, call: ChatCall, model_id: str):
     chat = to_chat(body)
     builder = ResponseBuilder(body, chat, model_id)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):  # strict: "yes", 1 are not true
+        raise _bad(f"stream must be true or false, got {body['stream']!r}", "stream")
     if not body.get("stream"):
         return JSONResponse(builder.full(await call.answer(chat)))
     chunks = await call.chunks(chat)

@@ -26,7 +26,7 @@ import weakref
 import torch
 
 from ocula.models.layers import ATTN_PARALLEL_MIN_WORK, ROPE_NEOX, KVCache
-from ocula.quant import kernels, linear
+from ocula.quant import kernels, linear  # noqa: F401 - base.py reads fused_decode.linear.kernel_epoch
 from ocula.quant.cviews import CViews, Lin, Moe, Step, Unsupported, c_int, c_int64, c_void_p
 
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}

@@ -119,6 +119,12 @@ class VisionModel(nn.Module):
         return self.image_token * image.n_tokens
 
     @property
+    def default_max_tokens(self) -> int | None:
+        """The most tokens one image takes under the processor's defaults, where an explicit max_tokens above
+        it would raise the count (a server's default cap must not); None where max_tokens only ever lowers."""
+        return None
+
+    @property
     def output_dim(self) -> int:
         raise NotImplementedError
 

@@ -175,6 +175,11 @@ class InternVLVision(VisionModel):
 
     # ------------------------------------------------------------ preprocessing
 
+    @property
+    def default_max_tokens(self) -> int:
+        tiles = self.max_tiles + 1 if self.max_tiles > 1 else 1  # a grid of several tiles adds a thumbnail
+        return tiles * self.tokens_per_tile
+
     def tile_limits(self, options: ImageOptions) -> tuple[int, int]:
         """Token budget → (min, max) grid tiles. A grid of n > 1 tiles also gets a thumbnail, so it costs
         (n + 1) tiles of tokens: max_tokens is a ceiling on the total, min_tokens a floor."""

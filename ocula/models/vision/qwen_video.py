@@ -62,8 +62,9 @@ class VideoSettings:
     max_tokens: int | None = None  # ocula's own cap on the merged tokens of one clip
 
     def key(self) -> str:
+        """What the embeddings depend on (max_tokens only refuses a clip, so it is left out)."""
         return (f"{self.do_sample_frames}:{self.fps!r}:{self.num_frames}:{self.min_frames}:{self.max_frames}:"
-                f"{self.min_pixels}:{self.max_pixels}:{self.cap_pixels_per_frame}:{self.max_tokens}")
+                f"{self.min_pixels}:{self.max_pixels}:{self.cap_pixels_per_frame}")
 
 
 def _positive_int(name, value):

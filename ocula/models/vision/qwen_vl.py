@@ -213,6 +213,10 @@ class QwenVLVision(VisionModel):
 
     # ------------------------------------------------------------ preprocessing
 
+    @property
+    def default_max_tokens(self) -> int:
+        return self.pixel_defaults[1] // (self.cfg.patch_size * self.merge_size) ** 2
+
     def pixel_budget(self, options: ImageOptions | None) -> tuple[int, int]:
         lo, hi = self.pixel_defaults
         if options is None:

@@ -1,0 +1,32 @@
+"""Chat templates selectable by name with `--chat-template NAME` (run, chat, serve), as llama-server's built-in
+names: for GGUFs that carry no template, or to replace the file's own.
+
+Like llama.cpp's built-ins they emit no BOS: the tokenizer adds it where the GGUF says so.
+"""
+from __future__ import annotations
+
+from ocula.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE
+
+# Llama 3 / 3.1 turns: a header per role, the content, <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Cohere Command-R: one token per role inside START/END_OF_TURN tokens; the assistant is the CHATBOT.
+COMMAND_R_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set role = {'system': 'SYSTEM', 'user': 'USER', 'assistant': 'CHATBOT'}.get(message['role'], 'USER') %}"
+    "{{ '<|START_OF_TURN_TOKEN|><|' + role + '_TOKEN|>' + message['content'] | trim + '<|END_OF_TURN_TOKEN|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"
+)
+
+BUILTIN_TEMPLATES = {
+    "chatml": CHATML_TEMPLATE,
+    "gemma": GEMMA_TEMPLATE,
+    "llama3": LLAMA3_TEMPLATE,
+    "command-r": COMMAND_R_TEMPLATE,
+}

@@ -1,0 +1,72 @@
+"""llama-server conventions that its own test suite (tools/server/tests) checks, on `ocula serve` (a real
+subprocess on a tiny random model): serve-time chat templates by name or file, and the request fields and
+response shapes that suite reads (see benchmarks/llama_server_suite.md)."""
+import subprocess
+import sys
+
+import pytest
+from tiny import write_tiny_model
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from ocula.server.testing import ServerProcess, free_port  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SYSTEM_USER = [{"role": "system", "content": "You are a test."}, {"role": "user", "content": "Hi there"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("llama-compat") / "tiny-compat.gguf", "llama")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path):
+    with ServerProcess(["-m", str(tiny_path), "--chat-template", "command-r", "-np", "2", "-c", "128",
+                        "--no-ui", "--threads", "1"]) as s:
+        yield s
+
+
+def post(server, path, body):
+    return httpx.post(server.url + path, json=body, timeout=60)
+
+
+def test_builtin_template_by_name(server):
+    r = post(server, "/apply-template", {"messages": SYSTEM_USER})
+    assert r.status_code == 200
+    assert r.json()["prompt"] == ("<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are a test.<|END_OF_TURN_TOKEN|>"
+                                  "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi there<|END_OF_TURN_TOKEN|>"
+                                  "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>")
+    assert httpx.get(server.url + "/props").json()["chat_template"].startswith("{% for message in messages %}")
+
+
+def test_template_file(tiny_path, tmp_path):
+    template = tmp_path / "turns.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    with ServerProcess(["-m", str(tiny_path), "--chat-template-file", str(template), "--threads", "1"]) as s:
+        r = post(s, "/apply-template", {"messages": SYSTEM_USER})
+        assert r.json()["prompt"] == "[system]You are a test.[user]Hi there[assistant]"
+        assert httpx.get(s.url + "/").text.startswith("<!doctype html>")
+
+
+def test_no_ui(server):
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 404 and "error" in r.json()
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chat-template", "no-such-template"], "neither a built-in template"),
+    (["--chat-template-file", "/nonexistent/t.jinja"], "no such file"),
+    (["--chat-template", "{% for %}"], "template"),
+    (["--chat-template", "chatml", "--chat-template-file", "x.jinja"], "pick one"),
+])
+def test_bad_template_flags(tiny_path, flags, message):
+    r = subprocess.run([sys.executable, "-m", "ocula", "serve", "-m", str(tiny_path), "--port", str(free_port()),
+                        *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ocula: error:") and message in lines[0], r.stderr
