@@ -263,6 +263,17 @@ def test_a_marker_that_is_a_control_token_is_forced_as_that_token():
         def is_special(self, tid):
             return tid == 5
 
+    assert plan("hermes", "auto").grammar(tokenizer=Vocab()) is not None
+
+    class ThinkIsControl(Vocab):
+        def token_id(self, text):
+            return 6 if text == "</think>" else None
+
+        def is_special(self, tid):
+            return tid == 6
+
+    assert plan("hermes", "auto").grammar(tokenizer=ThinkIsControl()) is None  # the model could not end its thinking
+    assert plan("hermes", "required").grammar(tokenizer=ThinkIsControl()) is not None
     g = plan("mistral", "required").grammar(tokenizer=Vocab())
     assert g.startswith("start: <[5]> %json")
     assert llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", g)) == ""

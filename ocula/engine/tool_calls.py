@@ -207,9 +207,13 @@ class ToolPlan:
         (no thinking). tokenizer: to write a marker that is one control token as that token (`<[id]>`)."""
         if not self.active or (self.mode == "auto" and self.format not in ("hermes", "qwen3_xml")):
             return None
+        if self.mode == "auto" and any(_marker(m, tokenizer).startswith("<[") for m in (THINK_OPEN, THINK_CLOSE)):
+            return None  # free text must stay free of control tokens; a vocabulary whose think markers are ones
+            # would have its model stuck unable to close its reasoning
         tools = self.offered
         many = self.parallel and not self.forced
-        start = 'start: "</think>\\n\\n" ' if close_think and self.mode == "required" else "start: "
+        closing = f'{_marker(THINK_CLOSE, tokenizer)} "\\n\\n" '
+        start = "start: " + closing if close_think and self.mode == "required" else "start: "
         if self.format in ("hermes", "qwen3_xml"):
             if self.format == "hermes":
                 rules = [f'body: "\\n" %json {_dump(_any_call(tools, "arguments"))} "\\n{CALL_CLOSE}"']
