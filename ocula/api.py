@@ -172,7 +172,8 @@ class Model:
                      video_limits=None, image_limit=None, **template_kwargs) -> Prompt:
         """Render the chat template and turn the conversation into decoder input (images and videos encoded).
         `video_options`: the HF video processor's keywords (fps, num_frames, do_sample_frames, min_frames,
-        max_frames, size, min_pixels, max_pixels) and max_tokens (ocula.engine.video_prompt). `image_limit`
+        max_frames, size, min_pixels, max_pixels, cap_pixels_per_frame) and max_tokens (default: the context size;
+        ocula.engine.video_prompt). `image_limit`
         (an ImageTokenLimit) refuses images needing too many tokens before any is encoded."""
         videos = []
         if self.vision is not None and video_prompt.has_video(messages):
@@ -183,8 +184,8 @@ class Model:
             else:
                 messages = video_prompt.frames_as_images(messages, media_policy, video_options, video_limits)
         if max_images is not None:  # a clip's frames (other families) do not count as images sent
-            max_images += sum(1 for m in messages if isinstance(m.get("content"), list) for p in m["content"]
-                              if isinstance(p, dict) and p.get("video_frame"))
+            max_images += sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                              for p in m["content"] if isinstance(p, dict) and p.get("video_frame"))
         text = self.apply_chat_template(messages, **template_kwargs)
         if self.vision is not None:
             options = ImageOptions(image_min_tokens, image_max_tokens)

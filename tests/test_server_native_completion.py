@@ -207,8 +207,11 @@ def test_n_cmpl_and_ignore_eos(server, lib):
 def test_post_sampling_probs(server, lib):
     b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "temperature": 0, "n_probs": 3,
                                      "post_sampling_probs": True}).json()
-    for p in b["completion_probabilities"]:  # greedy: the chosen token had all the probability
-        assert p["prob"] == 1.0 and [t["prob"] for t in p["top_probs"]][0] == 1.0 and len(p["top_probs"]) == 3
+    greedy = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "temperature": 0, "n_probs": 3}).json()
+    for p, raw in zip(b["completion_probabilities"], greedy["completion_probabilities"]):
+        # greedy: the chosen token had all the probability; the others (no chance) follow in the raw order
+        assert p["prob"] == 1.0 and [t["prob"] for t in p["top_probs"]] == [1.0, 0.0, 0.0]
+        assert [t["id"] for t in p["top_probs"]] == [t["id"] for t in raw["top_logprobs"]]
         assert p["top_probs"][0]["id"] == p["id"] and "logprob" not in p
     b = post(server, "/completion", {"prompt": PROMPT, "n_predict": 6, "temperature": 0.7, "top_k": 5,
                                      "top_p": 1.0, "min_p": 0.0, "seed": 3, "n_probs": 8,
@@ -270,3 +273,10 @@ def test_openai_client_on_unprefixed_completions(server, lib):
     assert "".join(c.choices[0].text for c in chunks) == want.text and chunks[-1].choices[0].finish_reason == "length"
     r = httpx.post(server.url + "/props", json={"n_ctx": 5}, timeout=10)
     assert r.status_code == 501 and r.json()["error"]["type"] == "not_supported_error"
+
+
+def test_too_many_completions(server):
+    r = post(server, "/completion", {"prompt": ["a"] * 65})
+    assert r.status_code == 400 and "at most 64 completions" in r.json()["error"]["message"]
+    r = post(server, "/completion", {"prompt": ["a"] * 5, "n_cmpl": 16})
+    assert r.status_code == 400 and "5 x 16" in r.json()["error"]["message"]

@@ -97,6 +97,12 @@ def test_video_url_equals_library_and_second_turn_is_cached(server, client, lib)
                                                      temperature=0).text
 
 
+def test_video_modality_is_reported(server):
+    assert httpx.get(server.url + "/props").json()["modalities"]["video"] is True
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["modalities"]["video"] is True
+
+
 def test_input_video_and_file_url_forms(server, client, media_root):
     answers = set()
     for part in ({"type": "input_video", "input_video": {"data": b64(CLIP), "format": "mp4"}},

@@ -137,3 +137,13 @@ def test_a_clip_longer_than_the_context_is_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(VideoClip, "frames", lambda self, idx: pytest.fail("frames decoded"))
     with pytest.raises(ocula.RequestError, match="more than max_tokens 128"):
         small.prompt_token_ids(ask(str(CLIP)))  # every frame (the processor's default): 23 slots x 35 tokens
+
+
+@pytest.mark.parametrize("name", ["internvl", "smolvlm", "llava"])
+def test_frames_as_images_in_every_other_family(name):
+    m = model(name)
+    prompt = m.build_prompt(ask(str(CLIP)), video_options={"num_frames": 2})
+    text = m.detokenize(prompt.token_ids)
+    assert "Video:" in text and "[0.37s]" in text and "[1.10s]" in text  # frames 11 and 33 of 45 at 30 fps
+    want = sum(m.encode_image(f).shape[0] for f in open_video(CLIP).frames([11, 33]))
+    assert sum(s.features.shape[0] for s in prompt.images) == want

@@ -539,16 +539,18 @@ class Scheduler:
     def _sampled_prob(sampler: Sampler, logits: torch.Tensor, history: list[int], token: int, k: int) -> TokenLogprob:
         """The chosen token's and the top k's log-probabilities in the distribution the token was drawn from
         (after bias, grammar, penalties, top-k/top-p/min-p and temperature; greedy: all mass on the argmax)."""
+        scores = sampler.apply_penalties(logits, history).float().cpu()
         if sampler.params.greedy:
             probs = torch.zeros(logits.shape[-1])
             probs[token] = 1.0
         else:
-            probs = sampler.probabilities(sampler.apply_penalties(logits, history)).float().cpu()
+            probs = sampler.probabilities(scores.to(logits.device)).float().cpu()
         lps = torch.log(probs)
         top = []
-        if k > 0:
-            vals, ids = torch.topk(lps, min(k, lps.shape[-1]))
-            top = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        if k > 0:  # most probable first; tokens the sampling left no chance rank by their scores, not by id
+            by_score = torch.argsort(scores, descending=True)
+            ids = by_score[torch.argsort(probs[by_score], descending=True, stable=True)][:k]
+            top = [(int(i), float(lps[i])) for i in ids]
         return TokenLogprob(int(token), float(lps[token]), top)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:

@@ -38,6 +38,7 @@ from ocula.server.image_budget import image_max_tokens, image_token_limit
 from ocula.server.llama_routes import build_info, check_token_ids, field, native
 
 MEDIA_MARKER = "<__media__>"
+MAX_COMPLETIONS = 64  # prompts x n_cmpl in one request
 NUMBER = (int, float)
 # samplers llama-server has and ocula does not: refused unless set to their neutral value
 NEUTRAL = {"mirostat": 0, "dynatemp_range": 0, "xtc_probability": 0, "dry_multiplier": 0, "typical_p": 1,
@@ -83,6 +84,9 @@ async def completion(ctx, request: Request):
     n_cmpl = field(body, "n", int, 1) if n_cmpl is None else n_cmpl
     if n_cmpl < 1:
         raise APIError(400, "n_cmpl must be >= 1", param="n_cmpl", code="invalid_value")
+    if len(prompts) * n_cmpl > MAX_COMPLETIONS:
+        raise APIError(400, f"at most {MAX_COMPLETIONS} completions per request (prompts x n_cmpl), got "
+                            f"{len(prompts)} x {n_cmpl}", param="prompt", code="invalid_value")
     if stream and len(prompts) * n_cmpl > 1:
         raise APIError(400, f"streaming answers one prompt and one completion at a time, got {len(prompts)} "
                             f"prompt(s) x n_cmpl {n_cmpl}", param="prompt", code="unsupported_parameter")
@@ -197,6 +201,8 @@ class Options:
             raise APIError(400, "seed must be below 2**64 (-1: a random seed)", param="seed", code="invalid_value")
         if seed is not None and seed >= 0:
             opts["seed"] = seed
+        elif seed is not None:  # -1: a random seed, whatever the server's default
+            opts.pop("seed", None)
         stop = field(body, "stop", (list, str), [])
         stop = [stop] if isinstance(stop, str) else stop
         if not all(isinstance(s, str) for s in stop) or len(stop) > P.MAX_STOP:

@@ -139,6 +139,8 @@ def sampling_params(req: _Sampling, default_max_tokens: int | None,
         v = getattr(req, name)
         if v is not None:
             opts[name] = v
+    if req.seed == -1:  # llama-server's "random seed", which its clients send on these routes too
+        opts.pop("seed", None)
     rp = req.repetition_penalty if req.repetition_penalty is not None else req.repeat_penalty
     if rp is not None:
         opts["repetition_penalty"] = rp
