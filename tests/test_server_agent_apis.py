@@ -383,3 +383,19 @@ def test_responses_reasoning_text_and_call_items(scripted):
     r = oai.responses.create(model="m", input="Rome?", tools=tools, max_output_tokens=80)
     assert [o.type for o in r.output] == ["message", "function_call"] and r.output_text == "Checking."
     assert json.loads(r.output[1].arguments) == {"city": "Rome", "hours": 5}
+
+
+def test_messages_stop_sequence_is_named(scripted):
+    say, tc = scripted
+    claude = anthropic.Anthropic(base_url=str(tc.base_url), api_key="x", http_client=tc, max_retries=0)
+    kw = dict(model="m", max_tokens=50, messages=[{"role": "user", "content": "Count"}], stop_sequences=["THREE", "X"])
+    say("one two THREE four")
+    m = claude.messages.create(**kw)
+    assert m.content[0].text == "one two " and m.stop_reason == "stop_sequence" and m.stop_sequence == "THREE"
+    say("one two THREE four")
+    with claude.messages.stream(**kw) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == "THREE"
+    say("one two")  # ended by the model: end_turn, even with stop sequences given
+    m = claude.messages.create(**kw)
+    assert m.stop_reason == "end_turn" and m.stop_sequence is None

@@ -127,6 +127,27 @@ def test_streamed_deltas_assemble_to_the_same_call(client):
     assert json.loads(calls[0]["arguments"]) == json.loads(full.function.arguments)
 
 
+def test_several_choices_each_call(client):
+    kw = dict(model="m", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False,
+              max_tokens=80, temperature=1.0, seed=9, n=3)
+    full = client.chat.completions.create(**kw)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    for c in full.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+    streamed: dict[int, dict] = {}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                slot = streamed.setdefault(c.index, {"name": "", "arguments": ""})
+                slot["name"] += tc.function.name or ""
+                slot["arguments"] += tc.function.arguments or ""
+    assert sorted(streamed) == [0, 1, 2]
+    for i, c in enumerate(full.choices):  # the same seeds: the same calls, streamed or not
+        call = c.message.tool_calls[0]
+        assert streamed[i]["name"] == call.function.name
+        assert json.loads(streamed[i]["arguments"]) == json.loads(call.function.arguments)
+
+
 def test_tool_result_renders_into_the_next_prompt(client, lib):
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_7", "type": "function", "function": {
@@ -143,6 +164,12 @@ def test_tool_result_renders_into_the_next_prompt(client, lib):
     assert '"name": "get_weather"' in expected.split("<|im_start|>user")[0]  # the tool list in the system turn
     r = client.chat.completions.create(model="m", messages=history, tools=[WEATHER], max_tokens=1)
     assert r.usage.prompt_tokens == len(lib.tokenize(expected, add_special=False))
+    # llama-server's routes see the same prompt
+    server = client.base_url.scheme + "://" + client.base_url.host + ":" + str(client.base_url.port)
+    rendered = httpx.post(server + "/apply-template", json={"messages": history, "tools": [WEATHER]}).json()
+    assert rendered["prompt"] == expected
+    counted = httpx.post(server + "/v1/chat/completions/input_tokens", json={"messages": history, "tools": [WEATHER]})
+    assert counted.json()["input_tokens"] == r.usage.prompt_tokens
 
 
 def test_tool_choice_none_and_template_kwargs(client, lib):

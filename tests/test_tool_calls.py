@@ -93,6 +93,9 @@ def test_detect_format_from_template_syntax():
     ("hermes", '<tool_call>\n{"name": "search", "argu', [("content", '<tool_call>\n{"name": "search", "argu')]),
     ("llama3", '{"answer": 42}', [("content", '{"answer": 42}')]),
     ("hermes", "Just text with a < sign and <tool", [("content", "Just text with a < sign and <tool")]),
+    # markers that are control tokens (dropped by the decoder): the call object alone
+    ("hermes", '\n{"name": "search", "arguments": {"q": "bare"}}\n', [("call", "search", {"q": "bare"})]),
+    ("hermes", '{"name": "Ada", "age": 36}', [("content", '{"name": "Ada", "age": 36}')]),
 ])
 def test_parse_each_format_whole_and_streamed(fmt, text, expected):
     whole, streamed = run(lambda: plan(fmt).parser(), text)
@@ -263,6 +266,30 @@ def test_a_marker_that_is_a_control_token_is_forced_as_that_token():
         def is_special(self, tid):
             return tid == 5
 
+    assert plan("hermes", "auto").grammar(tokenizer=Vocab()) is not None
+
+    class ThinkIsControl(Vocab):
+        def token_id(self, text):
+            return 6 if text == "</think>" else None
+
+        def is_special(self, tid):
+            return tid == 6
+
+    assert plan("hermes", "auto").grammar(tokenizer=ThinkIsControl()) is None  # the model could not end its thinking
+
+    class CallIsControl(Vocab):
+        def token_id(self, text):
+            return {"<tool_call>": 7, "</tool_call>": 8}.get(text)
+
+        def is_special(self, tid):
+            return tid in (7, 8)
+
+    forced = plan("hermes", "required").grammar(tokenizer=CallIsControl())
+    assert "<[7]> body" in forced and '"\\n" <[8]>' in forced
+    assert llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", forced)) == ""
+    assert "<[8]>" in plan("qwen3_xml", "required").grammar(tokenizer=CallIsControl())
+    assert plan("hermes", "auto").grammar(tokenizer=CallIsControl()) is None
+    assert plan("hermes", "required").grammar(tokenizer=ThinkIsControl()) is not None
     g = plan("mistral", "required").grammar(tokenizer=Vocab())
     assert g.startswith("start: <[5]> %json")
     assert llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", g)) == ""

@@ -207,16 +207,22 @@ class ToolPlan:
         (no thinking). tokenizer: to write a marker that is one control token as that token (`<[id]>`)."""
         if not self.active or (self.mode == "auto" and self.format not in ("hermes", "qwen3_xml")):
             return None
+        if self.mode == "auto" and any(_marker(m, tokenizer).startswith("<[") for m in (THINK_OPEN, THINK_CLOSE,
+                                                                                          CALL_OPEN)):
+            return None  # free text cannot hold control tokens: with think or call markers that are ones, the
+            # model could not end its reasoning or open a call
         tools = self.offered
         many = self.parallel and not self.forced
-        start = 'start: "</think>\\n\\n" ' if close_think and self.mode == "required" else "start: "
+        closing = f'{_marker(THINK_CLOSE, tokenizer)} "\\n\\n" '
+        start = "start: " + closing if close_think and self.mode == "required" else "start: "
         if self.format in ("hermes", "qwen3_xml"):
             if self.format == "hermes":
-                rules = [f'body: "\\n" %json {_dump(_any_call(tools, "arguments"))} "\\n{CALL_CLOSE}"']
+                close = _marker(CALL_CLOSE, tokenizer)
+                rules = [f'body: "\\n" %json {_dump(_any_call(tools, "arguments"))} "\\n" {close}']
             else:
-                rules = [f"body_{i}: {_xml_call(t['function'])}" for i, t in enumerate(tools)]
+                rules = [f"body_{i}: {_xml_call(t['function'], tokenizer)}" for i, t in enumerate(tools)]
                 rules.append("body: " + " | ".join(f"body_{i}" for i in range(len(tools))))
-            call = f'"{CALL_OPEN}" body'
+            call = f"{_marker(CALL_OPEN, tokenizer)} body"
             if self.mode == "auto":
                 # free text without `<tool_call>`, or text up to the first `<tool_call>` (a lazy lexeme ends
                 # there) and then calls: the model decides whether to call, the grammar how
@@ -310,7 +316,7 @@ def is_text_param(schema: dict) -> bool:
     return schema.get("type") == "string"
 
 
-def _xml_call(fn: dict) -> str:
+def _xml_call(fn: dict, tokenizer=None) -> str:
     """A Qwen3-Coder / Qwen3.5 call after its `<tool_call>`: `<function=NAME>`, one `<parameter=P>` per property
     (required ones mandatory, in schema order), `</function>`, `</tool_call>`."""
     params = fn["parameters"] if isinstance(fn["parameters"], dict) else {}
@@ -333,5 +339,5 @@ def _xml_call(fn: dict) -> str:
             value = f"%json {_dump({**schema, 'x-guidance': COMPACT})}"
             item = f'({tag} {value} "\\n</parameter>\\n")'
         parts.append(item if name in required else item + "?")
-    parts.append(f'"</function>\\n{CALL_CLOSE}"')
+    parts.append(f'"</function>\\n" {_marker(CALL_CLOSE, tokenizer)}')
     return " ".join(parts)

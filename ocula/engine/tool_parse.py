@@ -70,7 +70,8 @@ class OutputParser:
         # answers that are calls as a whole: JSON (Llama 3, generic); a Mistral call list whose [TOOL_CALLS]
         # control token the decoder dropped
         self.whole_starts: tuple[str, ...] = ("{", PYTHON_TAG) if fmt in ("llama3", "generic") else \
-            ('[{"',) if fmt == "mistral" else ()
+            ('[{"',) if fmt == "mistral" else ('{"name"',) if fmt == "hermes" else ()
+        # (Hermes: a call whose <tool_call> markers are control tokens the decoder dropped)
         self.openers: tuple[str, ...] = ()
         if fmt in ("hermes", "qwen3_xml"):
             self.openers = (CALL_OPEN, "<function=") if fmt == "qwen3_xml" else (CALL_OPEN,)

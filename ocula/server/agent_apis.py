@@ -65,6 +65,43 @@ class ChatCall:
             self.handle.cancel()
 
 
+class StopWordFormat:
+    """A chat format that also names the stop string that ended the answer (`choices[0].stop_word`, on the
+    whole answer and on the stream's last choice chunk): Anthropic reports it as stop_sequence."""
+
+    def __init__(self, fmt, tokenizer, stops: list[str]):
+        self.fmt, self.tokenizer, self.stops = fmt, tokenizer, stops
+
+    def start(self):
+        return self.fmt.start()
+
+    def delta(self, ev):
+        return self.fmt.delta(ev)
+
+    def word(self, r) -> str | None:
+        if r.finish_reason != "stop" or not self.stops:
+            return None
+        spelled = b"".join(self.tokenizer.token_to_bytes(t) for t in r.token_ids).decode("utf-8", errors="replace")
+        # the answer's text ends where the stop string began; the tokens spell the stop string too
+        return next((s for s in self.stops if s in spelled[max(0, len(r.text) - len(s)):]), None)
+
+    def finish(self, first, ev, include_usage: bool):
+        chunks = self.fmt.finish(first, ev, include_usage)
+        word = self.word(ev.result)
+        for c in chunks:
+            for choice in c.get("choices") or []:
+                if choice.get("finish_reason") and word:
+                    choice["stop_word"] = word
+        return chunks
+
+    def full(self, first, deltas, ev):
+        body = self.fmt.full(first, deltas, ev)
+        word = self.word(ev.result)
+        if word:
+            body["choices"][0]["stop_word"] = word
+        return body
+
+
 class SSE(StreamingResponse):
     """`event: <type>` + `data: <json>` server-sent events; the generation is cancelled however it ends."""
 
@@ -85,8 +122,19 @@ class SSE(StreamingResponse):
             self.call.cancel()
 
 
-def register_agent_apis(app: FastAPI, chat: Chat, read_json, check_auth, model_id: str) -> None:
+def register_agent_apis(app: FastAPI, routes) -> None:
+    """The routes; `routes` is app.py's RouteContext (ocula.server.llama_routes)."""
     from ocula.server import anthropic_api, responses_api
+    from ocula.server import protocol as P
+
+    read_json, check_auth, model_id = routes.read_json, routes.check_auth, routes.model_id
+
+    async def prepare(req, params, explicit, bias):
+        greq, fmt = await routes.prepare_chat(req, params, explicit, bias)
+        return greq, StopWordFormat(fmt, routes.model.tokenizer, params.stop)
+
+    def chat(request: Request, endpoint: str, body: dict):
+        return routes.generation_route(request, endpoint, P.ChatRequest, prepare, body)
 
     @app.post("/v1/responses")
     @app.post("/responses")
@@ -106,7 +154,8 @@ def register_agent_apis(app: FastAPI, chat: Chat, read_json, check_auth, model_i
     async def count_tokens(request: Request):
         try:
             body = await read_json_authed(request)
-            return await anthropic_api.count_tokens(body, ChatCall(chat, request, "count_tokens"))
+            return JSONResponse({"input_tokens": await count_prompt_tokens(routes, anthropic_api.to_chat(
+                body, need_max_tokens=False))})
         except Exception as e:  # noqa: BLE001
             return anthropic_error(to_api_error(e))
 
@@ -124,3 +173,21 @@ def anthropic_error(e: APIError) -> JSONResponse:
     kind = ANTHROPIC_ERROR_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "api_error")
     return JSONResponse({"type": "error", "error": {"type": kind, "message": e.message}}, status_code=e.status,
                         headers=e.headers)
+
+
+async def count_prompt_tokens(routes, chat: dict) -> int:
+    """The prompt tokens a chat request would take, counted on the scheduler thread between steps without
+    generating: the chat route's own preparation (template, tools, images, video), then the prompt built."""
+    import asyncio
+
+    from ocula.engine.generate import Timings
+    from ocula.errors import OculaError
+    from ocula.server import protocol as P
+
+    req = P.parse(P.ChatRequest, chat)
+    params, explicit = P.sampling_params(req, routes.config.default_max_tokens, routes.config.sampling_defaults)
+    greq, _ = await routes.prepare_chat(req, params, explicit, None)
+    try:
+        return await asyncio.wrap_future(routes.sched.call(lambda: len(greq.build_prompt(Timings()))))
+    except OculaError as e:
+        raise to_api_error(e, "messages") from None

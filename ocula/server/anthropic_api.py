@@ -1,7 +1,8 @@
-"""`POST /v1/messages` and `/v1/messages/count_tokens` (Anthropic Messages API) as a chat completion.
+"""`POST /v1/messages` and `/v1/messages/count_tokens` (Anthropic Messages API) as a chat completion (count_tokens:
+the prompt built and counted without generating).
 
 Request: `system` (string or text blocks), `messages` whose content is a string or blocks (`text`, `image` with a
-base64 or URL source, `tool_use`, `tool_result`; `thinking` blocks are dropped), `tools` (`input_schema`),
+base64 or URL source, `tool_use`, `tool_result`; an assistant's `thinking` blocks go to the template as its reasoning), `tools` (`input_schema`),
 `tool_choice` (auto / any / tool / none, `disable_parallel_tool_use`), `max_tokens`, `stop_sequences`,
 `temperature`, `top_p`, `top_k`, `thinking` (passed to the template as `enable_thinking`). The answer is a
 `message` with `thinking`, `text` and `tool_use` blocks; streaming sends message_start, content_block_start /
@@ -185,8 +186,11 @@ def full(answer: dict, model_id: str) -> dict:
                        "input": json.loads(c["function"]["arguments"] or "{}")})
     if not any(b["type"] != "thinking" for b in blocks):  # an empty answer is still one (empty) text block
         blocks.append({"type": "text", "text": ""})
-    return _envelope(model_id, blocks, STOP_REASONS.get(choice["finish_reason"], "end_turn"),
-                     _usage(answer.get("usage")))
+    message = _envelope(model_id, blocks, STOP_REASONS.get(choice["finish_reason"], "end_turn"),
+                        _usage(answer.get("usage")))
+    if choice.get("stop_word"):
+        message.update(stop_reason="stop_sequence", stop_sequence=choice["stop_word"])
+    return message
 
 
 def _tool_use_id(call_id: str) -> str:
@@ -204,21 +208,11 @@ async def handle(body: dict, call: ChatCall, model_id: str):
     return SSE(stream_events(chunks, model_id, started), call)
 
 
-async def count_tokens(body: dict, call: ChatCall):
-    """The prompt's token count: the request run for one token through the chat path (images and tools
-    count as the model sees them, and the prompt's KV stays in the prefix cache for the real request)."""
-    chat = to_chat(body, need_max_tokens=False)
-    chat.update(max_tokens=1, temperature=0)
-    chat.pop("tool_choice", None)
-    answer = await call.answer(chat)
-    return JSONResponse({"input_tokens": answer["usage"]["prompt_tokens"]})
-
-
 async def stream_events(chunks: AsyncIterator[dict], model_id: str, started: dict) -> AsyncIterator[dict]:
     start = _envelope(model_id, [], None, _usage(started))
     yield {"type": "message_start", "message": start}
     index, open_kind = -1, None
-    usage, finish = None, None
+    usage, finish, word = None, None, None
 
     def close():
         if open_kind == "thinking":  # clients expect a signature before a thinking block ends (none here)
@@ -231,6 +225,7 @@ async def stream_events(chunks: AsyncIterator[dict], model_id: str, started: dic
                 usage = chunk["usage"]
             for choice in chunk.get("choices") or []:
                 finish = choice.get("finish_reason") or finish
+                word = choice.get("stop_word") or word
                 d = choice.get("delta") or {}
                 for kind, piece in (("thinking", d.get("reasoning_content")), ("text", d.get("content"))):
                     if not piece:
@@ -268,8 +263,8 @@ async def stream_events(chunks: AsyncIterator[dict], model_id: str, started: dic
     for e in close():
         yield e
     u = _usage(usage)
-    yield {"type": "message_delta", "delta": {"stop_reason": STOP_REASONS.get(finish, "end_turn"),
-                                              "stop_sequence": None},
+    reason = "stop_sequence" if word else STOP_REASONS.get(finish, "end_turn")
+    yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": word},
            "usage": {"output_tokens": u["output_tokens"], "input_tokens": u["input_tokens"],
                      "cache_read_input_tokens": u["cache_read_input_tokens"]}}
     yield {"type": "message_stop"}

@@ -413,12 +413,12 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
 
     from ocula.server.llama_routes import RouteContext, register_llama_routes
 
-    register_llama_routes(app, RouteContext(
+    routes = RouteContext(
         model, model_id, config, sched, metrics, policy, check_auth, read_json, run, generation_route, prepare_chat,
         prepare_completion, prepare_images, make_constraint, model_card, chat_completions, completions, models, health,
-        media))
-    register_agent_apis(app, lambda request, endpoint, body: generation_route(
-        request, endpoint, P.ChatRequest, prepare_chat, body), read_json, check_auth, model_id)
+        media)
+    register_llama_routes(app, routes)
+    register_agent_apis(app, routes)
     return app
 
 

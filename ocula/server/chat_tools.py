@@ -7,6 +7,7 @@ same parse.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from ocula.engine.request import Delta, Finished, Started
 from ocula.engine.structured import available as structured_available
@@ -75,6 +76,10 @@ class ParsedChatFormat:
         self.parser = plan.tools.parser(plan.reasoning, plan.in_reasoning)
         self.n_calls = 0
 
+    def __copy__(self) -> "ParsedChatFormat":
+        """Another choice of the same response (n > 1): its own parser state."""
+        return ParsedChatFormat(copy.copy(self.base), self.plan)
+
     def start(self) -> list[dict]:
         return self.base.start()
 
@@ -129,4 +134,5 @@ def _with_reason(ev: Finished, called: bool) -> Finished:
     if not called or ev.result.finish_reason != "stop":
         return dataclasses.replace(ev, tail="")
     return dataclasses.replace(ev, tail="", result=dataclasses.replace(ev.result, finish_reason="tool_calls"))
+
 

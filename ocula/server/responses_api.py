@@ -88,6 +88,8 @@ def _add_item(messages: list[dict], item: Any, where: str) -> None:
         role = item.get("role")
         if role not in ("user", "assistant", "system", "developer"):
             raise _bad(f"{where}.role must be user, assistant, system or developer", f"{where}.role")
+        # developer instructions are the system turn for chat templates (few know a developer role)
+        role = "system" if role == "developer" else role
         messages.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
     elif kind == "function_call":
         call = {"id": item.get("call_id") or item.get("id"), "type": "function",
