@@ -228,7 +228,7 @@ def test_page_files_are_served_with_a_strict_policy(vlm):
         r = httpx.get(vlm.url + bad)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", bad
     card = httpx.get(vlm.url + "/v1/models").json()["data"][0]
-    assert card["modalities"] == {"vision": True, "audio": False}
+    assert card["modalities"] == {"vision": True, "audio": False, "video": True}  # the Qwen2-VL fixture takes clips
     assert f"ocula: chat page at http://127.0.0.1:{vlm.port}/" in vlm.output()
 
 
