@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ocula.chat import IMAGE_PART_TYPES, normalize_messages
+from ocula.text.chat import IMAGE_PART_TYPES, normalize_messages
 from ocula.server.video import prepare_videos
 from ocula.engine.scheduler import (
     Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
