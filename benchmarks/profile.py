@@ -23,7 +23,7 @@ def workload(model_path: str, phase: str, n_prompt: int, n_gen: int, threads: in
     import torch
 
     import ocula
-    from ocula.bench import synthetic_prompt
+    from ocula.tools.bench import synthetic_prompt
     from ocula.engine.prompt import Prompt
     from ocula.engine.sampling import SamplingParams
 

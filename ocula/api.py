@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ocula.chat import ChatTemplate
+from ocula.text.chat import ChatTemplate
 from ocula.engine import video_prompt
 from ocula.engine.generate import Chunk, Engine, Result, Timings
 from ocula.engine.prompt import Prompt
@@ -22,7 +22,7 @@ from ocula.models.vision.base import ImageOptions
 from ocula.models.weights import load_gguf_weights
 from ocula.quant.kernels import check_mode
 from ocula.quant.linear import use_kernels
-from ocula.tokenizer import Tokenizer
+from ocula.text.tokenizer import Tokenizer
 
 PROGRESS_MIN_BYTES = 512 * 1024 * 1024
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,7 +191,7 @@ class Model:
             options = ImageOptions(image_min_tokens, image_max_tokens)
             return self.vision.build_prompt(text, messages, timings, options, media_policy, max_images,
                                             videos, video_options, video_limits, image_limit)
-        from ocula.chat import image_parts
+        from ocula.text.chat import image_parts
 
         if image_parts(messages) or video_prompt.has_video(messages):
             raise RequestError(

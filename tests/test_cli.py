@@ -232,7 +232,7 @@ def test_serve_chat_template_flag(tiny_llama):
     import ocula
     from ocula.server.testing import ServerProcess
 
-    from ocula.chat import ChatTemplate
+    from ocula.text.chat import ChatTemplate
 
     template = "{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}[assistant]"
     lib = ocula.load(tiny_llama)

@@ -1,6 +1,6 @@
 import pytest
 
-from ocula.hub import HubError, choose_files, parse_spec
+from ocula.tools.hub import HubError, choose_files, parse_spec
 
 QWEN_REPO = [
     "README.md", ".gitattributes",

@@ -234,7 +234,7 @@ def test_stream_logprobs_on_every_content_chunk(server, lib):
 
 
 def test_llama_server_command_line(tiny_path, tmp_path, lib):
-    from ocula.chat import CHATML_TEMPLATE
+    from ocula.text.chat import CHATML_TEMPLATE
 
     args = ["-m", str(tiny_path), "--threads", "1", "--chat-template", "chatml", "--no-slots", "--jinja",
             "-ngl", "99", "-fa", "on", "-b", "64", "--cont-batching"]

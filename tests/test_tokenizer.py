@@ -1,4 +1,4 @@
-"""ocula.tokenizer: tiny self-written GGUFs (always run) and parity with the shared fixtures.
+"""ocula.text.tokenizer: tiny self-written GGUFs (always run) and parity with the shared fixtures.
 
 Fixture parity:
 * every manifest case: our tokenization of the case's chat prompt, with each image placeholder
@@ -23,7 +23,7 @@ import pytest
 
 from ocula.errors import GGUFError, RequestError, UnsupportedError
 from ocula.gguf import GGUFFile
-from ocula.tokenizer import SUPPORTED_PRE, Tokenizer, bytes_to_unicode
+from ocula.text.tokenizer import SUPPORTED_PRE, Tokenizer, bytes_to_unicode
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"
@@ -245,9 +245,9 @@ def spm_merges(tokens: list[str], scores: list[float], mergeable: list[int]) -> 
 
 
 def hf_spm_reference(metadata: dict):
-    """The HF `tokenizers` BPE that ocula.spm must equal: merges rebuilt from the scores (transformers'
+    """The HF `tokenizers` BPE that ocula.text.spm must equal: merges rebuilt from the scores (transformers'
     GGUF converter), byte fallback, Metaspace / Replace and the whole-match tokens, as ocula built it
-    before ocula.spm. Returns encode(text, parse_special) -> ids (no BOS/EOS)."""
+    before ocula.text.spm. Returns encode(text, parse_special) -> ids (no BOS/EOS)."""
     from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
@@ -334,7 +334,7 @@ def test_errors(tiny_dir):
 
 def test_unknown_pre_warns_and_falls_back(tiny_dir, caplog):
     md = GGUFFile(write_gguf(tiny_dir / "pre.gguf", "gpt2", pre="no-such-pre")).metadata
-    with caplog.at_level(logging.WARNING, logger="ocula.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="ocula.text.tokenizer"):
         tok = Tokenizer.from_metadata(md)
     assert "no-such-pre" in caplog.text
     assert tok.decode(tok.encode("hello world 12")) == "hello world 12"

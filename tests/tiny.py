@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from ocula.tokenizer import bytes_to_unicode
+from ocula.text.tokenizer import bytes_to_unicode
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"

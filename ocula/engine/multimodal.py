@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ocula.chat import image_parts
+from ocula.text.chat import image_parts
 from ocula.engine.prompt import ImageSpan, Prompt
 from ocula.engine.request import ContextOverflowError, raise_if_cancelled
 from ocula.engine.video_prompt import encode_video, expand_markers, video_spans

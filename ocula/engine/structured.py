@@ -133,7 +133,7 @@ class _VocabView:
     """What llguidance.TokenizerWrapper reads: token bytes, EOS/BOS, special ids, and an encode callable."""
 
     def __init__(self, tokenizer, n_vocab: int):
-        from ocula.tokenizer import CONTROL, UNKNOWN
+        from ocula.text.tokenizer import CONTROL, UNKNOWN
 
         self._tok = tokenizer
         self.eos_token_id = tokenizer.eos_id if tokenizer.eos_id is not None else min(tokenizer.eot_ids, default=0)

@@ -142,12 +142,12 @@ def cmd_serve(args) -> int:
     model = load_model(args)
     apply_llama_server_flags(args, model)  # -b, and a note on llama-server flags without effect here
     if template_text is not None:
-        from ocula.chat import ChatTemplate
+        from ocula.text.chat import ChatTemplate
 
         tok = model.tokenizer
         model.template = ChatTemplate(template_text, tok.bos_token, tok.eos_token, model.architecture)
     elif not model.has_chat_template:
-        from ocula.cli_template import fallback_name
+        from ocula.text.cli_template import fallback_name
 
         print(f"ocula: warning: {model.gguf.path.name} has no chat template (a base model?): chat requests are "
               f"wrapped in {fallback_name(model.architecture)} (--chat-template to choose); /v1/completions "
@@ -189,8 +189,8 @@ def chosen_template(args) -> str | None:
     choice = args.chat_template or args.chat_template_file
     if choice is None:
         return None
-    from ocula.chat import ChatTemplate
-    from ocula.cli_template import template_source
+    from ocula.text.chat import ChatTemplate
+    from ocula.text.cli_template import template_source
 
     text = template_source(choice)
     ChatTemplate(text)  # a TemplateError (an OculaError) if it does not parse

@@ -169,7 +169,7 @@ async def prepare_inputs(ctx, raw) -> list[tuple]:
 
 async def content_parts(ctx, parts, where: str) -> tuple[str, list]:
     """{"content": [text and image parts]} → text with a <__media__> marker per image, and the images."""
-    from ocula.chat import IMAGE_PART_TYPES
+    from ocula.text.chat import IMAGE_PART_TYPES
     from ocula.server.app import _image_source
 
     if not isinstance(parts, list):

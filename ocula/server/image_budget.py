@@ -9,7 +9,7 @@ checked after preprocessing, before any image is encoded, and refused with a 400
 """
 from __future__ import annotations
 
-from ocula.chat import image_parts
+from ocula.text.chat import image_parts
 from ocula.engine.multimodal import ImageTokenLimit
 from ocula.engine.video_prompt import has_video
 

@@ -282,7 +282,7 @@ def check_token_ids(ids: list, n_vocab: int, where: str) -> None:
 def render_template(model, body: dict) -> str:
     """The prompt text the chat template makes of a chat request: its messages (tool calls and results as the
     chat route renders them), `tools`, `chat_template_kwargs`, `add_generation_prompt` (default true)."""
-    from ocula.chat import normalize_messages
+    from ocula.text.chat import normalize_messages
     from ocula.server import protocol as P
     from ocula.server.chat_tools import ChatPlan
 

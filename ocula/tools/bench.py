@@ -16,7 +16,7 @@ What is measured (per repetition; min and median are reported):
   peak_rss_mb     the process's peak resident set (getrusage ru_maxrss / VmHWM): with --compare every
                   engine runs in its own subprocess so each gets its own number (taken before the chat below)
   ttft_first_turn_ms, ttft_second_turn_ms, second_turn_ttft (with --image; --chat-reps, 0 skips it)
-                  a two-turn chat about the first image (ocula/bench_turns.py): turn 1 = image + question,
+                  a two-turn chat about the first image (ocula/tools/bench_turns.py): turn 1 = image + question,
                   turn 2 = the conversation re-sent with the answer and a new question; wall time to the
                   first token of each, and second / first per repetition. Each repetition starts with
                   cold caches; turn 2 reuses what the engine cached (ocula: image embeddings + prefix KV;
@@ -180,7 +180,7 @@ def run_ocula(cfg: dict) -> dict:
             out["tg"] = {"tokens": n_g, "tps": summary(tg)}
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if cfg.get("images") and cfg.get("chat_reps", 0) > 0:
-        from ocula.bench_turns import run_ocula_turns
+        from ocula.tools.bench_turns import run_ocula_turns
 
         opts = {"image_min_tokens": cfg.get("image_min_tokens"), "image_max_tokens": cfg.get("image_max_tokens")}
         out.update(run_ocula_turns(model, cfg["images"][0], cfg["chat_reps"], summary, opts))
@@ -361,7 +361,7 @@ def run_llamacpp(cfg: dict) -> dict:
             out["tg"] = {"tokens": n_g, "tps": summary(tg)}
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if mctx is not None and images and cfg.get("chat_reps", 0) > 0:
-        from ocula.bench_turns import run_llamacpp_turns
+        from ocula.tools.bench_turns import run_llamacpp_turns
 
         out.update(run_llamacpp_turns(ll, mtmd, model, mctx, cfg, cfg["images"][0], images[0]["tokens"], summary))
     if mctx is not None:
@@ -416,7 +416,7 @@ def run_engine(engine: str, cfg: dict) -> dict:
 
 def run_subprocess(engine: str, cfg: dict) -> dict:
     """One engine in a fresh interpreter, so its peak RSS is its own."""
-    proc = subprocess.run([sys.executable, "-m", "ocula.bench", "--worker", engine, json.dumps(cfg)],
+    proc = subprocess.run([sys.executable, "-m", "ocula.tools.bench", "--worker", engine, json.dumps(cfg)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"ocula bench: the {engine} run failed:\n{proc.stderr[-4000:]}")
@@ -468,8 +468,8 @@ def merge_runs(runs: list[dict]) -> dict:
 
 
 def cmd_bench(args) -> int:
-    if args.video:  # a clip's decode / preprocess / encode cost (ocula/bench_video.py)
-        from ocula.bench_video import cmd_bench_video
+    if args.video:  # a clip's decode / preprocess / encode cost (ocula/tools/bench_video.py)
+        from ocula.tools.bench_video import cmd_bench_video
 
         return cmd_bench_video(args)
     cfg = config_from_args(args)
@@ -544,7 +544,7 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--image-min-tokens", type=int, default=None)
     p.add_argument("--image-max-tokens", type=int, default=None)
     p.add_argument("--video", action="append", default=[], help="measure this clip's decode, preprocess and encode "
-                   "time per frame instead (repeatable; see ocula/bench_video.py)")
+                   "time per frame instead (repeatable; see ocula/tools/bench_video.py)")
     p.add_argument("--video-fps", type=float, default=None, help="with --video: frames sampled per second (4)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="synthetic prompt length in tokens (0: skip)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to generate, EOS ignored (0: skip)")

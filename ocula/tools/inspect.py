@@ -57,7 +57,7 @@ def describe(path: str) -> dict:
         if f.get("tokenizer.chat_template"):
             info["chat_template"] = "yes"
         else:
-            from ocula.cli_template import fallback_name
+            from ocula.text.cli_template import fallback_name
 
             info["chat_template"] = (f"no (a base model?): ocula run / chat complete the prompt as is; chat messages "
                                      f"(model.chat, the server) are wrapped in {fallback_name(arch)}")

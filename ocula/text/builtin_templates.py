@@ -5,7 +5,7 @@ Like llama.cpp's built-ins they emit no BOS: the tokenizer adds it where the GGU
 """
 from __future__ import annotations
 
-from ocula.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE
+from ocula.text.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE
 
 # Llama 3 / 3.1 turns: a header per role, the content, <|eot_id|>.
 LLAMA3_TEMPLATE = (

@@ -102,7 +102,7 @@ class LlamaTurns:
     def __init__(self, ll, mtmd, model, mctx, projector: str, n_ctx: int, threads: int, n_batch: int = 512):
         import ctypes
 
-        from ocula.chat import ChatTemplate
+        from ocula.text.chat import ChatTemplate
 
         self.ll, self.mtmd, self.ctypes, self.mctx, self.n_batch = ll, mtmd, ctypes, mctx, n_batch
         self.vocab = ll.llama_model_get_vocab(model)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ocula.builtin_templates import BUILTIN_TEMPLATES
-from ocula.chat import GEMMA_TEMPLATE, ChatTemplate
+from ocula.text.builtin_templates import BUILTIN_TEMPLATES
+from ocula.text.chat import GEMMA_TEMPLATE, ChatTemplate
 from ocula.errors import OculaError
 
 

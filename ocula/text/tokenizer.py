@@ -6,7 +6,7 @@ Two vocabulary families are supported:
   is split by the regexes llama.cpp uses for ``tokenizer.ggml.pre`` (qwen2, llama3/llama-bpe, smollm,
   gpt2, ...), then byte-mapped and merged.
 * ``tokenizer.ggml.model == "llama"``: SentencePiece-style BPE with byte fallback (Llama-2, Gemma),
-  encoded by ``ocula.spm`` from the scores (the file has no merges) exactly as HF `tokenizers` does
+  encoded by ``ocula.text.spm`` from the scores (the file has no merges) exactly as HF `tokenizers` does
   with the merges transformers' GGUF converter derives, which reproduces llama.cpp's score-driven
   SPM merging. Spaces become ``▁``; with ``add_space_prefix`` (the default) a ``▁`` is prepended to
   every stretch of text, including after special tokens (Llama-2 "legacy" behaviour).
@@ -30,7 +30,7 @@ import threading
 from typing import Any, Sequence
 
 from ocula.errors import GGUFError, RequestError, UnsupportedError
-from ocula.spm import SpmEncoder
+from ocula.text.spm import SpmEncoder
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Text: tokenizers (byte-level BPE, SentencePiece) and chat templates from GGUF metadata."""
