@@ -8,6 +8,7 @@ Messages are OpenAI style. Content may be a string or a list of parts (`text`, `
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from typing import Any
@@ -67,6 +68,7 @@ class ChatTemplate:
         self.source = source or FALLBACK_TEMPLATES.get(architecture, CHATML_TEMPLATE)
         self.is_fallback = source is None
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.default_kwargs: dict = {}  # template variables every render gets unless the caller sets them
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
@@ -83,13 +85,24 @@ class ChatTemplate:
         src = self.source
         return "['type']" in src or '["type"]' in src or ".type" in src or "'type'" in src
 
-    @property
+    @functools.cached_property
     def accepts_strings(self) -> bool:
-        return not self.typed_content or "is string" in self.source
+        if not self.typed_content or "is string" in self.source:
+            return True
+        # "['type']" may be a tool call's type (DeepSeek-R1 templates), not a content part's: such a template
+        # concatenates string contents, and a list would fail. A probe render tells the two apart.
+        needle = "ocula-probe-7f3a"
+        try:
+            text = self._template.render(messages=[{"role": "user", "content": needle}], add_generation_prompt=True,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except Exception:  # noqa: BLE001 - a template that fails on strings takes lists
+            return False
+        return needle in text
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         msgs = shape_content(normalize_messages(messages), self.typed_content, self.accepts_strings)
-        context = dict(bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
+        context = dict(self.default_kwargs, bos_token=self.bos_token, eos_token=self.eos_token,
+                       add_generation_prompt=add_generation_prompt)
         context.update(kwargs)
         try:
             return self._template.render(messages=msgs, **context)
@@ -97,6 +110,8 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as e:
             raise TemplateError(f"the chat template failed on these messages: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # the template's own operations
+            raise TemplateError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
 
 
 def is_image_part(part: Any) -> bool:

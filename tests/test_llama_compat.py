@@ -70,3 +70,42 @@ def test_bad_template_flags(tiny_path, flags, message):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ocula: error:") and message in lines[0], r.stderr
+
+
+# The end of DeepSeek-R1-Distill's template as llama.cpp ships it (models/templates): user contents are
+# concatenated as strings, "['type']" is only read from tool calls, and thinking is closed when enable_thinking
+# is false.
+R1_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '<｜User｜>' + message['content'] }}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] -%}"
+    "{%- for tool in message['tool_calls'] -%}{{ '<｜tool▁call▁begin｜>' + tool['type'] }}{%- endfor -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜><think>\\n' }}"
+    "{% if not enable_thinking %}{{- '</think>' -}}{% endif %}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("reasoning, end", [("auto", "<think>\n"), ("off", "<think>\n</think>")])
+def test_reasoning_flag_and_string_contents(tiny_path, tmp_path, reasoning, end):
+    template = tmp_path / "r1.jinja"
+    template.write_text(R1_TEMPLATE)
+    with ServerProcess(["-m", str(tiny_path), "--chat-template-file", str(template), "--reasoning", reasoning,
+                        "--threads", "1"]) as s:
+        r = post(s, "/apply-template", {"messages": [{"role": "user", "content": "What is today?"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["prompt"].endswith("<｜User｜>What is today?<｜Assistant｜>" + end)
+        # a request's chat_template_kwargs win over the flag
+        r = post(s, "/apply-template", {"messages": [{"role": "user", "content": "Hi"}],
+                                        "chat_template_kwargs": {"enable_thinking": reasoning == "off"}})
+        assert r.json()["prompt"].endswith("<think>\n" if reasoning == "off" else "</think>")
+        if reasoning == "auto":
+            r = post(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+            assert r.status_code == 200, r.text
+
+
+def test_template_type_error_is_a_400():
+    from ocula.chat import ChatTemplate, TemplateError
+
+    with pytest.raises(TemplateError, match="TypeError"):
+        ChatTemplate("{{ messages[0]['content'] + 1 }}").render([{"role": "user", "content": "x"}])

@@ -38,6 +38,9 @@ def add_parser(sub, add_model_args) -> None:
                         "llama3, command-r), a Jinja file, or the template text")
     g.add_argument("--chat-template-file", metavar="FILE", default=None,
                    help="as --chat-template, from a Jinja file (llama-server's flag)")
+    g.add_argument("--reasoning", choices=["on", "off", "auto"], default="auto",
+                   help="off: templates get enable_thinking=false (models that think answer at once); on/auto: "
+                        "enable_thinking=true. A request's chat_template_kwargs override it")
     g.add_argument("--no-ui", "--no-webui", dest="web_ui", action="store_false",
                    help="no chat page at / (API routes only)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
@@ -123,6 +126,7 @@ def cmd_serve(args) -> int:
 
         tok = model.tokenizer
         model.template = ChatTemplate(template_text, tok.bos_token, tok.eos_token, model.architecture)
+    model.template.default_kwargs["enable_thinking"] = args.reasoning != "off"
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
