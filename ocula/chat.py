@@ -68,7 +68,8 @@ class ChatTemplate:
         self.source = source or FALLBACK_TEMPLATES.get(architecture, CHATML_TEMPLATE)
         self.is_fallback = source is None
         self.bos_token, self.eos_token = bos_token, eos_token
-        self.default_kwargs: dict = {}  # template variables every render gets unless the caller sets them
+        # template variables every render gets unless the caller sets them (a callable: called at each render)
+        self.default_kwargs: dict = {}
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
@@ -101,8 +102,8 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         msgs = shape_content(normalize_messages(messages), self.typed_content, self.accepts_strings)
-        context = dict(self.default_kwargs, bos_token=self.bos_token, eos_token=self.eos_token,
-                       add_generation_prompt=add_generation_prompt)
+        context = {k: v() if callable(v) else v for k, v in self.default_kwargs.items()}
+        context.update(bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
         context.update(kwargs)
         try:
             return self._template.render(messages=msgs, **context)

@@ -109,3 +109,17 @@ def test_template_type_error_is_a_400():
 
     with pytest.raises(TemplateError, match="TypeError"):
         ChatTemplate("{{ messages[0]['content'] + 1 }}").render([{"role": "user", "content": "x"}])
+
+
+def test_date_string_is_today(tiny_path, tmp_path):
+    import time
+
+    # how Llama 3.x templates date their system turn (their fallback when the variable is missing is a fixed day)
+    template = tmp_path / "dated.jinja"
+    template.write_text("{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+                        "Today Date: {{ date_string }}\n{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with ServerProcess(["-m", str(tiny_path), "--chat-template-file", str(template), "--threads", "1"]) as s:
+        prompt = post(s, "/apply-template", {"messages": [{"role": "user", "content": "Hi"}]}).json()["prompt"]
+        assert prompt.startswith("Today Date: ") and prompt.endswith("\nHi")
+        assert prompt.split("\n")[0][len("Today Date: "):] in (time.strftime("%d %b %Y"),
+                                                                time.strftime("%d %b %Y", time.localtime(time.time() - 120)))

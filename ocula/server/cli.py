@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+import time
 
 from ocula.errors import OculaError
 
@@ -127,6 +128,8 @@ def cmd_serve(args) -> int:
         tok = model.tokenizer
         model.template = ChatTemplate(template_text, tok.bos_token, tok.eos_token, model.architecture)
     model.template.default_kwargs["enable_thinking"] = args.reasoning != "off"
+    # as llama-server: Llama 3.x templates print "Today Date: {date_string}" (their own fallback is a fixed 2024 day)
+    model.template.default_kwargs["date_string"] = lambda: time.strftime("%d %b %Y")
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
