@@ -496,7 +496,8 @@ class Scheduler:
         top = []
         if k > 0:
             vals, ids = torch.topk(lps, min(k, lps.shape[-1]))
-            top = [(int(i), float(v)) for i, v in zip(ids, vals)]
+            # tokens the samplers ruled out (probability 0) are no alternatives: fewer than k is the true answer
+            top = [(int(i), float(v)) for i, v in zip(ids, vals) if v > float("-inf")]
         return TokenLogprob(int(token), float(lps[token]), top)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
