@@ -25,7 +25,8 @@ def tiny_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_path):
     with ServerProcess(["-m", str(tiny_path), "--chat-template", "command-r", "-np", "2", "-c", "128",
-                        "--no-ui", "--threads", "1"]) as s:
+                        "--no-ui", "--threads", "1",
+                        "--cors-origin", "localhost", "--cors-origin", "https://app.example"]) as s:
         yield s
 
 
@@ -123,3 +124,18 @@ def test_date_string_is_today(tiny_path, tmp_path):
         assert prompt.startswith("Today Date: ") and prompt.endswith("\nHi")
         assert prompt.split("\n")[0][len("Today Date: "):] in (time.strftime("%d %b %Y"),
                                                                 time.strftime("%d %b %Y", time.localtime(time.time() - 120)))
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("http://localhost", True), ("http://localhost:8080", True), ("http://127.0.0.1:3000", True),
+    ("http://[::1]:3000", True), ("https://app.example", True),
+    ("http://evil.com", False), ("http://notlocalhost", False), ("http://localhost.evil.com", False),
+    ("https://app.example:444", False),
+])
+def test_cors_localhost_keyword(server, origin, allowed):
+    r = httpx.options(server.url + "/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "Authorization"})
+    assert r.status_code == 200
+    assert r.headers.get("access-control-allow-origin") == (origin if allowed else None)
+    r = httpx.get(server.url + "/health", headers={"Origin": origin})
+    assert r.headers.get("access-control-allow-origin") == (origin if allowed else None)

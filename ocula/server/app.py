@@ -71,10 +71,9 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                   openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.model = sched, metrics, model
     if config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
+        from ocula.server.cors import add_cors
 
-        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["*"])
+        add_cors(app, config.cors_origins)
 
     if config.web_ui:
         add_web_routes(app)

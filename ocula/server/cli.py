@@ -32,7 +32,8 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--port", type=int, default=8080)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
+                   help="allow browser requests from ORIGIN (repeatable; '*' for any; 'localhost' for any port on "
+                        "localhost, 127.0.0.1 and [::1]). Default: CORS off")
     g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
     g.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
                    help="chat through this template instead of the GGUF's own: a built-in name (chatml, gemma, "
