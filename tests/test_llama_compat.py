@@ -26,7 +26,8 @@ def tiny_path(tmp_path_factory):
 def server(tiny_path):
     with ServerProcess(["-m", str(tiny_path), "--chat-template", "command-r", "-np", "2", "-c", "128",
                         "--no-ui", "--threads", "1",
-                        "--cors-origin", "localhost", "--cors-origin", "https://app.example"]) as s:
+                        "--cors-origin", "localhost", "--cors-origin", "https://app.example",
+                        "--alias", "tiny-2, fim,code", "--tags", "chat,small"]) as s:
         yield s
 
 
@@ -139,3 +140,13 @@ def test_cors_localhost_keyword(server, origin, allowed):
     assert r.headers.get("access-control-allow-origin") == (origin if allowed else None)
     r = httpx.get(server.url + "/health", headers={"Origin": origin})
     assert r.headers.get("access-control-allow-origin") == (origin if allowed else None)
+
+
+def test_aliases_and_tags(server):
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["id"] == "code" and card["aliases"] == ["code", "fim", "tiny-2"] and card["tags"] == ["chat", "small"]
+    assert httpx.get(server.url + "/v1/models/fim").json()["id"] == "code"
+    assert httpx.get(server.url + "/v1/models/other").status_code == 404
+    r = post(server, "/v1/chat/completions", {"model": "fim", "messages": [{"role": "user", "content": "Hi"}],
+                                              "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "code"

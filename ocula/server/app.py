@@ -158,7 +158,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
             "modalities": {"vision": model.supports_images, "audio": False},
-            "architecture": model.architecture,
+            "architecture": model.architecture, "aliases": config.model_aliases or [model_id], "tags": config.model_tags,
         }
 
     @app.get("/v1/models")
@@ -169,7 +169,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request):
         check_auth(request)
-        if name != model_id:
+        if name != model_id and name not in config.model_aliases:
             raise APIError(404, f"model {name!r} is not served here; this server serves {model_id!r}",
                            param="model", code="model_not_found")
         return model_card()

@@ -34,7 +34,9 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any; 'localhost' for any port on "
                         "localhost, 127.0.0.1 and [::1]). Default: CORS off")
-    g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
+    g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name); "
+                   "a comma-separated list gives several names, the id being the first in alphabetical order")
+    g.add_argument("--tags", default=None, help="comma-separated labels listed with the model in /v1/models")
     g.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
                    help="chat through this template instead of the GGUF's own: a built-in name (chatml, gemma, "
                         "llama3, command-r), a Jinja file, or the template text")
@@ -122,6 +124,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     if args.threads is None:  # leave a core to the HTTP side (event loop, image decoding)
         args.threads = max(1, (os.cpu_count() or 2) - 1)
+    aliases = _names(args.alias)
     model = load_model(args)
     if template_text is not None:
         from ocula.chat import ChatTemplate
@@ -134,7 +137,8 @@ def cmd_serve(args) -> int:
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
-        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui,
+        model_id=min(aliases) if aliases else None, model_aliases=aliases, model_tags=_names(args.tags),
+        api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
         sampling_defaults=sampling_defaults(args),
@@ -154,6 +158,10 @@ def cmd_serve(args) -> int:
     print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def _names(text: str | None) -> list[str]:
+    return sorted({n.strip() for n in (text or "").split(",") if n.strip()})
 
 
 def chosen_template(args) -> str | None:
