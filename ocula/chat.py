@@ -101,6 +101,9 @@ class ChatTemplate:
         return needle in text
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        prefill = final_prefill(messages, add_generation_prompt, kwargs.pop("continue_final_message", None))
+        if prefill is not None:  # the answer continues the last assistant message: no end of turn after it
+            return self.render(messages[:-1], add_generation_prompt=True, **kwargs) + prefill
         msgs = shape_content(normalize_messages(messages), self.typed_content, self.accepts_strings)
         context = {k: v() if callable(v) else v for k, v in self.default_kwargs.items()}
         context.update(bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
@@ -113,6 +116,28 @@ class ChatTemplate:
             raise TemplateError(f"the chat template failed on these messages: {e}") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # the template's own operations
             raise TemplateError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
+
+
+def final_prefill(messages: list[dict], add_generation_prompt: bool, continue_final: bool | None) -> str | None:
+    """The text the answer continues, when the conversation ends with an assistant message (llama-server's
+    assistant prefill; continue_final_message as vLLM / transformers say it), else None."""
+    if continue_final and add_generation_prompt:
+        raise TemplateError("add_generation_prompt and continue_final_message cannot both be true: continuing the "
+                            "last assistant message means no new assistant turn")
+    if continue_final is False or (continue_final is None and not add_generation_prompt) or len(messages) < 2:
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant" or last.get("tool_calls"):
+        if continue_final:
+            raise TemplateError("continue_final_message needs a conversation that ends with an assistant message")
+        return None
+    content = last.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text") if isinstance(p, dict) else p for p in content]
+        if not all(isinstance(t, str) for t in texts):
+            return None
+        content = "\n\n".join(texts)
+    return content if isinstance(content, str) and (content or continue_final) else None
 
 
 def is_image_part(part: Any) -> bool:

@@ -24,7 +24,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_path):
-    with ServerProcess(["-m", str(tiny_path), "--chat-template", "command-r", "-np", "2", "-c", "128",
+    with ServerProcess(["-m", str(tiny_path), "--chat-template", "command-r", "-np", "2", "-c", "512",
                         "--no-ui", "--threads", "1",
                         "--cors-origin", "localhost", "--cors-origin", "https://app.example",
                         "--alias", "tiny-2, fim,code", "--tags", "chat,small"]) as s:
@@ -150,3 +150,30 @@ def test_aliases_and_tags(server):
     r = post(server, "/v1/chat/completions", {"model": "fim", "messages": [{"role": "user", "content": "Hi"}],
                                               "max_tokens": 2})
     assert r.status_code == 200 and r.json()["model"] == "code"
+
+
+PREFILL = SYSTEM_USER + [{"role": "assistant", "content": "Whill"}]
+
+
+def test_assistant_prefill(server):
+    prompt = post(server, "/apply-template", {"messages": PREFILL}).json()["prompt"]
+    assert prompt.endswith("<|USER_TOKEN|>Hi there<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Whill")
+    n_prompt = len(post(server, "/tokenize", {"content": prompt, "add_special": True}).json()["tokens"])
+    for extra in ({}, {"add_generation_prompt": False, "continue_final_message": True}):
+        r = post(server, "/v1/chat/completions", {"messages": PREFILL, "max_tokens": 2, **extra})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == n_prompt, r.text
+    parts = [{"type": "text", "text": "Wh"}, {"type": "text", "text": "ill"}]
+    prompt = post(server, "/apply-template", {"messages": SYSTEM_USER + [{"role": "assistant", "content": parts}]})
+    assert prompt.json()["prompt"].endswith("<|CHATBOT_TOKEN|>Wh\n\nill")
+    # without prefill the assistant turn is closed and a new one opened
+    r = post(server, "/v1/chat/completions", {"messages": PREFILL, "max_tokens": 2, "add_generation_prompt": False})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > n_prompt
+
+
+def test_continue_final_message_contradiction(server):
+    r = post(server, "/v1/chat/completions", {"messages": PREFILL, "max_tokens": 2, "add_generation_prompt": True,
+                                              "continue_final_message": True})
+    assert r.status_code == 400 and "continue_final_message" in r.json()["error"]["message"]
+    r = post(server, "/v1/chat/completions", {"messages": SYSTEM_USER, "max_tokens": 2,
+                                              "add_generation_prompt": False, "continue_final_message": True})
+    assert r.status_code == 400 and "ends with an assistant message" in r.json()["error"]["message"]
