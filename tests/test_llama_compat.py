@@ -177,3 +177,14 @@ def test_continue_final_message_contradiction(server):
     r = post(server, "/v1/chat/completions", {"messages": SYSTEM_USER, "max_tokens": 2,
                                               "add_generation_prompt": False, "continue_final_message": True})
     assert r.status_code == 400 and "ends with an assistant message" in r.json()["error"]["message"]
+
+
+def test_verbose_shows_the_prompt(server):
+    prompt = post(server, "/apply-template", {"messages": PREFILL}).json()["prompt"]
+    r = post(server, "/v1/chat/completions", {"messages": PREFILL, "max_tokens": 2, "verbose": True}).json()
+    seen = r["__verbose"]
+    assert seen["prompt_tokens"] == post(server, "/tokenize", {"content": prompt, "add_special": True}).json()["tokens"]
+    assert seen["prompt"].endswith("<|CHATBOT_TOKEN|>Whill") and len(seen["prompt_tokens"]) == r["usage"]["prompt_tokens"]
+    assert "__verbose" not in post(server, "/v1/chat/completions", {"messages": PREFILL, "max_tokens": 2}).json()
+    r = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "verbose": True}).json()
+    assert r["__verbose"]["prompt_tokens"] == post(server, "/tokenize", {"content": "Hello", "add_special": True}).json()["tokens"]

@@ -37,6 +37,7 @@ from ocula.server.errors import APIError, to_api_error
 from ocula.server.llama_routes import listed_model
 from ocula.server.media_loader import MediaLoader
 from ocula.server.metrics import Metrics
+from ocula.server.verbose import add_verbose, capture_prompt
 from ocula.server.web import add_web_routes
 from ocula.server.native_completion import extension_constraint, llama_timings
 
@@ -190,12 +191,15 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             params, explicit = P.sampling_params(req, config.default_max_tokens, config.sampling_defaults)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
+            prompt_seen = capture_prompt(greq) if req.verbose else None
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if (req.n or 1) > 1:
                 resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,
                                          endpoint, t0)
             else:
                 resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
+                if prompt_seen is not None:
+                    resp = add_verbose(resp, prompt_seen, model.tokenizer)
             status = STREAMING if isinstance(resp, EventStream) else resp.status_code
             return resp
         except APIError as e:

@@ -32,6 +32,7 @@ class StreamOptions(_Req):
 
 class _Sampling(_Req):
     model: str | None = None
+    verbose: StrictBool = False  # llama-server: add __verbose (the prompt as read) to the answer
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=0)
