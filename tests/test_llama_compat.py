@@ -188,3 +188,23 @@ def test_verbose_shows_the_prompt(server):
     assert "__verbose" not in post(server, "/v1/chat/completions", {"messages": PREFILL, "max_tokens": 2}).json()
     r = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "verbose": True}).json()
     assert r["__verbose"]["prompt_tokens"] == post(server, "/tokenize", {"content": "Hello", "add_special": True}).json()["tokens"]
+
+
+def test_relative_file_urls_under_media_root(tmp_path):
+    from PIL import Image
+
+    from ocula.media import MediaPolicy
+    from ocula.media.sources import _load_str
+
+    (tmp_path / "root" / "mtmd").mkdir(parents=True)
+    Image.new("RGB", (8, 6), "red").save(tmp_path / "root" / "mtmd" / "img.png")
+    (tmp_path / "secret.png").write_bytes((tmp_path / "root" / "mtmd" / "img.png").read_bytes())
+    policy = MediaPolicy(allow_local_files=True, allowed_local_root=str(tmp_path / "root"))
+    for url in ("file://mtmd/img.png", "file:////mtmd//img.png", f"file://{tmp_path}/root/mtmd/img.png"):
+        assert _load_str(url, policy).size == (8, 6)
+    for url, why in (("file://mtmd/none.png", "not found"), ("file://../secret.png", "outside the allowed"),
+                     (f"file://{tmp_path}/secret.png", "outside the allowed"), ("file://mtmd/img.png?x=1", "query")):
+        with pytest.raises(Exception, match=why):
+            _load_str(url, policy)
+    with pytest.raises(Exception, match="remote host 'mtmd' is not allowed"):
+        _load_str("file://mtmd/img.png", MediaPolicy())
