@@ -131,6 +131,10 @@ def final_prefill(messages: list[dict], add_generation_prompt: bool, continue_fi
         if continue_final:
             raise TemplateError("continue_final_message needs a conversation that ends with an assistant message")
         return None
+    before = messages[-2]
+    if isinstance(before, dict) and before.get("role") == "assistant" and not before.get("tool_calls"):
+        raise TemplateError("the conversation ends with two assistant messages: the last one would be continued "
+                            "after another answer; merge them or put a user turn between them")
     content = last.get("content")
     if isinstance(content, list):
         texts = [p.get("text") if isinstance(p, dict) else p for p in content]

@@ -177,6 +177,8 @@ def test_continue_final_message_contradiction(server):
     r = post(server, "/v1/chat/completions", {"messages": SYSTEM_USER, "max_tokens": 2,
                                               "add_generation_prompt": False, "continue_final_message": True})
     assert r.status_code == 400 and "ends with an assistant message" in r.json()["error"]["message"]
+    r = post(server, "/v1/chat/completions", {"messages": PREFILL + [{"role": "assistant", "content": "x"}]})
+    assert r.status_code == 400 and "two assistant messages" in r.json()["error"]["message"]
 
 
 def test_verbose_shows_the_prompt(server):
