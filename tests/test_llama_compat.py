@@ -48,9 +48,12 @@ def test_template_file(tiny_path, tmp_path):
     template = tmp_path / "turns.jinja"
     template.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
                         "{% if add_generation_prompt %}[assistant]{% endif %}")
-    with ServerProcess(["-m", str(tiny_path), "--chat-template-file", str(template), "--threads", "1"]) as s:
+    with ServerProcess(["-m", str(tiny_path), "--chat-template-file", str(template), "--threads", "1",
+                        "--verbose"]) as s:
         r = post(s, "/apply-template", {"messages": SYSTEM_USER})
         assert r.json()["prompt"] == "[system]You are a test.[user]Hi there[assistant]"
+        r = post(s, "/v1/chat/completions", {"messages": SYSTEM_USER, "max_tokens": 1}).json()
+        assert r["__verbose"]["prompt"].endswith("[system]You are a test.[user]Hi there[assistant]")
         assert httpx.get(s.url + "/").text.startswith("<!doctype html>")
 
 

@@ -191,7 +191,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             params, explicit = P.sampling_params(req, config.default_max_tokens, config.sampling_defaults)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
-            prompt_seen = capture_prompt(greq) if req.verbose else None
+            prompt_seen = capture_prompt(greq) if req.verbose or config.verbose else None
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if (req.n or 1) > 1:
                 resp = await run_choices(sched, metrics, request, greq, fmt, req.n, req.stream, include_usage,

@@ -45,6 +45,8 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--reasoning", choices=["on", "off", "auto"], default="auto",
                    help="off: templates get enable_thinking=false (models that think answer at once); on/auto: "
                         "enable_thinking=true. A request's chat_template_kwargs override it")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="every chat / completions answer carries __verbose (the prompt as the model read it)")
     g.add_argument("--no-ui", "--no-webui", dest="web_ui", action="store_false",
                    help="no chat page at / (API routes only)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
@@ -138,7 +140,7 @@ def cmd_serve(args) -> int:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
         model_id=min(aliases) if aliases else None, model_aliases=aliases, model_tags=_names(args.tags),
-        api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui,
+        api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui, verbose=args.verbose,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
         sampling_defaults=sampling_defaults(args),
