@@ -14,7 +14,17 @@ class CORS(CORSMiddleware):
         # browser then refuses the call, and the server says nothing about what it would allow.
         if not self.is_allowed_origin(origin=request_headers["origin"]):
             return PlainTextResponse("OK", status_code=200)
-        return super().preflight_response(request_headers)
+        response = super().preflight_response(request_headers)
+        # Header names are case-insensitive, but some clients (llama-server's own tests among them) read them
+        # from a plain dict: send the Access-Control-* names in their usual capitalisation.
+        response.raw_headers = [(_capitalised(k), v) for k, v in response.raw_headers]
+        return response
+
+
+def _capitalised(name: bytes) -> bytes:
+    if not name.startswith(b"access-control-"):
+        return name
+    return b"-".join(part[:1].upper() + part[1:] for part in name.split(b"-"))
 
 
 def add_cors(app, origins: list[str]) -> None:
