@@ -215,3 +215,18 @@ def test_relative_file_urls_under_media_root(tmp_path):
             _load_str(url, policy)
     with pytest.raises(Exception, match="remote host 'mtmd' is not allowed"):
         _load_str("file://mtmd/img.png", MediaPolicy())
+
+
+def test_llama3_builtin_starts_with_bos(tiny_path):
+    import ocula
+    from ocula.builtin_templates import BUILTIN_TEMPLATES
+    from ocula.chat import ChatTemplate
+
+    model = ocula.load(tiny_path)
+    tok = model.tokenizer
+    model.template = ChatTemplate(BUILTIN_TEMPLATES["llama3"], tok.bos_token, tok.eos_token, model.architecture)
+    prompt = model.apply_chat_template([{"role": "system", "content": "Book"}, {"role": "user", "content": "Hi"}])
+    assert prompt == (tok.bos_token + "<|start_header_id|>system<|end_header_id|>\n\nBook<|eot_id|>"
+                      "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = model.build_prompt([{"role": "user", "content": "Hi"}]).token_ids
+    assert ids[0] == tok.bos_id and ids[1] != tok.bos_id
