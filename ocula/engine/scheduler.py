@@ -547,10 +547,10 @@ class Scheduler:
             probs = sampler.probabilities(scores.to(logits.device)).float().cpu()
         lps = torch.log(probs)
         top = []
-        if k > 0:  # most probable first; tokens the sampling left no chance rank by their scores, not by id
-            by_score = torch.argsort(scores, descending=True)
-            ids = by_score[torch.argsort(probs[by_score], descending=True, stable=True)][:k]
-            top = [(int(i), float(lps[i])) for i in ids]
+        if k > 0:
+            vals, ids = torch.topk(lps, min(k, lps.shape[-1]))
+            # tokens the samplers ruled out (probability 0) are no alternatives: fewer than k is the true answer
+            top = [(int(i), float(v)) for i, v in zip(ids, vals) if v > float("-inf")]
         return TokenLogprob(int(token), float(lps[token]), top)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:

@@ -85,7 +85,7 @@ def _load_str(source: str, policy: MediaPolicy) -> Image.Image:
     if scheme == "data":
         return _load_data_uri(s, policy)
     if scheme == "file":
-        return _load_path(_file_url_path(s), policy, "file URL")
+        return _load_path(_file_url_path(s, policy), policy, "file URL")
     if scheme in ("http", "https"):
         data, final_url = fetch_url(s, policy)
         return decode_bytes(data, policy, "URL", where=short(final_url))
@@ -180,13 +180,32 @@ def _load_data_uri(s: str, policy: MediaPolicy) -> Image.Image:
 # --------------------------------------------------------------------------------------------- local files
 
 
-def _file_url_path(url: str) -> str:
+def _file_url_path(url: str, policy: MediaPolicy | None = None) -> str:
+    """The local path of a file URL. With an allowed root, llama-server's relative form is understood too:
+    file://dir/img.png (and file:////dir//img.png) name dir/img.png inside the root (still checked to stay
+    inside it); an absolute file:///path inside the root keeps its meaning."""
     parts = urllib.parse.urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
-        raise fail("file URL", f"remote host {parts.netloc!r} is not allowed: {short(url)}")
     if parts.query or parts.fragment:
         raise fail("file URL", f"query strings and fragments are not allowed: {short(url)}")
-    return urllib.request.url2pathname(parts.path)
+    root = policy.allowed_local_root if policy is not None and policy.allow_local_files else None
+    if parts.netloc not in ("", "localhost"):
+        if root is None:
+            raise fail("file URL", f"remote host {parts.netloc!r} is not allowed: {short(url)}")
+        return os.path.join(root, urllib.request.url2pathname(parts.netloc + parts.path))
+    path = urllib.request.url2pathname(parts.path)
+    if root is not None and parts.netloc == "":
+        relative = os.path.join(root, path.lstrip("/"))
+        if not _inside(root, path) and os.path.exists(relative):
+            return relative
+    return path
+
+
+def _inside(root: str, path: str) -> bool:
+    try:
+        root = os.path.realpath(os.path.expanduser(root))
+        return os.path.commonpath([root, os.path.realpath(path)]) == root
+    except (OSError, ValueError):
+        return False
 
 
 def _load_path(path: str, policy: MediaPolicy, kind: str) -> Image.Image:

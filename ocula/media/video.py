@@ -236,7 +236,7 @@ def _open_str(source: str, policy: MediaPolicy, limits: VideoLimits) -> VideoCli
     if scheme == "data":
         return probe_bytes(_data_uri_bytes(s, limits), "video data URI", limits)
     if scheme == "file":
-        return probe_bytes(_read_path(_file_url_path(s), policy, limits, "video file URL"), "video file URL", limits)
+        return probe_bytes(_read_path(_file_url_path(s, policy), policy, limits, "video file URL"), "video file URL", limits)
     if scheme in ("http", "https"):
         data, final_url = fetch_url(s, dataclasses.replace(policy, max_bytes=limits.max_bytes))
         return probe_bytes(data, "video URL", limits, where=short(final_url))

@@ -39,6 +39,7 @@ from ocula.server.image_budget import has_media, image_max_tokens, image_token_l
 from ocula.server.llama_routes import listed_model
 from ocula.server.media_loader import MediaLoader
 from ocula.server.metrics import Metrics
+from ocula.server.verbose import add_verbose, capture_prompt
 from ocula.server.web import add_web_routes
 from ocula.server.native_completion import extension_constraint
 
@@ -74,10 +75,9 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
                   openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.model = sched, metrics, model
     if config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
+        from ocula.server.cors import add_cors
 
-        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["*"])
+        add_cors(app, config.cors_origins)
 
     if config.web_ui:
         add_web_routes(app)
@@ -162,7 +162,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             "context_length": sched.n_ctx, "max_model_len": sched.n_ctx,
             "capabilities": {"vision": model.supports_images, "completion": True, "chat": True},
             "modalities": {"vision": model.supports_images, "audio": False, "video": model.supports_video},
-            "architecture": model.architecture,
+            "architecture": model.architecture, "aliases": config.model_aliases or [model_id], "tags": config.model_tags,
         }
 
     @app.get("/v1/models")
@@ -173,7 +173,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request):
         check_auth(request)
-        if name != model_id:
+        if name != model_id and name not in config.model_aliases:
             raise APIError(404, f"model {name!r} is not served here; this server serves {model_id!r}",
                            param="model", code="model_not_found")
         return model_card()
@@ -194,12 +194,15 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             params, explicit = P.sampling_params(req, config.default_max_tokens, config.sampling_defaults)
             bias = P.logit_bias(req, model.text.cfg.n_vocab)
             greq, fmt = await prepare(req, params, explicit, bias)
+            prompt_seen = capture_prompt(greq) if req.verbose or config.verbose else None
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if isinstance(greq, list) or (req.n or 1) > 1:
                 resp = await run_choices(sched, metrics, request, greq, fmt, req.n or 1, req.stream, include_usage,
                                          endpoint, t0)
             else:
                 resp = await run(request, greq, fmt, req.stream, include_usage, endpoint, t0)
+                if prompt_seen is not None:
+                    resp = add_verbose(resp, prompt_seen, model.tokenizer)
             status = STREAMING if isinstance(resp, EventStream) else resp.status_code
             return resp
         except APIError as e:

@@ -40,6 +40,9 @@ class ChatPlan:
                            param="reasoning_format", code="invalid_value")
         self.reasoning = fmt != "none"
         self.template_kwargs = {**kwargs, **self.tools.template_kwargs()}
+        for name in ("add_generation_prompt", "continue_final_message"):  # llama-server / vLLM top-level fields
+            if getattr(req, name, None) is not None:
+                self.template_kwargs[name] = getattr(req, name)
         self.thinks = THINK_OPEN in (template_source or "")
         self.in_reasoning = False
 

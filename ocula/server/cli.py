@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+import time
 
 from ocula.errors import OculaError
 from ocula.server.llama_flags import add_llama_server_flags, apply_llama_server_flags
@@ -32,13 +33,21 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--port", type=int, default=8080)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser requests from ORIGIN (repeatable; '*' for any). Default: CORS off")
-    g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
+                   help="allow browser requests from ORIGIN (repeatable; '*' for any; 'localhost' for any port on "
+                        "localhost, 127.0.0.1 and [::1]). Default: CORS off")
+    g.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name); "
+                   "a comma-separated list gives several names, the id being the first in alphabetical order")
+    g.add_argument("--tags", default=None, help="comma-separated labels listed with the model in /v1/models")
     g.add_argument("--chat-template", metavar="NAME|FILE|TEMPLATE", default=None,
                    help="chat through this template instead of the GGUF's own: a built-in name (chatml, gemma, "
                         "llama3, command-r), a Jinja file, or the template text")
     g.add_argument("--chat-template-file", metavar="FILE", default=None,
                    help="as --chat-template, from a Jinja file (llama-server's flag)")
+    g.add_argument("--reasoning", choices=["on", "off", "auto"], default="auto",
+                   help="off: templates get enable_thinking=false (models that think answer at once); on/auto: "
+                        "enable_thinking=true. A request's chat_template_kwargs override it")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="every chat / completions answer carries __verbose (the prompt as the model read it)")
     g.add_argument("--no-ui", "--no-webui", dest="web_ui", action="store_false",
                    help="no chat page at / (API routes only)")
     g.add_argument("--max-request-bytes", type=_size, default=None, metavar="BYTES",
@@ -139,6 +148,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     if args.threads is None:  # leave a core to the HTTP side (event loop, image decoding)
         args.threads = max(1, (os.cpu_count() or 2) - 1)
+    aliases = _names(args.alias)
     model = load_model(args)
     apply_llama_server_flags(args, model)  # -b, and a note on llama-server flags without effect here
     if template_text is not None:
@@ -152,10 +162,14 @@ def cmd_serve(args) -> int:
         print(f"ocula: warning: {model.gguf.path.name} has no chat template (a base model?): chat requests are "
               f"wrapped in {fallback_name(model.architecture)} (--chat-template to choose); /v1/completions "
               "completes prompts as is", file=sys.stderr)
+    model.template.default_kwargs["enable_thinking"] = args.reasoning != "off"
+    # as llama-server: Llama 3.x templates print "Today Date: {date_string}" (their own fallback is a fixed 2024 day)
+    model.template.default_kwargs["date_string"] = lambda: time.strftime("%d %b %Y")
     if args.image_cache is not None and model.vision is not None:
         model.vision.cache.max_bytes = args.image_cache
     config = ServerConfig(
-        model_id=args.alias, api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui,
+        model_id=min(aliases) if aliases else None, model_aliases=aliases, model_tags=_names(args.tags),
+        api_key=args.api_key, cors_origins=args.cors_origin, web_ui=args.web_ui, verbose=args.verbose,
         max_batch=args.parallel, max_queue=args.queue_size, prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=args.prefix_cache, default_max_tokens=args.default_max_tokens, pooling=args.pooling,
         sampling_defaults=sampling_defaults(args),
@@ -178,6 +192,10 @@ def cmd_serve(args) -> int:
     print(f"ocula: chat page at {page_url(args.host, args.port)}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def _names(text: str | None) -> list[str]:
+    return sorted({n.strip() for n in (text or "").split(",") if n.strip()})
 
 
 def chosen_template(args) -> str | None:

@@ -9,8 +9,11 @@ from ocula.media import MediaPolicy
 @dataclass
 class ServerConfig:
     model_id: str | None = None  # id in /v1/models and responses (default: the GGUF file name)
+    model_aliases: list[str] = field(default_factory=list)  # --alias a,b,c: every name the model answers to
+    model_tags: list[str] = field(default_factory=list)  # --tags: free labels listed in /v1/models
     api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer <key>"
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
+    verbose: bool = False  # every chat/completions answer carries __verbose (as with "verbose": true)
     web_ui: bool = True  # the chat page at / (off: --no-ui, as llama-server)
     # scheduler
     max_batch: int = 8  # sequences decoded together

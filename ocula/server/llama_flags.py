@@ -15,8 +15,7 @@ from ocula.errors import OculaError
 # llama-server switches with no meaning for ocula (no value)
 NO_EFFECT_SWITCHES = ("--jinja", "--no-jinja", "--slots", "--no-slots", "--cont-batching", "--no-cont-batching",
                       "--metrics", "--embedding", "--embeddings", "--kv-unified",
-                      "--swa-full", "--no-mmap", "--mlock", "--offline", "--context-shift", "--no-context-shift",
-                      "--verbose")
+                      "--swa-full", "--no-mmap", "--mlock", "--offline", "--context-shift", "--no-context-shift")
 # ... and options with a value
 NO_EFFECT_OPTIONS = (("-ngl", "--n-gpu-layers", "--gpu-layers"), ("-fa", "--flash-attn"),
                      ("-ub", "--ubatch-size"), ("-ctk", "--cache-type-k"), ("-ctv", "--cache-type-v"))

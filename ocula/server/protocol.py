@@ -32,6 +32,7 @@ class StreamOptions(_Req):
 
 class _Sampling(_Req):
     model: str | None = None
+    verbose: StrictBool = False  # llama-server: add __verbose (the prompt as read) to the answer
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=0)
@@ -71,6 +72,8 @@ class ChatRequest(_Sampling):
     image_max_tokens: int | None = Field(None, ge=1)
     parallel_tool_calls: StrictBool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: StrictBool | None = None  # False with continue_final_message: continue the last turn
+    continue_final_message: StrictBool | None = None
     reasoning_format: str | None = None
     video_options: dict[str, Any] | None = None  # HF video processor keywords (ocula.engine.video_prompt)
 

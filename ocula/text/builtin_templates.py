@@ -1,7 +1,8 @@
 """Chat templates selectable by name with `--chat-template NAME` (run, chat, serve), as llama-server's built-in
 names: for GGUFs that carry no template, or to replace the file's own.
 
-Like llama.cpp's built-ins they emit no BOS: the tokenizer adds it where the GGUF says so.
+`llama3` starts with BOS as Llama 3's own template does (ocula's prompts carry the BOS their template writes);
+`command-r` is the text llama-server's built-in renders, without one.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ocula.text.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE
 
 # Llama 3 / 3.1 turns: a header per role, the content, <|eot_id|>.
 LLAMA3_TEMPLATE = (
-    "{% for message in messages %}"
+    "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"

@@ -8,6 +8,7 @@ Messages are OpenAI style. Content may be a string or a list of parts (`text`, `
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from typing import Any
@@ -67,6 +68,8 @@ class ChatTemplate:
         self.source = source or FALLBACK_TEMPLATES.get(architecture, CHATML_TEMPLATE)
         self.is_fallback = source is None
         self.bos_token, self.eos_token = bos_token, eos_token
+        # template variables every render gets unless the caller sets them (a callable: called at each render)
+        self.default_kwargs: dict = {}
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
@@ -83,13 +86,27 @@ class ChatTemplate:
         src = self.source
         return "['type']" in src or '["type"]' in src or ".type" in src or "'type'" in src
 
-    @property
+    @functools.cached_property
     def accepts_strings(self) -> bool:
-        return not self.typed_content or "is string" in self.source
+        if not self.typed_content or "is string" in self.source:
+            return True
+        # "['type']" may be a tool call's type (DeepSeek-R1 templates), not a content part's: such a template
+        # concatenates string contents, and a list would fail. A probe render tells the two apart.
+        needle = "ocula-probe-7f3a"
+        try:
+            text = self._template.render(messages=[{"role": "user", "content": needle}], add_generation_prompt=True,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except Exception:  # noqa: BLE001 - a template that fails on strings takes lists
+            return False
+        return needle in text
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        prefill = final_prefill(messages, add_generation_prompt, kwargs.pop("continue_final_message", None))
+        if prefill is not None:  # the answer continues the last assistant message: no end of turn after it
+            return self.render(messages[:-1], add_generation_prompt=True, **kwargs) + prefill
         msgs = shape_content(normalize_messages(messages), self.typed_content, self.accepts_strings)
-        context = dict(bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
+        context = {k: v() if callable(v) else v for k, v in self.default_kwargs.items()}
+        context.update(bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
         context.update(kwargs)
         try:
             return self._template.render(messages=msgs, **context)
@@ -97,6 +114,34 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as e:
             raise TemplateError(f"the chat template failed on these messages: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # the template's own operations
+            raise TemplateError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
+
+
+def final_prefill(messages: list[dict], add_generation_prompt: bool, continue_final: bool | None) -> str | None:
+    """The text the answer continues, when the conversation ends with an assistant message (llama-server's
+    assistant prefill; continue_final_message as vLLM / transformers say it), else None."""
+    if continue_final and add_generation_prompt:
+        raise TemplateError("add_generation_prompt and continue_final_message cannot both be true: continuing the "
+                            "last assistant message means no new assistant turn")
+    if continue_final is False or (continue_final is None and not add_generation_prompt) or len(messages) < 2:
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant" or last.get("tool_calls"):
+        if continue_final:
+            raise TemplateError("continue_final_message needs a conversation that ends with an assistant message")
+        return None
+    before = messages[-2]
+    if isinstance(before, dict) and before.get("role") == "assistant" and not before.get("tool_calls"):
+        raise TemplateError("the conversation ends with two assistant messages: the last one would be continued "
+                            "after another answer; merge them or put a user turn between them")
+    content = last.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text") if isinstance(p, dict) else p for p in content]
+        if not all(isinstance(t, str) for t in texts):
+            return None
+        content = "\n\n".join(texts)
+    return content if isinstance(content, str) and (content or continue_final) else None
 
 
 def is_image_part(part: Any) -> bool:
