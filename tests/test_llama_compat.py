@@ -110,7 +110,7 @@ def test_reasoning_flag_and_string_contents(tiny_path, tmp_path, reasoning, end)
 
 
 def test_template_type_error_is_a_400():
-    from ocula.chat import ChatTemplate, TemplateError
+    from ocula.text.chat import ChatTemplate, TemplateError
 
     with pytest.raises(TemplateError, match="TypeError"):
         ChatTemplate("{{ messages[0]['content'] + 1 }}").render([{"role": "user", "content": "x"}])
@@ -219,8 +219,8 @@ def test_relative_file_urls_under_media_root(tmp_path):
 
 def test_llama3_builtin_starts_with_bos(tiny_path):
     import ocula
-    from ocula.builtin_templates import BUILTIN_TEMPLATES
-    from ocula.chat import ChatTemplate
+    from ocula.text.builtin_templates import BUILTIN_TEMPLATES
+    from ocula.text.chat import ChatTemplate
 
     model = ocula.load(tiny_path)
     tok = model.tokenizer

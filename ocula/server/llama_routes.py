@@ -294,7 +294,8 @@ def render_template(model, body: dict) -> str:
         raise to_api_error(e, "messages") from None
     plan = ChatPlan(req, model.template.source)
     try:
-        return model.apply_chat_template(plan.history(req.messages), add_generation_prompt=add_generation_prompt,
-                                         **plan.template_kwargs)
+        # the chat plan carries add_generation_prompt too when the body gives it (the chat route's field)
+        kwargs = {"add_generation_prompt": add_generation_prompt, **plan.template_kwargs}
+        return model.apply_chat_template(plan.history(req.messages), **kwargs)
     except OculaError as e:
         raise to_api_error(e, "messages") from None
