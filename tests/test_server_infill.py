@@ -58,9 +58,20 @@ def test_infill_layout_and_answer(server, lib):
     assert r.status_code == 400 and r.json()["error"]["code"] == 400
 
 
+@pytest.mark.parametrize("chunk", [{}, {"filename": "ok"}, {"filename": 123}, {"filename": 123, "text": "abc"},
+                                   {"filename": 123, "text": 456}, "text"])
+def test_bad_input_extra_is_a_400(server, chunk):
+    """As llama-server: every input_extra chunk needs a string text; a file name, when given, is a string."""
+    r = httpx.post(server.url + "/infill", json={"input_extra": [chunk], "input_prefix": "a", "prompt": "b",
+                                                  "input_suffix": "c"}, timeout=60)
+    assert r.status_code == 400 and "input_extra[0]" in r.json()["error"]["message"], r.text
+
+
 def test_no_fim_tokens_is_501(tmp_path):
     plain = write_tiny_model(tmp_path / "plain.gguf", "llama")
     with ServerProcess(["-m", str(plain), "--threads", "1"]) as s:
+        bad = httpx.post(s.url + "/infill", json={"input_extra": [{}], "input_prefix": "a"}, timeout=60)
         r = httpx.post(s.url + "/infill", json={"input_prefix": "a", "input_suffix": "b"}, timeout=60)
+    assert bad.status_code == 400  # the request is checked before the model's FIM tokens
     assert r.status_code == 501 and "no fill-in-the-middle tokens" in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "not_supported_error"

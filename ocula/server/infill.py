@@ -58,9 +58,6 @@ def register(app, ctx) -> None:
         t0 = time.perf_counter()
         ctx.check_auth(request)
         body = await ctx.read_json(request)
-        if fim["pre"] is None or fim["suf"] is None or fim["mid"] is None:
-            raise APIError(501, f"model {ctx.model_id!r} has no fill-in-the-middle tokens (prefix, suffix, middle), "
-                                "so /infill is not supported", type="not_supported_error", code="not_supported")
         prefix = field(body, "input_prefix", str, "")
         suffix = field(body, "input_suffix", str, "")
         typed = field(body, "prompt", str, "")
@@ -70,8 +67,15 @@ def register(app, ctx) -> None:
             if not isinstance(chunk, dict):
                 raise APIError(400, f"input_extra[{i}] must be {{\"filename\": ..., \"text\": ...}}",
                                param="input_extra", code="invalid_type")
+            if "text" not in chunk:  # as llama-server: a chunk's text is required, its file name optional
+                raise APIError(400, f"input_extra[{i}] has no \"text\": each chunk needs its text as a string",
+                               param="input_extra", code="missing_required_parameter")
             chunks.append((field(chunk, "filename", str, "tmp", where=f"input_extra[{i}].filename"),
                            field(chunk, "text", str, "", where=f"input_extra[{i}].text")))
+        # the request is checked first, so a bad one is a 400 whatever the model
+        if fim["pre"] is None or fim["suf"] is None or fim["mid"] is None:
+            raise APIError(501, f"model {ctx.model_id!r} has no fill-in-the-middle tokens (prefix, suffix, middle), "
+                                "so /infill is not supported", type="not_supported_error", code="not_supported")
         chars = len(prefix) + len(suffix) + len(typed) + sum(len(t) + len(f) for f, t in chunks)
         if chars // ctx.model.tokenizer.max_token_bytes > ctx.sched.n_ctx:
             raise APIError(400, f"the infill text has {chars} characters, more tokens than the context holds "
