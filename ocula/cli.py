@@ -251,44 +251,41 @@ def cmd_chat(args) -> int:
 def chat_image(model, source: str):
     """`/image SOURCE` in `ocula chat`: the image loaded now (a path, URL or data URI), so that a broken or
     missing one is refused once, here, and never goes with a message; None (and a note on stderr) if refused."""
-    if not source:
-        print("usage: /image PATH (or an http(s) URL)", file=sys.stderr)
-        return None
-    if not model.supports_images:
-        print(no_images_note(model), file=sys.stderr)
-        return None
     from ocula.media import load_image
 
-    try:
-        image = load_image(source)
-    except OculaError as e:
-        print(f"error: {e}; the image was left out", file=sys.stderr)
-        return None
-    print(f"(image {source} will go with your next message)", file=sys.stderr)
+    image = _chat_attachment(model, source, "image", "images", load_image)
+    if image is not None:
+        print(f"(image {source} will go with your next message)", file=sys.stderr)
     return image
 
 
-def no_images_note(model) -> str:
-    return f"error: {model.gguf.path.name} takes no images: start ocula chat with --mmproj"
+def no_images_note(model, what: str = "images") -> str:
+    return f"error: {model.gguf.path.name} takes no {what}: start ocula chat with --mmproj"
 
 
 def chat_video(model, source: str):
     """`/video SOURCE` in `ocula chat`: the clip opened now (demuxed, not decoded), refused once if it cannot be."""
-    if not source:
-        print("usage: /video PATH (or an http(s) URL)", file=sys.stderr)
-        return None
-    if not model.supports_images:
-        print(f"error: {model.gguf.path.name} takes no video: start ocula chat with --mmproj", file=sys.stderr)
-        return None
     from ocula.media.video import open_video
 
-    try:
-        clip = open_video(source)
-    except OculaError as e:
-        print(f"error: {e}; the video was left out", file=sys.stderr)
-        return None
-    print(f"(video {source}, {clip.duration:.1f} s, will go with your next message)", file=sys.stderr)
+    clip = _chat_attachment(model, source, "video", "video", open_video)
+    if clip is not None:
+        print(f"(video {source}, {clip.duration:.1f} s, will go with your next message)", file=sys.stderr)
     return clip
+
+
+def _chat_attachment(model, source: str, kind: str, plural: str, load):
+    """`load(source)`, or None with the reason on stderr: no source, a model without a projector, a load error."""
+    if not source:
+        print(f"usage: /{kind} PATH (or an http(s) URL)", file=sys.stderr)
+        return None
+    if not model.supports_images:
+        print(no_images_note(model, plural), file=sys.stderr)
+        return None
+    try:
+        return load(source)
+    except OculaError as e:
+        print(f"error: {e}; the {kind} was left out", file=sys.stderr)
+        return None
 
 
 def completion_chat(model, opts: dict) -> int:

@@ -40,23 +40,27 @@ def has_video(messages) -> bool:
                for p in m["content"])
 
 
-def take_video_parts(messages: list[dict]) -> tuple[list[dict], list]:
-    """Messages with each video part replaced by a marker text part, and the parts in order."""
-    out, parts = [], []
+def replace_video_parts(messages: list[dict], replace) -> list[dict]:
+    """Messages with each video part replaced by the list of parts `replace(part)` returns (in order)."""
+    out = []
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
         if not isinstance(content, list) or not any(is_video_part(p) for p in content):
             out.append(m)
             continue
-        new = []
-        for p in content:
-            if is_video_part(p):
-                new.append({"type": "text", "text": MARKER.format(len(parts))})
-                parts.append(p)
-            else:
-                new.append(p)
-        out.append({**m, "content": new})
-    return out, parts
+        out.append({**m, "content": [q for p in content for q in (replace(p) if is_video_part(p) else [p])]})
+    return out
+
+
+def take_video_parts(messages: list[dict]) -> tuple[list[dict], list]:
+    """Messages with each video part replaced by a marker text part, and the parts in order."""
+    parts = []
+
+    def marker(part):
+        parts.append(part)
+        return [{"type": "text", "text": MARKER.format(len(parts) - 1)}]
+
+    return replace_video_parts(messages, marker), parts
 
 
 def frames_as_images(messages: list[dict], policy, options: dict | None, limits: VideoLimits | None) -> list[dict]:
@@ -65,25 +69,17 @@ def frames_as_images(messages: list[dict], policy, options: dict | None, limits:
     unknown = sorted(set(opts) - set(FRAME_OPTION_NAMES))
     if unknown:
         raise RequestError(f"unknown video option(s): {', '.join(unknown)}; known: {', '.join(FRAME_OPTION_NAMES)}")
-    out = []
-    for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        if not isinstance(content, list) or not any(is_video_part(p) for p in content):
-            out.append(m)
-            continue
-        new = []
-        for p in content:
-            if not is_video_part(p):
-                new.append(p)
-                continue
-            clip = open_video(p, policy, limits)
-            indices = frame_indices(clip, opts)
-            new.append({"type": "text", "text": "Video:"})
-            for i, frame in zip(indices, clip.frames(indices)):
-                new.append({"type": "text", "text": f"[{clip.timestamps[i]:.2f}s]"})
-                new.append({"type": "image", "image": frame, "video_frame": True})
-        out.append({**m, "content": new})
-    return out
+
+    def frames(part):
+        clip = open_video(part, policy, limits)
+        indices = frame_indices(clip, opts)
+        new = [{"type": "text", "text": "Video:"}]
+        for i, frame in zip(indices, clip.frames(indices)):
+            new.append({"type": "text", "text": f"[{clip.timestamps[i]:.2f}s]"})
+            new.append({"type": "image", "image": frame, "video_frame": True})
+        return new
+
+    return replace_video_parts(messages, frames)
 
 
 def frame_indices(clip: VideoClip, opts: dict) -> list[int]:

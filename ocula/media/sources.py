@@ -209,6 +209,13 @@ def _inside(root: str, path: str) -> bool:
 
 
 def _load_path(path: str, policy: MediaPolicy, kind: str) -> Image.Image:
+    data, shown = read_local_file(path, policy, kind, policy.max_bytes, "an image file")
+    return decode_bytes(data, policy, kind, where=shown)
+
+
+def read_local_file(path: str, policy: MediaPolicy, kind: str, max_bytes: int, what: str) -> tuple[bytes, str]:
+    """(the bytes of a local file, its shortened name) under the media policy's local-file rules (allowed at
+    all, inside allowed_local_root after resolving links) and a byte cap; `what` names the expected file."""
     if not policy.allow_local_files:
         raise fail(kind, "local files are not allowed by the media policy")
     if not _could_be_path(path):
@@ -233,14 +240,13 @@ def _load_path(path: str, policy: MediaPolicy, kind: str) -> Image.Image:
     except OSError as e:
         raise fail(kind, f"cannot access {shown!r}: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise fail(kind, f"{shown!r} is a directory, not an image file")
+        raise fail(kind, f"{shown!r} is a directory, not {what}")
     if not stat.S_ISREG(st.st_mode):
         raise fail(kind, f"{shown!r} is not a regular file")
-    if st.st_size > policy.max_bytes:
-        raise fail(kind, f"too many bytes: {st.st_size} > max_bytes {policy.max_bytes} ({shown!r})")
+    if st.st_size > max_bytes:
+        raise fail(kind, f"too many bytes: {st.st_size} > max_bytes {max_bytes} ({shown!r})")
     try:
         with open(resolved, "rb") as f:
-            data = f.read(policy.max_bytes + 1)
+            return f.read(max_bytes + 1), shown
     except OSError as e:
         raise fail(kind, f"cannot read {shown!r}: {e.strerror or e}") from None
-    return decode_bytes(data, policy, kind, where=shown)

@@ -29,10 +29,9 @@ import numpy as np
 
 from ocula.errors import MediaError
 from ocula.media.policy import DEFAULT_POLICY, MediaPolicy, fail, short
+from ocula.media.sources import _SCHEME_RE, _WS_RE
 
 DEFAULT_FRAMES_FPS = 24.0  # fps assumed for frames given without a rate (transformers assumes 24 as well)
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
-_WS_RE = re.compile(r"\s+")
 
 
 @dataclass
@@ -280,34 +279,9 @@ def _data_uri_bytes(s: str, limits: VideoLimits) -> bytes:
 
 def _read_path(path: str, policy: MediaPolicy, limits: VideoLimits, kind: str) -> bytes:
     """The file's bytes under the media policy's local-file rules and the video byte cap."""
-    from ocula.media.sources import _could_be_path
+    from ocula.media.sources import read_local_file
 
-    if not policy.allow_local_files:
-        raise fail(kind, "local files are not allowed by the media policy")
-    if not _could_be_path(path):
-        raise fail(kind, "not a valid path (too long or contains NUL)")
-    shown = short(path)
-    resolved = os.path.realpath(os.path.expanduser(path))
-    if policy.allowed_local_root is not None:
-        root = os.path.realpath(os.path.expanduser(policy.allowed_local_root))
-        try:
-            inside = os.path.commonpath([root, resolved]) == root
-        except ValueError:
-            inside = False
-        if not inside:
-            raise fail(kind, f"{shown!r} is outside the allowed local root")
-    if not os.path.exists(resolved):
-        raise fail(kind, f"file not found: {shown!r}")
-    if not os.path.isfile(resolved):
-        raise fail(kind, f"{shown!r} is not a regular file")
-    size = os.path.getsize(resolved)
-    if size > limits.max_bytes:
-        raise fail(kind, f"too many bytes: {size} > max_bytes {limits.max_bytes} ({shown!r})")
-    try:
-        with open(resolved, "rb") as f:
-            return f.read(limits.max_bytes + 1)
-    except OSError as e:
-        raise fail(kind, f"cannot read {shown!r}: {e.strerror or e}") from None
+    return read_local_file(path, policy, kind, limits.max_bytes, "a video file")[0]
 
 
 # ------------------------------------------------------------------------------------------------ probing

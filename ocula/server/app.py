@@ -26,6 +26,7 @@ from ocula.server.video import prepare_videos
 from ocula.engine.scheduler import (
     Delta, Failed, Finished, GenerationRequest, QueueFullError, Scheduler, SchedulerStoppedError, Started,
 )
+from ocula import __version__
 from ocula.errors import MediaError, OculaError
 from ocula.engine.structured import structured_for
 from ocula.server import protocol as P
@@ -71,7 +72,7 @@ def create_app(model, config: ServerConfig | None = None, scheduler: Scheduler |
             if own_scheduler:
                 await run_in_threadpool(sched.stop)
 
-    app = FastAPI(title="ocula", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="ocula", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.model = sched, metrics, model
     if config.cors_origins:
@@ -503,8 +504,3 @@ def _image_source(part: dict, where: str):
                        code="invalid_type")
     return value
 
-
-def _version() -> str:
-    from ocula import __version__
-
-    return __version__

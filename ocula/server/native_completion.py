@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from ocula.engine.prompt import Prompt
 from ocula.engine.sampling import SamplingParams
 from ocula.engine.scheduler import Delta, Finished, GenerationRequest, Started
+from ocula import __version__
 from ocula.errors import MediaError, OculaError, RequestError
 from ocula.models.vision.base import ImageOptions
 from ocula.server import protocol as P
@@ -437,7 +438,7 @@ class NativeFormat:
     def _base(self, content: str, finish: str | None) -> dict:
         return {"index": self.index, "content": content, "id_slot": -1, "model": self.ctx.model_id,
                 "id": self.id, "object": "text_completion", "created": self.created,
-                "system_fingerprint": build_info(_version()),
+                "system_fingerprint": build_info(__version__),
                 "choices": [{"text": content, "index": self.index, "logprobs": None, "finish_reason": finish}]}
 
     def probs(self, items) -> list[dict]:
@@ -547,8 +548,3 @@ def pick(body: dict, path: str):
         value = value[key]
     return value
 
-
-def _version() -> str:
-    from ocula import __version__
-
-    return __version__
